@@ -1,0 +1,399 @@
+//! The validated configuration. Every value here has been checked, defaults are filled in and
+//! cross-references (route -> upstream, `active` -> pool) are known to resolve, so the proxy
+//! builds its runtime state from it without further checks.
+
+use ipnet::IpNet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A validated switchyard configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Listening sockets (at least one).
+    pub listen: Vec<ListenConfig>,
+    /// Data-plane worker threads.
+    pub threads: usize,
+    /// Bound on the graceful-shutdown wait.
+    pub grace_period: Duration,
+    /// Idle client keep-alive timeout (zero disables client keep-alive).
+    pub keepalive_timeout: Duration,
+    /// Control socket.
+    pub control: ControlConfig,
+    /// Admin listener.
+    pub admin: AdminConfig,
+    /// Runtime state file.
+    pub state_file: PathBuf,
+    /// Where the access log goes.
+    pub access_log: AccessLog,
+    /// Access log line format.
+    pub access_log_format: AccessLogFormat,
+    /// Upstreams, sorted by name.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Routes in file order (first match wins).
+    pub routes: Vec<RouteConfig>,
+    /// Paths answered by the proxy itself.
+    pub deny: DenyConfig,
+}
+
+impl Config {
+    /// The upstream with this name.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// TLS termination, if any.
+    pub tls: Option<TlsConfig>,
+    /// Offer h2 by ALPN (TLS listeners only).
+    pub http2: bool,
+}
+
+/// Certificate and key files of a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// The control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// File mode, e.g. `0o600`.
+    pub mode: u32,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address, or `None` when disabled (`listen: off`).
+    pub listen: Option<SocketAddr>,
+}
+
+/// Access log destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    /// Standard output.
+    Stdout,
+    /// No access log.
+    Off,
+    /// Appended to this file (reopened on SIGUSR1).
+    File(PathBuf),
+}
+
+/// Access log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// nginx `combined` with switchyard's fields appended as `key=value`.
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One upstream (an app with colored pools).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Name, as referenced by routes and `proxyctl --upstream`.
+    pub name: String,
+    /// Pools, sorted by name.
+    pub pools: Vec<PoolConfig>,
+    /// The pool with 100% of the traffic at first start.
+    pub active: String,
+    /// Re-resolution interval of DNS-named instances.
+    pub resolve_interval: Duration,
+    /// Instance selection within a pool.
+    pub balance: Balance,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Per-read upstream timeout.
+    pub read_timeout: Duration,
+    /// Idle upstream keep-alive timeout.
+    pub idle_timeout: Duration,
+    /// Retries on another instance of the same pool.
+    pub retries: u32,
+    /// Default drain wait.
+    pub drain_timeout: Duration,
+    /// Active health checks.
+    pub health: HealthConfig,
+    /// Passive ejection.
+    pub passive: PassiveConfig,
+    /// Canary behaviour.
+    pub canary: CanaryConfig,
+    /// Preview routing.
+    pub preview: PreviewConfig,
+}
+
+impl UpstreamConfig {
+    /// The pool with this name.
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// One pool of instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Pool name (`blue`, `green`, `canary`, ...).
+    pub name: String,
+    /// Its instances, in file order.
+    pub instances: Vec<InstanceAddr>,
+}
+
+/// How an instance is chosen within a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Each instance in turn.
+    RoundRobin,
+    /// The instance with the fewest requests in flight.
+    LeastRequests,
+}
+
+/// Active health check settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Path requested with GET.
+    pub path: String,
+    /// Time between checks of one instance.
+    pub interval: Duration,
+    /// Timeout of one check.
+    pub timeout: Duration,
+    /// Consecutive passes to become healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Status codes that pass.
+    pub expect_status: Vec<u16>,
+    /// Accepted values of the JSON body's `status`; empty = body not inspected.
+    pub expect_json_status: Vec<String>,
+}
+
+/// Passive outlier ejection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// Failures in a row that eject an instance (0 = never).
+    pub consecutive_failures: u32,
+    /// Ejection period.
+    pub eject_for: Duration,
+}
+
+/// What keeps a client on its canary assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    /// Every request is assigned independently.
+    None,
+    /// A cookie carries the assignment.
+    Cookie,
+    /// The value of this request header is hashed.
+    Header(String),
+}
+
+/// Canary behaviour.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryConfig {
+    /// Stickiness.
+    pub sticky: Sticky,
+    /// Cookie name for `Sticky::Cookie`.
+    pub cookie: String,
+    /// `<force_header>: true` sends a request to the canary.
+    pub force_header: String,
+    /// Automatic rollback, if enabled.
+    pub auto_rollback: Option<AutoRollbackConfig>,
+}
+
+/// Automatic rollback thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoRollbackConfig {
+    /// 5xx share above which the canary is bad.
+    pub error_rate: f64,
+    /// How long the condition must hold.
+    pub window: Duration,
+    /// Minimum canary requests per minute for the rate to count.
+    pub min_requests: u64,
+    /// Optional p99 latency bound.
+    pub latency_p99: Option<Duration>,
+}
+
+/// Preview routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviewConfig {
+    /// Header naming a pool.
+    pub header: String,
+    /// Client networks allowed to use it.
+    pub allow_from: Vec<IpNet>,
+}
+
+/// One route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Path prefix (starts with `/`).
+    pub path_prefix: String,
+    /// Upstream name (known to exist).
+    pub upstream: String,
+    /// Strip the prefix before forwarding.
+    pub strip_prefix: bool,
+}
+
+/// Paths answered by the proxy.
+#[derive(Debug, Clone)]
+pub struct DenyConfig {
+    /// Status of the answer.
+    pub status: u16,
+    /// Compiled patterns.
+    pub paths: Vec<regex::Regex>,
+}
+
+impl PartialEq for DenyConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.status == other.status
+            && self.paths.len() == other.paths.len()
+            && self
+                .paths
+                .iter()
+                .zip(&other.paths)
+                .all(|(a, b)| a.as_str() == b.as_str())
+    }
+}
+
+/// The host part of an instance address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Host {
+    /// A literal IP address.
+    Ip(IpAddr),
+    /// A DNS name (resolved off the request path and re-resolved periodically).
+    Name(String),
+}
+
+/// An instance address as written in the config: `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceAddr {
+    /// IP or DNS name.
+    pub host: Host,
+    /// TCP port (1..=65535).
+    pub port: u16,
+}
+
+impl InstanceAddr {
+    /// The socket address when the host is a literal IP.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match &self.host {
+            Host::Ip(ip) => Some(SocketAddr::new(*ip, self.port)),
+            Host::Name(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for InstanceAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Host::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            Host::Name(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+/// Why a string is not an instance address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not host:port{}", reason.map(|r| format!(" ({r})")).unwrap_or_default())]
+pub struct AddrParseError {
+    /// The rejected input.
+    pub input: String,
+    /// More detail, if there is any.
+    pub reason: Option<&'static str>,
+}
+
+impl FromStr for InstanceAddr {
+    type Err = AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| AddrParseError {
+            input: s.to_string(),
+            reason,
+        };
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(err(Some("port 0")));
+            }
+            return Ok(InstanceAddr {
+                host: Host::Ip(sa.ip()),
+                port: sa.port(),
+            });
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| err(None))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| err(Some("port must be 1..65535")))?;
+        if port == 0 {
+            return Err(err(Some("port 0")));
+        }
+        if host.parse::<IpAddr>().is_ok() || host.contains(':') || host.starts_with('[') {
+            return Err(err(Some("IPv6 addresses need brackets: [::1]:8080")));
+        }
+        if !is_dns_name(host) {
+            return Err(err(Some("invalid host name")));
+        }
+        Ok(InstanceAddr {
+            host: Host::Name(host.to_ascii_lowercase()),
+            port,
+        })
+    }
+}
+
+/// RFC 1123 host name: labels of letters, digits and hyphens (underscores are accepted too,
+/// because docker-compose service names use them), not starting or ending with a hyphen.
+fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_instance_addresses() {
+        let a: InstanceAddr = "127.0.0.1:8081".parse().unwrap();
+        assert_eq!(a.socket_addr(), Some("127.0.0.1:8081".parse().unwrap()));
+        let b: InstanceAddr = "App_Green:8080".parse().unwrap();
+        assert_eq!(b.host, Host::Name("app_green".into()));
+        assert_eq!(b.to_string(), "app_green:8080");
+        let c: InstanceAddr = "[::1]:80".parse().unwrap();
+        assert_eq!(c.to_string(), "[::1]:80");
+        for bad in [
+            "10.0.0.5",
+            "host",
+            ":80",
+            "host:0",
+            "host:99999",
+            "::1:80",
+            "-bad-:1",
+            "a b:1",
+        ] {
+            assert!(bad.parse::<InstanceAddr>().is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            "10.0.0.5".parse::<InstanceAddr>().unwrap_err().to_string(),
+            "\"10.0.0.5\" is not host:port"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! The serde mirror of the YAML file: every key of SPEC §3, all optional where the spec gives a
+//! default, unknown keys rejected (`deny_unknown_fields`) so a typo is an error, not a silent
+//! default. Nothing outside this crate sees these types; [`crate::validate`] turns them into
+//! [`crate::Config`]. Each field's doc is the reference for that key (units, default, range).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listening sockets; at least one. Each is `addr: "ip:port"`, optionally with `tls` and `http2`.
+    #[serde(default)]
+    pub listen: Vec<Listen>,
+    /// Worker threads of the data plane. Default: the number of CPUs. Range 1..=1024.
+    pub threads: Option<usize>,
+    /// On SIGTERM/SIGINT: how long in-flight requests may take to finish before the process
+    /// exits anyway. Default `30s`. The process exits as soon as nothing is in flight.
+    pub grace_period: Option<String>,
+    /// Idle client keep-alive connections are closed after this long. Default `75s` (nginx's).
+    pub keepalive_timeout: Option<String>,
+    /// The Unix control socket `proxyctl` talks to.
+    pub control: Option<Control>,
+    /// The admin HTTP listener (`/metrics`, `/healthz`, `/status`).
+    pub admin: Option<Admin>,
+    /// Where runtime state (weights, pool members) is persisted. Default `./switchyard.state.json`.
+    pub state_file: Option<String>,
+    /// Access log: `stdout`, `off`, or a file path. Default `stdout`.
+    pub access_log: Option<String>,
+    /// Access log format: `combined` (nginx's combined format plus switchyard fields) or `json`.
+    /// Default `combined`.
+    pub access_log_format: Option<String>,
+    /// The apps behind the proxy, by name. Each has colored pools of instances.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Path-prefix routes, first match wins, in file order.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Paths the proxy answers itself (never forwarded).
+    pub deny: Option<Deny>,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// `ip:port` to bind, e.g. `0.0.0.0:8080`. Port 0 picks a free port (tests, embedding).
+    pub addr: String,
+    /// Terminate TLS on this listener with this certificate chain and key (PEM files).
+    pub tls: Option<Tls>,
+    /// Offer HTTP/2 by ALPN. Default: true on TLS listeners; ignored without TLS.
+    pub http2: Option<bool>,
+}
+
+/// PEM files for a TLS listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate chain (leaf first), PEM.
+    pub cert: String,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+/// The control socket.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    /// Path of the Unix socket. Default `./switchyard.sock`.
+    pub socket: Option<String>,
+    /// Octal file mode of the socket, as a string. Default `"0600"`: only the owner may switch.
+    pub mode: Option<String>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `ip:port` for `/metrics`, `/healthz`, `/status`. Default `127.0.0.1:9091` (loopback only).
+    /// `off` disables the admin listener.
+    pub listen: Option<String>,
+}
+
+/// One upstream: a deployable app with named pools (blue/green/canary are conventions).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Pool name -> instances (`host:port`; host may be an IP or a DNS name). At least one pool;
+    /// a pool may be empty only if it is not `active`.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Vec<String>>,
+    /// How often DNS names among the instances are re-resolved. Default `5s`.
+    pub resolve_interval: Option<String>,
+    /// The pool that gets 100% of the traffic at first start (the state file wins afterwards).
+    /// Required when there is more than one pool.
+    pub active: Option<String>,
+    /// `round_robin` (default) or `least_requests`.
+    pub balance: Option<String>,
+    /// TCP connect timeout per attempt. Default `2s`.
+    pub connect_timeout: Option<String>,
+    /// Timeout of each read from the upstream (response header, each body chunk). Default `60s`.
+    pub read_timeout: Option<String>,
+    /// Idle upstream keep-alive connections are closed after this. Default `15s`; keep it below
+    /// the app server's own keep-alive timeout (Tomcat: `server.tomcat.keep-alive-timeout`).
+    pub idle_timeout: Option<String>,
+    /// Retries on another instance of the same pool. Default 1, range 0..=10.
+    pub retries: Option<u32>,
+    /// Default wait of `proxyctl switch --drain` / `proxyctl drain`. Default `30s`.
+    pub drain_timeout: Option<String>,
+    /// Active health checks.
+    pub health: Option<Health>,
+    /// Passive outlier ejection from live traffic.
+    pub passive: Option<Passive>,
+    /// Canary behaviour (stickiness, forcing, automatic rollback).
+    pub canary: Option<Canary>,
+    /// Explicit pool selection by header, for testing the idle color.
+    pub preview: Option<Preview>,
+}
+
+/// Active health check settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Path requested with GET. Default `/actuator/health`.
+    pub path: Option<String>,
+    /// Time between checks of one instance. Default `2s`.
+    pub interval: Option<String>,
+    /// Timeout of one check. Default `1s`; must be below `interval`.
+    pub timeout: Option<String>,
+    /// Consecutive passes to become healthy. Default 2, range 1..=100.
+    pub healthy_threshold: Option<u32>,
+    /// Consecutive failures to become unhealthy. Default 3, range 1..=100.
+    pub unhealthy_threshold: Option<u32>,
+    /// Status codes that pass. Default `[200]`.
+    pub expect_status: Option<Vec<u16>>,
+    /// The JSON body's `status` must be one of these (Spring Actuator). Default `[UP]`;
+    /// `[]` means the body is not looked at.
+    pub expect_json_status: Option<Vec<String>>,
+}
+
+/// Passive outlier ejection.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    /// Connect errors or 502/503/504 answers in a row that eject an instance. Default 5;
+    /// 0 disables passive ejection.
+    pub consecutive_failures: Option<u32>,
+    /// How long an ejected instance gets no traffic. Default `30s`.
+    pub eject_for: Option<String>,
+}
+
+/// Canary settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// `none`, `cookie` (default) or `header:<Name>`: what keeps a client on its pool.
+    pub sticky: Option<String>,
+    /// Cookie name used by `sticky: cookie`. Default `switchyard_pool`.
+    pub cookie: Option<String>,
+    /// A request with this header set to `true` goes to the canary pool. Default `X-Canary`.
+    pub force_header: Option<String>,
+    /// Automatic rollback of a bad canary.
+    pub auto_rollback: Option<AutoRollback>,
+}
+
+/// Automatic rollback thresholds.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AutoRollback {
+    /// Roll back when the canary's 5xx share is above this (0..1). Default 0.05.
+    pub error_rate: Option<f64>,
+    /// ... continuously for this long. Default `2m`.
+    #[serde(rename = "for")]
+    pub for_: Option<String>,
+    /// ... with at least this many canary requests per minute. Default 20.
+    pub min_requests: Option<u64>,
+    /// Optional p99 latency bound, e.g. `800ms`. Default: none.
+    pub latency_p99: Option<String>,
+    /// `false` disables automatic rollback. Default true.
+    pub enabled: Option<bool>,
+}
+
+/// Preview routing.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Preview {
+    /// Header naming the pool to use. Default `X-Switchyard-Pool`.
+    pub header: Option<String>,
+    /// Client networks allowed to use the header (CIDR). Default loopback only.
+    pub allow_from: Option<Vec<String>>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Requests whose path starts with this go to `upstream`. Must start with `/`.
+    pub path_prefix: String,
+    /// Name of an upstream.
+    pub upstream: String,
+    /// Remove the prefix before forwarding (`/backend/x` -> `/x`). Default false.
+    pub strip_prefix: Option<bool>,
+}
+
+/// Paths answered by the proxy itself.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Deny {
+    /// Status code of the answer. Default 403, range 400..=599.
+    pub status: Option<u16>,
+    /// Regular expressions (Rust `regex` syntax, `(?i)` for case-insensitive) searched in the
+    /// request path, both as sent and percent-decoded.
+    #[serde(default)]
+    pub paths: Vec<String>,
+}

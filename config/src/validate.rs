@@ -1,0 +1,636 @@
+//! Semantic checks: `raw::Config` -> `Config`. Every problem is collected with its path
+//! (pingap stops at the first one; users then fix one error per run). Defaults are filled in
+//! here and nowhere else, so the defaults documented on `raw` are the ones in effect.
+
+use crate::error::{ConfigError, Errors, FieldPath};
+use crate::model::*;
+use crate::raw;
+use ipnet::IpNet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Validate a parsed file. All problems are returned together in `ConfigError::Invalid`.
+pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
+    let mut errs = Errors::default();
+    let root = FieldPath::root();
+
+    let listen = listeners(&raw.listen, &root.key("listen"), &mut errs);
+
+    let threads = match raw.threads {
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        Some(n @ 1..=1024) => n,
+        Some(n) => {
+            errs.push(root.key("threads"), format!("{n} is out of range 1..=1024"));
+            1
+        }
+    };
+    let grace_period = duration(
+        raw.grace_period.as_deref(),
+        &root.key("grace_period"),
+        Duration::from_secs(30),
+        true,
+        &mut errs,
+    );
+    let keepalive_timeout = duration(
+        raw.keepalive_timeout.as_deref(),
+        &root.key("keepalive_timeout"),
+        Duration::from_secs(75),
+        true,
+        &mut errs,
+    );
+
+    let control = control(raw.control.as_ref(), &root.key("control"), &mut errs);
+    let admin = admin(raw.admin.as_ref(), &root.key("admin"), &mut errs);
+
+    let state_file = match raw.state_file.as_deref() {
+        None => PathBuf::from("./switchyard.state.json"),
+        Some("") => {
+            errs.push(root.key("state_file"), "must not be empty");
+            PathBuf::new()
+        }
+        Some(p) => PathBuf::from(p),
+    };
+    let access_log = match raw.access_log.as_deref() {
+        None | Some("stdout") => AccessLog::Stdout,
+        Some("off") => AccessLog::Off,
+        Some("") => {
+            errs.push(root.key("access_log"), "must be stdout, off or a file path");
+            AccessLog::Off
+        }
+        Some(p) => AccessLog::File(PathBuf::from(p)),
+    };
+    let access_log_format = match raw.access_log_format.as_deref() {
+        None | Some("combined") => AccessLogFormat::Combined,
+        Some("json") => AccessLogFormat::Json,
+        Some(other) => {
+            errs.push(
+                root.key("access_log_format"),
+                format!("unknown format {other:?} (expected combined or json)"),
+            );
+            AccessLogFormat::Combined
+        }
+    };
+
+    let upath = root.key("upstreams");
+    if raw.upstreams.is_empty() {
+        errs.push(upath.clone(), "at least one upstream is required");
+    }
+    let upstreams: Vec<UpstreamConfig> = raw
+        .upstreams
+        .iter()
+        .map(|(name, u)| upstream(name, u, &upath.key(name), &mut errs))
+        .collect();
+
+    let known = || {
+        raw.upstreams
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rpath = root.key("routes");
+    if raw.routes.is_empty() {
+        errs.push(rpath.clone(), "at least one route is required");
+    }
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.iter().enumerate() {
+        let p = rpath.index(i);
+        if !r.path_prefix.starts_with('/') {
+            errs.push(
+                p.key("path_prefix"),
+                format!("{:?} must start with /", r.path_prefix),
+            );
+        }
+        if !raw.upstreams.contains_key(&r.upstream) {
+            errs.push(
+                p.key("upstream"),
+                format!("unknown upstream {:?} (known: {})", r.upstream, known()),
+            );
+        }
+        if let Some(j) = raw.routes[..i]
+            .iter()
+            .position(|earlier| r.path_prefix.starts_with(&earlier.path_prefix))
+        {
+            errs.push(
+                p.key("path_prefix"),
+                format!(
+                    "{:?} can never match: routes[{j}] ({:?}) comes first and matches everything it would",
+                    r.path_prefix, raw.routes[j].path_prefix
+                ),
+            );
+        }
+        routes.push(RouteConfig {
+            path_prefix: r.path_prefix.clone(),
+            upstream: r.upstream.clone(),
+            strip_prefix: r.strip_prefix.unwrap_or(false),
+        });
+    }
+
+    let deny = deny(raw.deny.as_ref(), &root.key("deny"), &mut errs);
+
+    errs.finish()?;
+    Ok(Config {
+        listen,
+        threads,
+        grace_period,
+        keepalive_timeout,
+        control,
+        admin,
+        state_file,
+        access_log,
+        access_log_format,
+        upstreams,
+        routes,
+        deny,
+    })
+}
+
+fn listeners(raw: &[raw::Listen], path: &FieldPath, errs: &mut Errors) -> Vec<ListenConfig> {
+    if raw.is_empty() {
+        errs.push(path.clone(), "at least one listener is required");
+    }
+    let mut out: Vec<ListenConfig> = Vec::new();
+    for (i, l) in raw.iter().enumerate() {
+        let p = path.index(i);
+        let addr = match l.addr.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                errs.push(p.key("addr"), format!("{:?} is not ip:port", l.addr));
+                continue;
+            }
+        };
+        if addr.port() != 0 && out.iter().any(|o| o.addr == addr) {
+            errs.push(p.key("addr"), format!("{addr} is listed twice"));
+        }
+        let tls = l.tls.as_ref().map(|t| {
+            for (key, file) in [("cert", &t.cert), ("key", &t.key)] {
+                if file.is_empty() {
+                    errs.push(p.key("tls").key(key), "must not be empty");
+                }
+            }
+            TlsConfig {
+                cert: PathBuf::from(&t.cert),
+                key: PathBuf::from(&t.key),
+            }
+        });
+        if l.http2 == Some(true) && tls.is_none() {
+            errs.push(
+                p.key("http2"),
+                "HTTP/2 is offered by TLS ALPN; set tls on this listener or remove http2",
+            );
+        }
+        let http2 = tls.is_some() && l.http2.unwrap_or(true);
+        out.push(ListenConfig { addr, tls, http2 });
+    }
+    out
+}
+
+fn control(raw: Option<&raw::Control>, path: &FieldPath, errs: &mut Errors) -> ControlConfig {
+    let socket = match raw.and_then(|c| c.socket.as_deref()) {
+        None => PathBuf::from("./switchyard.sock"),
+        Some("") => {
+            errs.push(path.key("socket"), "must not be empty");
+            PathBuf::new()
+        }
+        Some(s) => PathBuf::from(s),
+    };
+    let mode = match raw.and_then(|c| c.mode.as_deref()) {
+        None => 0o600,
+        Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+            Ok(v) if v <= 0o777 => v,
+            _ => {
+                errs.push(
+                    path.key("mode"),
+                    format!("{m:?} is not an octal file mode such as \"0600\""),
+                );
+                0o600
+            }
+        },
+    };
+    ControlConfig { socket, mode }
+}
+
+fn admin(raw: Option<&raw::Admin>, path: &FieldPath, errs: &mut Errors) -> AdminConfig {
+    let listen = match raw.and_then(|a| a.listen.as_deref()) {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9091))),
+        Some("off") => None,
+        Some(s) => match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errs.push(path.key("listen"), format!("{s:?} is not ip:port (or off)"));
+                None
+            }
+        },
+    };
+    AdminConfig { listen }
+}
+
+fn upstream(name: &str, u: &raw::Upstream, path: &FieldPath, errs: &mut Errors) -> UpstreamConfig {
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        || name.is_empty()
+    {
+        errs.push(
+            path.clone(),
+            format!("upstream name {name:?} may only contain letters, digits, '_', '-', '.'"),
+        );
+    }
+    let ppath = path.key("pools");
+    if u.pools.is_empty() {
+        errs.push(ppath.clone(), "at least one pool is required");
+    }
+    let mut pools = Vec::new();
+    for (pname, addrs) in &u.pools {
+        let pp = ppath.key(pname);
+        if !is_pool_name(pname) {
+            errs.push(
+                pp.clone(),
+                format!("pool name {pname:?} may only contain letters, digits, '_', '-'"),
+            );
+        }
+        let mut instances: Vec<InstanceAddr> = Vec::new();
+        for (i, a) in addrs.iter().enumerate() {
+            match a.parse::<InstanceAddr>() {
+                Ok(ia) if instances.contains(&ia) => {
+                    errs.push(pp.index(i), format!("{a:?} is listed twice in this pool"));
+                }
+                Ok(ia) => instances.push(ia),
+                Err(e) => errs.push(pp.index(i), e.to_string()),
+            }
+        }
+        pools.push(PoolConfig {
+            name: pname.clone(),
+            instances,
+        });
+    }
+    let pool_names = || {
+        u.pools
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let active = match (&u.active, u.pools.len()) {
+        (Some(a), _) if u.pools.contains_key(a) => {
+            if u.pools[a].is_empty() {
+                errs.push(
+                    ppath.key(a),
+                    format!("the active pool {a:?} has no instances"),
+                );
+            }
+            a.clone()
+        }
+        (Some(a), _) => {
+            errs.push(
+                path.key("active"),
+                format!("unknown pool {a:?} (pools: {})", pool_names()),
+            );
+            a.clone()
+        }
+        (None, 1) => {
+            let only = u.pools.keys().next().cloned().unwrap_or_default();
+            if u.pools[&only].is_empty() {
+                errs.push(ppath.key(&only), "the only pool has no instances");
+            }
+            only
+        }
+        (None, 0) => String::new(),
+        (None, _) => {
+            errs.push(
+                path.key("active"),
+                format!(
+                    "required when there is more than one pool (pools: {})",
+                    pool_names()
+                ),
+            );
+            String::new()
+        }
+    };
+
+    let d = |key: &str, v: &Option<String>, default: Duration, errs: &mut Errors| {
+        duration(v.as_deref(), &path.key(key), default, false, errs)
+    };
+    let resolve_interval = d("resolve_interval", &u.resolve_interval, secs(5), errs);
+    let connect_timeout = d("connect_timeout", &u.connect_timeout, secs(2), errs);
+    let read_timeout = d("read_timeout", &u.read_timeout, secs(60), errs);
+    let idle_timeout = d("idle_timeout", &u.idle_timeout, secs(15), errs);
+    let drain_timeout = d("drain_timeout", &u.drain_timeout, secs(30), errs);
+    let balance = match u.balance.as_deref() {
+        None | Some("round_robin") => Balance::RoundRobin,
+        Some("least_requests") => Balance::LeastRequests,
+        Some(other) => {
+            errs.push(
+                path.key("balance"),
+                format!("unknown balance {other:?} (expected round_robin or least_requests)"),
+            );
+            Balance::RoundRobin
+        }
+    };
+    let retries = match u.retries {
+        None => 1,
+        Some(n @ 0..=10) => n,
+        Some(n) => {
+            errs.push(path.key("retries"), format!("{n} is out of range 0..=10"));
+            1
+        }
+    };
+
+    UpstreamConfig {
+        name: name.to_string(),
+        pools,
+        active,
+        resolve_interval,
+        balance,
+        connect_timeout,
+        read_timeout,
+        idle_timeout,
+        retries,
+        drain_timeout,
+        health: health(u.health.as_ref(), &path.key("health"), errs),
+        passive: passive(u.passive.as_ref(), &path.key("passive"), errs),
+        canary: canary(u.canary.as_ref(), &path.key("canary"), errs),
+        preview: preview(u.preview.as_ref(), &path.key("preview"), errs),
+    }
+}
+
+fn health(raw: Option<&raw::Health>, path: &FieldPath, errs: &mut Errors) -> HealthConfig {
+    let def = raw::Health::default();
+    let h = raw.unwrap_or(&def);
+    let hpath = match h.path.as_deref() {
+        None => "/actuator/health".to_string(),
+        Some(p) if p.starts_with('/') && !p.contains(char::is_whitespace) => p.to_string(),
+        Some(p) => {
+            errs.push(
+                path.key("path"),
+                format!("{p:?} must start with / and contain no spaces"),
+            );
+            String::new()
+        }
+    };
+    let interval = duration(
+        h.interval.as_deref(),
+        &path.key("interval"),
+        secs(2),
+        false,
+        errs,
+    );
+    let timeout = duration(
+        h.timeout.as_deref(),
+        &path.key("timeout"),
+        secs(1),
+        false,
+        errs,
+    );
+    if timeout > interval {
+        errs.push(
+            path.key("timeout"),
+            format!(
+                "{} is longer than interval {}",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        );
+    }
+    let threshold = |key: &str, v: Option<u32>, default: u32, errs: &mut Errors| match v {
+        None => default,
+        Some(n @ 1..=100) => n,
+        Some(n) => {
+            errs.push(path.key(key), format!("{n} is out of range 1..=100"));
+            default
+        }
+    };
+    let healthy_threshold = threshold("healthy_threshold", h.healthy_threshold, 2, errs);
+    let unhealthy_threshold = threshold("unhealthy_threshold", h.unhealthy_threshold, 3, errs);
+    let expect_status = h.expect_status.clone().unwrap_or_else(|| vec![200]);
+    if expect_status.is_empty() {
+        errs.push(
+            path.key("expect_status"),
+            "at least one status code is required",
+        );
+    }
+    for (i, s) in expect_status.iter().enumerate() {
+        if !(100..=599).contains(s) {
+            errs.push(
+                path.key("expect_status").index(i),
+                format!("{s} is not an HTTP status (100..=599)"),
+            );
+        }
+    }
+    HealthConfig {
+        path: hpath,
+        interval,
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+        expect_status,
+        expect_json_status: h
+            .expect_json_status
+            .clone()
+            .unwrap_or_else(|| vec!["UP".to_string()]),
+    }
+}
+
+fn passive(raw: Option<&raw::Passive>, path: &FieldPath, errs: &mut Errors) -> PassiveConfig {
+    PassiveConfig {
+        consecutive_failures: match raw.and_then(|p| p.consecutive_failures) {
+            None => 5,
+            Some(n @ 0..=1000) => n,
+            Some(n) => {
+                errs.push(
+                    path.key("consecutive_failures"),
+                    format!("{n} is out of range 0..=1000"),
+                );
+                5
+            }
+        },
+        eject_for: duration(
+            raw.and_then(|p| p.eject_for.as_deref()),
+            &path.key("eject_for"),
+            secs(30),
+            false,
+            errs,
+        ),
+    }
+}
+
+fn canary(raw: Option<&raw::Canary>, path: &FieldPath, errs: &mut Errors) -> CanaryConfig {
+    let def = raw::Canary::default();
+    let c = raw.unwrap_or(&def);
+    let sticky = match c.sticky.as_deref() {
+        None | Some("cookie") => Sticky::Cookie,
+        Some("none") => Sticky::None,
+        Some(s) => match s.strip_prefix("header:") {
+            Some(h) if is_token(h) => Sticky::Header(h.to_string()),
+            _ => {
+                errs.push(
+                    path.key("sticky"),
+                    format!("{s:?} is not none, cookie or header:<Name>"),
+                );
+                Sticky::None
+            }
+        },
+    };
+    let cookie = c.cookie.clone().unwrap_or_else(|| "switchyard_pool".into());
+    if !is_token(&cookie) {
+        errs.push(
+            path.key("cookie"),
+            format!("{cookie:?} is not a valid cookie name"),
+        );
+    }
+    let force_header = c.force_header.clone().unwrap_or_else(|| "X-Canary".into());
+    if !is_token(&force_header) {
+        errs.push(
+            path.key("force_header"),
+            format!("{force_header:?} is not a valid header name"),
+        );
+    }
+    let auto_rollback = {
+        let def = raw::AutoRollback::default();
+        let a = c.auto_rollback.as_ref().unwrap_or(&def);
+        let apath = path.key("auto_rollback");
+        let error_rate = a.error_rate.unwrap_or(0.05);
+        if !(0.0..=1.0).contains(&error_rate) {
+            errs.push(
+                apath.key("error_rate"),
+                format!("{error_rate} is out of range 0..=1"),
+            );
+        }
+        let window = duration(a.for_.as_deref(), &apath.key("for"), secs(120), false, errs);
+        let latency_p99 = a
+            .latency_p99
+            .as_deref()
+            .map(|s| duration(Some(s), &apath.key("latency_p99"), secs(1), false, errs));
+        (a.enabled != Some(false)).then_some(AutoRollbackConfig {
+            error_rate,
+            window,
+            min_requests: a.min_requests.unwrap_or(20),
+            latency_p99,
+        })
+    };
+    CanaryConfig {
+        sticky,
+        cookie,
+        force_header,
+        auto_rollback,
+    }
+}
+
+fn preview(raw: Option<&raw::Preview>, path: &FieldPath, errs: &mut Errors) -> PreviewConfig {
+    let header = raw
+        .and_then(|p| p.header.clone())
+        .unwrap_or_else(|| "X-Switchyard-Pool".into());
+    if !is_token(&header) {
+        errs.push(
+            path.key("header"),
+            format!("{header:?} is not a valid header name"),
+        );
+    }
+    let allow_from = match raw.and_then(|p| p.allow_from.as_ref()) {
+        None => vec![
+            "127.0.0.0/8".parse::<IpNet>().map_err(|_| ()),
+            "::1/128".parse::<IpNet>().map_err(|_| ()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s.parse::<IpNet>() {
+                Ok(n) => Some(n),
+                Err(_) => match s.parse::<std::net::IpAddr>() {
+                    Ok(ip) => Some(IpNet::from(ip)),
+                    Err(_) => {
+                        errs.push(
+                            path.key("allow_from").index(i),
+                            format!("{s:?} is not a network (CIDR such as 10.0.0.0/8) or an IP"),
+                        );
+                        None
+                    }
+                },
+            })
+            .collect(),
+    };
+    PreviewConfig { header, allow_from }
+}
+
+fn deny(raw: Option<&raw::Deny>, path: &FieldPath, errs: &mut Errors) -> DenyConfig {
+    let status = match raw.and_then(|d| d.status) {
+        None => 403,
+        Some(s @ 400..=599) => s,
+        Some(s) => {
+            errs.push(
+                path.key("status"),
+                format!("{s} is not an error status (400..=599)"),
+            );
+            403
+        }
+    };
+    let paths = raw
+        .map(|d| d.paths.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match regex::Regex::new(p) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // The regex error is multi-line (pattern, caret, message); keep its last line.
+                let msg = e.to_string();
+                let why = msg.lines().last().unwrap_or("").trim().to_string();
+                errs.push(
+                    path.key("paths").index(i),
+                    format!("invalid regex {p:?}: {why}"),
+                );
+                None
+            }
+        })
+        .collect();
+    DenyConfig { status, paths }
+}
+
+/// Parse a duration such as `500ms`, `2s`, `5m`, `1h 30m`.
+fn duration(
+    v: Option<&str>,
+    path: &FieldPath,
+    default: Duration,
+    zero_ok: bool,
+    errs: &mut Errors,
+) -> Duration {
+    let Some(s) = v else { return default };
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() && !zero_ok => {
+            errs.push(path.clone(), format!("{s:?} must be greater than zero"));
+            default
+        }
+        Ok(d) => d,
+        Err(_) => {
+            errs.push(
+                path.clone(),
+                format!("{s:?} is not a duration such as 500ms, 2s or 5m"),
+            );
+            default
+        }
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+fn is_pool_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// An HTTP token (header or cookie name).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}

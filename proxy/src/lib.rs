@@ -1,0 +1,44 @@
+//! switchyard's data plane: a Pingora reverse proxy for blue/green and canary deploys.
+//!
+//! Use it as a binary (`switchyard -c FILE`) or embed it: [`start`] takes a validated
+//! [`switchyard_config::Config`] and returns a [`Handle`] through which every control
+//! operation is available (the control socket is a thin adapter over the same handle).
+//!
+//! ```no_run
+//! let config = switchyard_config::load("switchyard.yaml".as_ref())?;
+//! let proxy = switchyard_proxy::start(config, Default::default())?;
+//! println!("listening on {:?}", proxy.listen_addrs());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Layout
+//! - `handle`: [`start`], [`Handle`], [`StartOptions`], [`StartError`].
+//! - `server`: binding, the accept loop, graceful shutdown.
+//! - `service`: the `ProxyHttp` implementation (the request path).
+//! - `snapshot`: the `ArcSwap`ed routing snapshot and its single writer.
+//! - `upstream`: pools, instances, weights, instance selection.
+//! - `route`: route table and deny list.
+//! - `resolve`: DNS resolution off the request path ([`Resolve`]).
+//! - [`fake_upstream`]: a Spring-like origin used by the demo, the tests and the benchmarks.
+//! - [`demo`]: `switchyard demo`.
+
+mod handle;
+mod resolve;
+mod route;
+mod server;
+mod service;
+mod snapshot;
+mod upstream;
+
+pub mod demo;
+pub mod fake_upstream;
+
+/// Hot-path pieces exposed for the criterion benchmarks in `benches/`; not a stable API.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::route::{DenyList, Route, RouteTable};
+}
+
+pub use handle::{preflight, start, Handle, StartError, StartOptions};
+pub use resolve::{Resolve, SystemResolver};
+pub use server::DrainReport;

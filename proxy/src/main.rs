@@ -1,0 +1,193 @@
+//! The `switchyard` binary: parse the command line, set up logging, load the config, run.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// switchyard: a reverse proxy for blue/green and canary deploys.
+#[derive(Debug, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = false)]
+struct Cli {
+    /// Config file.
+    #[arg(short, long, global = true, default_value = "switchyard.yaml")]
+    config: PathBuf,
+    /// Log level (overridden by RUST_LOG).
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config file: print every problem and exit 1, or a summary and exit 0.
+    Check,
+    /// Start two demo upstreams and a proxy in front of them, and print a walkthrough.
+    Demo {
+        /// Where the demo proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Run only the built-in fake upstream (the benchmarks' origin server).
+    #[command(hide = true)]
+    FakeUpstream {
+        /// Where it listens.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Its name (color).
+        #[arg(long, default_value = "blue")]
+        name: String,
+        /// Worker threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    // Pingora logs every failed proxy attempt at error level; keep its noise at warn unless
+    // asked for.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn"))
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
+    let result = match cli.command {
+        Some(Command::Check) => return check(&cli.config),
+        Some(Command::Demo { listen }) => demo(listen),
+        Some(Command::FakeUpstream {
+            listen,
+            name,
+            threads,
+        }) => fake_upstream(listen, &name, threads),
+        Some(Command::Run) | None => run(&cli.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match switchyard_config::load(path) {
+        Ok(cfg) => {
+            let problems = switchyard_proxy::preflight(&cfg);
+            if !problems.is_empty() {
+                for fe in problems {
+                    println!("{}: {fe}", path.display());
+                }
+                return ExitCode::FAILURE;
+            }
+            println!("{}: {}", path.display(), cfg.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for fe in e.field_errors() {
+                println!("{}: {fe}", path.display());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot create the signal runtime")
+}
+
+/// Wait for SIGTERM or SIGINT.
+async fn terminated() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = match switchyard_config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            for fe in e.field_errors() {
+                eprintln!("{}: {fe}", path.display());
+            }
+            anyhow::bail!("invalid config {}, not starting", path.display());
+        }
+    };
+    let handle = switchyard_proxy::start(cfg, Default::default())?;
+    tracing::info!(listen = ?handle.listen_addrs(), "switchyard started");
+    runtime()?.block_on(async {
+        let sig = terminated().await?;
+        tracing::info!(signal = sig, "finishing in-flight requests, then exiting");
+        let report = handle.shutdown().await;
+        tracing::info!(?report, "stopped");
+        Ok(())
+    })
+}
+
+fn demo(listen: SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+        let demo = switchyard_proxy::demo::run(listen, dir.clone())
+            .await
+            .with_context(|| format!("cannot start the demo on {listen}"))?;
+        println!("{}", switchyard_proxy::demo::walkthrough(&demo));
+        terminated().await?;
+        let switchyard_proxy::demo::Demo { proxy, .. } = demo;
+        proxy.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    })
+}
+
+fn fake_upstream(listen: SocketAddr, name: &str, threads: usize) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let up = switchyard_proxy::fake_upstream::FakeUpstream::builder(name)
+            .addr(listen)
+            .record(false)
+            .start()
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        println!("fake upstream {name} listening on {}", up.addr());
+        terminated().await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,375 @@
+//! Smoke tests of the real `switchyard` binary: `check`, refusing a bad config, SIGTERM
+//! draining, streaming with bounded memory, and the demo. Readiness is polled, never slept.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use switchyard_proxy::fake_upstream::{pattern_byte, FakeUpstream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+fn fixtures(kind: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/tests/fixtures")
+        .join(kind);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn check_accepts_every_valid_fixture() {
+    for f in fixtures("valid") {
+        let out = Command::new(BIN)
+            .arg("check")
+            .arg("-c")
+            .arg(&f)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if std::fs::read_to_string(&f).unwrap().contains("tls:") {
+            // Valid file, but its certificate paths don't exist here: check loads them, as
+            // `nginx -t` does.
+            assert_eq!(out.status.code(), Some(1), "{stdout}");
+            assert!(
+                stdout.contains(
+                    "listen[1].tls: cannot load TLS certificate /etc/switchyard/fullchain.pem"
+                ),
+                "{stdout}"
+            );
+            continue;
+        }
+        assert!(out.status.success(), "{}: {stdout}", f.display());
+        assert!(stdout.contains("configuration is valid"), "{stdout}");
+        assert_eq!(stdout.lines().count(), 1);
+    }
+}
+
+#[test]
+fn check_prints_every_problem_of_every_invalid_fixture() {
+    for f in fixtures("invalid") {
+        let out = Command::new(BIN)
+            .arg("check")
+            .arg("-c")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", f.display());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let golden = std::fs::read_to_string(f.with_extension("err")).unwrap();
+        let want: Vec<String> = golden
+            .lines()
+            .map(|l| format!("{}: {l}", f.display()))
+            .collect();
+        let got: Vec<&str> = stdout.lines().collect();
+        assert_eq!(got, want, "{}", f.display());
+    }
+}
+
+#[test]
+fn refuses_to_start_on_an_invalid_config_and_says_why() {
+    let f = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/tests/fixtures/invalid/bad-address.yaml");
+    let out = Command::new(BIN).arg("-c").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("upstreams.app.pools.green[1]: \"10.0.0.5\" is not host:port"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not starting"), "{stderr}");
+    let missing = Command::new(BIN)
+        .args(["-c", "/nonexistent/switchyard.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file"));
+}
+
+/// A proxy process in front of `upstream`, on a port picked at run time (bind :0, drop, and
+/// retry if another process grabbed it in between).
+struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    fn start(upstream: SocketAddr, grace: &str) -> ProxyProcess {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = dir.path().join("switchyard.yaml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nthreads: 2\ngrace_period: {grace}\ncontrol: {{socket: \"{d}/c.sock\"}}\nstate_file: \"{d}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n      blue: [\"{upstream}\"]\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+                    d = dir.path().display()
+                ),
+            )
+            .unwrap();
+            let mut child = Command::new(BIN)
+                .arg("-c")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // port taken: try another
+                }
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return ProxyProcess {
+                        child,
+                        addr,
+                        _dir: dir,
+                    };
+                }
+                assert!(Instant::now() < deadline, "proxy did not start listening");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("could not start the proxy on a free port");
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<
+    http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
+> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+const FIFTY_MB: u64 = 50 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_stream_through_with_bounded_memory() {
+    let up = FakeUpstream::builder("blue")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let px = ProxyProcess::start(up.addr(), "5s");
+    let baseline = px.peak_rss_kib();
+
+    // Upload: generated chunk by chunk, hashed on both sides.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let producer = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut h = Sha256::new();
+        while sent < FIFTY_MB {
+            let n = (256 * 1024).min(FIFTY_MB - sent);
+            let chunk: Vec<u8> = (sent..sent + n).map(|i| (i % 241) as u8).collect();
+            h.update(&chunk);
+            sent += n;
+            if tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.is_err() {
+                break;
+            }
+        }
+        h
+    });
+    let body = StreamBody::new(tokio_stream_from(rx));
+    let req = http::Request::post("/sha256")
+        .header("host", "test")
+        .body(BodyExt::boxed(body))
+        .unwrap();
+    let mut s = connect(px.addr).await;
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let h = producer.await.unwrap();
+    let want: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(answer["bytes"], FIFTY_MB);
+    assert_eq!(answer["sha256"], want);
+
+    // Download: hashed as it arrives.
+    let mut s = connect(px.addr).await;
+    let req = http::Request::get(format!("/bytes?n={FIFTY_MB}"))
+        .header("host", "test")
+        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Sha256::new();
+    let mut want = Sha256::new();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            let expect: Vec<u8> = (n..n + d.len() as u64).map(pattern_byte).collect();
+            want.update(&expect);
+            got.update(&d);
+            n += d.len() as u64;
+        }
+    }
+    assert_eq!(n, FIFTY_MB);
+    assert_eq!(got.finalize(), want.finalize());
+
+    let peak = px.peak_rss_kib();
+    let growth_mib = (peak.saturating_sub(baseline)) / 1024;
+    eprintln!(
+        "proxy peak RSS: baseline {} KiB, after 2 x 50 MiB {} KiB",
+        baseline, peak
+    );
+    assert!(
+        growth_mib < 25,
+        "proxy peak RSS grew by {growth_mib} MiB moving 2 x 50 MiB (baseline {} MiB): bodies are being buffered",
+        baseline / 1024
+    );
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    let up = FakeUpstream::builder("blue")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let mut px = ProxyProcess::start(up.addr(), "30s");
+    let addr = px.addr;
+    let slow = tokio::spawn(async move {
+        let mut s = connect(addr).await;
+        let req = http::Request::get("/slow?ms=1500")
+            .header("host", "test")
+            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = s.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.hits() == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    px.sigterm();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = px.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "did not exit after draining");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+#[test]
+fn demo_serves_blue_and_denies_actuator() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !text.contains("Ctrl-C stops everything") {
+        assert!(Instant::now() < deadline, "no walkthrough: {text}");
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 {
+            panic!("demo exited: {text}");
+        }
+        text.push_str(&line);
+    }
+    assert!(text.contains("curl -s http://127.0.0.1:"), "{text}");
+    let get = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    let r = get("/");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("\"color\":\"blue\""), "{r}");
+    assert!(get("/actuator/env").starts_with("HTTP/1.1 403"));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            assert!(s.success(), "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: one binary (the ripgrep pattern), real proxies on port 0.
+
+#![allow(clippy::unwrap_used)]
+
+mod lifecycle;
+mod load;
+mod routing;
+mod tls;
+mod upstreams;

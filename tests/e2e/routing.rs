@@ -1,0 +1,146 @@
+//! Routing, path rewrite, forwarding headers, deny list (issue 2).
+
+use bytes::Bytes;
+use switchyard_tests::*;
+
+fn routes_yaml(up: std::net::SocketAddr) -> String {
+    format!(
+        r#"listen: [{{addr: "127.0.0.1:0"}}]
+threads: 2
+admin: {{listen: "off"}}
+access_log: "off"
+control: {{socket: "{{dir}}/c.sock"}}
+state_file: "{{dir}}/s.json"
+upstreams:
+  app:
+    pools:
+      blue: ["{up}"]
+routes:
+  - path_prefix: /backend/
+    upstream: app
+    strip_prefix: true
+  - path_prefix: /static/
+    upstream: app
+deny:
+  status: 403
+  paths: ["(?i)/(phpinfo|actuator|solr|portal|redlion|druid|manager|systembc|\\.aws|\\.docker)"]
+"#
+    )
+}
+
+#[tokio::test]
+async fn strip_prefix_rewrites_path_and_keeps_query() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&routes_yaml(up.addr()));
+    for (sent, seen) in [
+        ("/backend/users?id=1", "/users?id=1"),
+        ("/backend/users", "/users"),
+        ("/backend/", "/"),
+        ("/backend", "/"),
+        ("/backend?x=%20y", "/?x=%20y"),
+        ("/static/app.js?v=3", "/static/app.js?v=3"),
+    ] {
+        up.clear_seen();
+        let r = px.get(sent).await;
+        assert_eq!(r.status, 200, "{sent}: {}", r.text());
+        let s = up.seen();
+        assert_eq!(s.len(), 1, "{sent}");
+        assert_eq!(s[0].path, seen, "{sent}");
+    }
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn unrouted_path_is_404_and_not_forwarded() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&routes_yaml(up.addr()));
+    let r = px.get("/elsewhere").await;
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("no route"), "{}", r.text());
+    assert_eq!(up.hits(), 0);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn deny_paths_are_answered_by_the_proxy() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&routes_yaml(up.addr()));
+    for path in [
+        "/backend/actuator/env",
+        "/backend/ACTUATOR/env",
+        "/backend/Actuator",
+        "/backend/%61ctuator/env",
+        "/backend/phpinfo.php",
+        "/backend/x/.aws/credentials",
+        "/static/.docker/config.json",
+    ] {
+        let r = px.get(path).await;
+        assert_eq!(r.status, 403, "{path}");
+        assert!(!r.text().contains("127.0.0.1"), "{path}: {}", r.text());
+    }
+    assert_eq!(up.hits(), 0, "a denied request reached the upstream");
+    // A denied POST with a body is answered too, and the connection is closed rather than
+    // draining an upload nobody wants.
+    let r = request(
+        px.addr,
+        "POST",
+        "/backend/actuator/shutdown",
+        &[],
+        Bytes::from(vec![b'x'; 100_000]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403);
+    assert_eq!(up.hits(), 0);
+    // Allowed paths still work on the same proxy.
+    assert_eq!(px.get("/backend/users").await.status, 200);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarding_headers_reach_the_upstream() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&routes_yaml(up.addr()));
+
+    let mut c = Conn::open(px.addr).await.unwrap();
+    let r = c.get("/backend/h").await.unwrap();
+    assert_eq!(r.status, 200);
+    let r = c
+        .send(
+            "GET",
+            "/backend/h2",
+            &[
+                ("X-Forwarded-For", "203.0.113.7, 10.0.0.1"),
+                ("X-Real-IP", "6.6.6.6"),
+            ],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2);
+    let host = format!("test.local:{}", px.addr.port());
+    let h = &seen[0].headers;
+    assert_eq!(h["host"], host.as_str(), "Host is the client's");
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], host.as_str());
+    let h = &seen[1].headers;
+    assert_eq!(
+        h["x-forwarded-for"], "203.0.113.7, 10.0.0.1, 127.0.0.1",
+        "appended to the client's list"
+    );
+    assert_eq!(
+        h["x-real-ip"], "127.0.0.1",
+        "a client cannot spoof X-Real-IP"
+    );
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    px.shutdown().await;
+}

@@ -1,0 +1,255 @@
+//! Balancing, retries, upstream failures and DNS re-resolution (issue 2).
+
+use bytes::Bytes;
+use std::net::SocketAddr;
+use switchyard_proxy::StartOptions;
+use switchyard_tests::*;
+
+/// An address nobody listens on (bound, then closed).
+fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn round_robin_spreads_over_the_active_pool() {
+    trace_init();
+    let a = FakeUpstream::start("blue").await.unwrap();
+    let b = FakeUpstream::start("blue").await.unwrap();
+    let idle = FakeUpstream::start("green").await.unwrap();
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[a.addr(), b.addr()]), ("green", &[idle.addr()])],
+        "blue",
+        "",
+    ));
+    let mut c = Conn::open(px.addr).await.unwrap();
+    for _ in 0..100 {
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+    }
+    assert_eq!(a.hits() + b.hits(), 100);
+    assert_eq!((a.hits(), b.hits()), (50, 50), "round robin alternates");
+    assert_eq!(idle.hits(), 0, "the idle pool gets nothing");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_instance_costs_no_client_error() {
+    trace_init();
+    let a = FakeUpstream::start("blue").await.unwrap();
+    let dead = dead_addr();
+    let px = TestProxy::start(&app_yaml(&[("blue", &[dead, a.addr()])], "blue", ""));
+    let mut c = Conn::open(px.addr).await.unwrap();
+    for i in 0..60 {
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let r = c
+            .send(method, "/", &[], Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "request {i} ({method}): {}", r.text());
+    }
+    assert_eq!(a.hits(), 60, "connect failures are retried, POST included");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn all_instances_down_is_502_with_a_cause_and_no_address() {
+    trace_init();
+    let (d1, d2) = (dead_addr(), dead_addr());
+    let px = TestProxy::start(&app_yaml(&[("blue", &[d1, d2])], "blue", ""));
+    let r = px.get("/").await;
+    assert_eq!(r.status, 502);
+    let body = r.text();
+    assert!(body.contains("connection refused"), "{body}");
+    for leak in [d1.to_string(), d2.to_string(), d1.port().to_string()] {
+        assert!(!body.contains(&leak), "body leaks {leak}: {body}");
+    }
+    for (k, v) in r.headers.iter() {
+        let v = v.to_str().unwrap_or("");
+        assert!(!v.contains(&d1.port().to_string()), "header {k} leaks: {v}");
+    }
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn hanging_upstream_is_504_after_read_timeout() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    up.set_mode(Mode::Hang);
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[up.addr()])],
+        "blue",
+        "    read_timeout: 300ms\n",
+    ));
+    let r = px.get("/").await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.text().contains("did not answer in time"));
+    assert_eq!(up.hits(), 1, "a timeout is not retried");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn broken_connection_retries_idempotent_requests_only() {
+    trace_init();
+    let reset = FakeUpstream::start("blue").await.unwrap();
+    reset.set_mode(Mode::Reset);
+    let good = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[reset.addr(), good.addr()])],
+        "blue",
+        "",
+    ));
+    for i in 0..20 {
+        let r = request(px.addr, "GET", "/", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "GET {i}: {}", r.text());
+        let r = request(px.addr, "PUT", "/", &[], Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "PUT {i}: {}", r.text());
+    }
+    let mut post_502 = 0;
+    for _ in 0..20 {
+        let r = request(px.addr, "POST", "/", &[], Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        match r.status {
+            200 => {}
+            502 => {
+                post_502 += 1;
+                assert!(r.text().contains("closed the connection"), "{}", r.text());
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!(post_502, 10, "round robin sends every other POST to the resetting instance, and a sent POST is never retried");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn retries_zero_means_one_attempt() {
+    trace_init();
+    let dead = dead_addr();
+    let good = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[dead, good.addr()])],
+        "blue",
+        "    retries: 0\n",
+    ));
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(px.get("/").await.status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        5,
+        "{statuses:?}"
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn least_requests_avoids_the_busy_instance() {
+    trace_init();
+    let a = FakeUpstream::start("blue").await.unwrap();
+    let b = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[a.addr(), b.addr()])],
+        "blue",
+        "    balance: least_requests\n",
+    ));
+    // Occupy one instance with a slow request, then the fast ones must go to the other.
+    let addr = px.addr;
+    let slow =
+        tokio::spawn(async move { request(addr, "GET", "/slow?ms=1500", &[], Bytes::new()).await });
+    eventually(|| a.hits() + b.hits() == 1).await;
+    let busy_is_a = a.hits() == 1;
+    for _ in 0..20 {
+        assert_eq!(px.get("/").await.status, 200);
+    }
+    let (busy, free) = if busy_is_a { (&a, &b) } else { (&b, &a) };
+    assert_eq!(busy.hits(), 1);
+    assert_eq!(free.hits(), 20);
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn dns_names_are_re_resolved_off_the_request_path() {
+    trace_init();
+    let first = FakeUpstream::start("blue").await.unwrap();
+    let second = FakeUpstream::start("blue").await.unwrap();
+    let dns = MapResolver::new();
+    dns.set("app-blue", first.addr());
+    let yaml = app_yaml_pools(
+        "      blue: [\"app-blue:8080\"]\n",
+        "blue",
+        "    resolve_interval: 100ms\n",
+    );
+    let px = TestProxy::start_with(&yaml, StartOptions::default().with_resolver(dns.clone()));
+    let r = px.get("/").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(first.hits(), 1);
+    let status = px.handle().status();
+    let inst = &status
+        .upstream("app")
+        .unwrap()
+        .pool("blue")
+        .unwrap()
+        .instances[0];
+    assert_eq!(inst.addr, "app-blue:8080");
+    assert_eq!(
+        inst.resolved.as_deref(),
+        Some(first.addr().to_string().as_str())
+    );
+
+    // The container is restarted with a new address: no reload needed.
+    dns.set("app-blue", second.addr());
+    let mut c = Conn::open(px.addr).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while second.hits() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new address never used"
+        );
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A failing lookup keeps the last good address (a DNS blip must not remove an instance).
+    dns.remove("app-blue");
+    eventually(|| {
+        let st = px.handle().status();
+        st.upstream("app").unwrap().pool("blue").unwrap().instances[0]
+            .resolve_error
+            .is_some()
+    })
+    .await;
+    let before = second.hits();
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    assert_eq!(second.hits(), before + 1);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn unresolvable_name_is_a_502_not_a_hang() {
+    trace_init();
+    let dns = MapResolver::new();
+    let yaml = app_yaml_pools("      blue: [\"nowhere:8080\"]\n", "blue", "");
+    let px = TestProxy::start_with(&yaml, StartOptions::default().with_resolver(dns));
+    let r = px.get("/").await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("could not be resolved"), "{}", r.text());
+    let status = px.handle().status();
+    let inst = &status
+        .upstream("app")
+        .unwrap()
+        .pool("blue")
+        .unwrap()
+        .instances[0];
+    assert!(inst
+        .resolve_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("no such host"));
+    px.shutdown().await;
+}

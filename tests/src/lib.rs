@@ -1,0 +1,274 @@
+//! The end-to-end harness: real proxies (real Pingora, real sockets) started in-process on
+//! ports chosen at run time, fake upstreams, explicit keep-alive clients, and bounded polling.
+//!
+//! ```ignore
+//! let blue = FakeUpstream::start("blue").await?;
+//! let px = TestProxy::start(&app_yaml(&[("blue", &[blue.addr()])], "blue", ""));
+//! let r = px.get("/").await;
+//! assert_eq!(r.status, 200);
+//! eventually(|| blue.hits() == 1).await;
+//! px.shutdown().await;
+//! ```
+#![allow(
+    clippy::unwrap_used,
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations
+)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+use switchyard_proxy::{Handle, StartOptions};
+
+pub use switchyard_proxy::fake_upstream::{FakeUpstream, HealthReply, Mode};
+
+/// Install a test log subscriber once (`RUST_LOG=debug cargo test` to see the proxy's logs).
+pub fn trace_init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Poll `cond` every 10 ms until it holds; panic after 10 s. Never a bare sleep.
+pub async fn eventually(mut cond: impl FnMut() -> bool) {
+    eventually_within(Duration::from_secs(10), &mut cond).await
+}
+
+/// As [`eventually`] with an explicit deadline.
+pub async fn eventually_within(limit: Duration, cond: &mut impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A config with one upstream `app` and route `/`, listening on `127.0.0.1:0`, admin and
+/// access log off, runtime files in `{dir}` (filled in by [`TestProxy::start`]).
+/// `extra` is YAML inserted under `upstreams.app` (indented by the caller with 4 spaces).
+pub fn app_yaml(pools: &[(&str, &[SocketAddr])], active: &str, extra: &str) -> String {
+    let pools: String = pools
+        .iter()
+        .map(|(name, addrs)| {
+            let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+            format!("      {name}: [{}]\n", list.join(", "))
+        })
+        .collect();
+    app_yaml_pools(&pools, active, extra)
+}
+
+/// As [`app_yaml`] with the pool lines written by the caller (for DNS names), e.g.
+/// `"      blue: [\"app-blue:8080\"]\n"`.
+pub fn app_yaml_pools(pools: &str, active: &str, extra: &str) -> String {
+    format!(
+        "listen:\n  - addr: \"127.0.0.1:0\"\nthreads: 2\ngrace_period: 5s\ncontrol:\n  socket: \"{{dir}}/control.sock\"\nadmin:\n  listen: \"off\"\nstate_file: \"{{dir}}/state.json\"\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: {active}\n{extra}routes:\n  - path_prefix: /\n    upstream: app\n"
+    )
+}
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    handle: Option<Handle>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// Start from YAML (`{dir}` is replaced by a fresh temporary directory).
+    pub fn start(yaml: &str) -> TestProxy {
+        Self::start_with(yaml, StartOptions::default())
+    }
+
+    pub fn start_with(yaml: &str, opts: StartOptions) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
+        let config = switchyard_config::parse(&yaml)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));
+        let handle = switchyard_proxy::start(config, opts).expect("proxy starts");
+        let addr = handle.listen_addrs()[0];
+        TestProxy {
+            handle: Some(handle),
+            addr,
+            dir,
+        }
+    }
+
+    pub fn handle(&self) -> &Handle {
+        self.handle.as_ref().unwrap()
+    }
+
+    /// GET on a fresh connection.
+    pub async fn get(&self, path: &str) -> Reply {
+        request(self.addr, "GET", path, &[], Bytes::new())
+            .await
+            .unwrap()
+    }
+
+    /// Stop gracefully and wait.
+    pub async fn shutdown(mut self) -> switchyard_proxy::DrainReport {
+        self.handle.take().unwrap().shutdown().await
+    }
+}
+
+/// A response, fully read.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// One request on a new connection.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Reply, String> {
+    let mut c = Conn::open(addr).await?;
+    c.send(method, path, headers, body).await
+}
+
+/// One client keep-alive connection (hyper HTTP/1.1), so tests control exactly which
+/// requests share a connection.
+pub struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Result<Conn, String> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            sender,
+            host: format!("test.local:{}", addr.port()),
+            _task: task,
+        })
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<Reply, String> {
+        self.send("GET", path, &[], Bytes::new()).await
+    }
+
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Reply, String> {
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection not ready: {e}"))?;
+        let mut b = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Whether the server has closed this connection.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+/// A resolver whose answers the test changes at run time.
+#[derive(Debug, Default)]
+pub struct MapResolver {
+    map: std::sync::Mutex<std::collections::HashMap<String, SocketAddr>>,
+}
+
+impl MapResolver {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+    pub fn set(&self, name: &str, addr: SocketAddr) {
+        self.map.lock().unwrap().insert(name.to_string(), addr);
+    }
+    /// Make lookups of `name` fail.
+    pub fn remove(&self, name: &str) {
+        self.map.lock().unwrap().remove(name);
+    }
+}
+
+#[async_trait::async_trait]
+impl switchyard_proxy::Resolve for MapResolver {
+    async fn resolve(&self, host: &str, _port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        match self.map.lock().unwrap().get(host) {
+            Some(a) => Ok(vec![*a]),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{host}: no such host"),
+            )),
+        }
+    }
+}
+
+/// A local port that was free a moment ago (bind :0, drop). For the binary smoke tests,
+/// which pass addresses on the command line; callers retry on a bind conflict.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
