@@ -97,3 +97,280 @@ impl UpstreamStatus {
         self.pools.iter().find(|p| p.name == name)
     }
 }
+
+/// One request line. `upstream` may be left out when the proxy has exactly one upstream.
+/// Durations travel as milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Request {
+    /// Pools, instances, weights, in-flight counts, generation.
+    Status,
+    /// Give `pool` 100% (every other pool 0).
+    Switch {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// Target pool.
+        pool: String,
+        /// Then wait for the pools that lost their weight to drain.
+        #[serde(default)]
+        drain: bool,
+        /// How long to wait for the drain (default: the upstream's `drain_timeout`). Implies
+        /// `drain`.
+        #[serde(default)]
+        drain_ms: Option<u64>,
+    },
+    /// Restore the weights from before the last weight change.
+    Rollback {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+    },
+    /// Set one pool's weight; the difference is taken from (or given to) the main pool.
+    Weight {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// Pool to set.
+        pool: String,
+        /// 0..=100.
+        weight: u32,
+    },
+    /// Set every pool's weight (pools not named get 0; the sum must be 100).
+    Weights {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// The split.
+        weights: Weights,
+    },
+    /// Wait until `pool` (at weight 0) has nothing in flight.
+    Drain {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// Pool to wait for.
+        pool: String,
+        /// How long to wait (default: the upstream's `drain_timeout`).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Replace a pool's instances.
+    PoolSet {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// Pool to change.
+        pool: String,
+        /// New instances (`host:port`).
+        instances: Vec<String>,
+    },
+    /// Add one instance to a pool.
+    PoolAdd {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// Pool to change.
+        pool: String,
+        /// Instance (`host:port`).
+        instance: String,
+    },
+    /// Remove one instance from a pool (its in-flight requests finish).
+    PoolRemove {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// Pool to change.
+        pool: String,
+        /// Instance (`host:port`).
+        instance: String,
+    },
+    /// Re-read the config file; on error keep the running config and list every problem.
+    Reload,
+}
+
+impl Request {
+    /// The command name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Switch { .. } => "switch",
+            Request::Rollback { .. } => "rollback",
+            Request::Weight { .. } => "weight",
+            Request::Weights { .. } => "weights",
+            Request::Drain { .. } => "drain",
+            Request::PoolSet { .. } => "pool_set",
+            Request::PoolAdd { .. } => "pool_add",
+            Request::PoolRemove { .. } => "pool_remove",
+            Request::Reload => "reload",
+        }
+    }
+}
+
+/// Why a request was refused. The code decides `proxyctl`'s exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The line is not a valid request (bad JSON, unknown command, too long).
+    BadRequest,
+    /// No such upstream, or the upstream must be named.
+    UnknownUpstream,
+    /// No such pool.
+    UnknownPool,
+    /// The request is well-formed but not acceptable (weights not summing to 100, ...).
+    Invalid,
+    /// The target pool is not healthy enough.
+    Unhealthy,
+    /// A wait (drain, health) ran out; the change itself, if any, was applied.
+    Timeout,
+    /// The proxy failed to carry it out (e.g. the state file could not be written).
+    Internal,
+    /// Too many control connections at once.
+    Busy,
+}
+
+impl ErrorCode {
+    /// `proxyctl` exit status for this refusal: 4 for timeouts, 1 otherwise.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorCode::Timeout => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// A refusal: code, human message, and optional structured details.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ControlError {
+    /// Machine-readable reason.
+    pub code: ErrorCode,
+    /// What happened, for humans.
+    pub message: String,
+    /// Extra data (e.g. the config problems of a failed reload, what is still pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl ControlError {
+    /// An error without details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ControlError {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// The same error with details attached.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+/// The final line of an answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// The result (shape depends on the command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// The refusal, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ControlError>,
+}
+
+impl Reply {
+    /// A success with a result.
+    pub fn ok(result: impl Serialize) -> Self {
+        Reply {
+            ok: true,
+            result: serde_json::to_value(result).ok(),
+            error: None,
+        }
+    }
+
+    /// A refusal.
+    pub fn err(e: ControlError) -> Self {
+        Reply {
+            ok: false,
+            result: None,
+            error: Some(e),
+        }
+    }
+}
+
+/// A progress line sent before the final reply of a waiting command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventLine {
+    /// The event.
+    pub event: Event,
+}
+
+/// Progress of a waiting command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// A change was applied; waiting continues.
+    Applied {
+        /// What changed.
+        change: Change,
+    },
+    /// Requests still in flight on pools being drained.
+    Draining {
+        /// Upstream.
+        upstream: String,
+        /// Pool -> requests in flight.
+        inflight: BTreeMap<String, i64>,
+        /// Milliseconds waited so far.
+        waited_ms: u64,
+    },
+}
+
+/// The result of a state change (switch, weights, rollback, pool changes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Upstream changed.
+    pub upstream: String,
+    /// Generation after the change.
+    pub generation: u64,
+    /// Weights before.
+    pub old_weights: Weights,
+    /// Weights after.
+    pub new_weights: Weights,
+    /// Whether anything changed (a switch to the pool that already has 100% changes nothing).
+    pub changed: bool,
+    /// Instances per pool after the change (pool commands only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<BTreeMap<String, Vec<String>>>,
+    /// The drain that followed (`switch --drain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainResult>,
+}
+
+/// The outcome of waiting for pools to drain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainResult {
+    /// Upstream.
+    pub upstream: String,
+    /// Pools waited for -> requests still in flight at the end (all 0 when drained).
+    pub inflight: BTreeMap<String, i64>,
+    /// Whether every pool reached 0.
+    pub drained: bool,
+    /// Milliseconds waited.
+    pub waited_ms: u64,
+}
+
+/// The result of a reload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadResult {
+    /// One-line summary of the new config.
+    pub summary: String,
+    /// Settings that changed in the file but need a restart to take effect.
+    pub needs_restart: Vec<String>,
+}

@@ -72,14 +72,19 @@ pub async fn run(listen: SocketAddr, dir: PathBuf) -> anyhow::Result<Demo> {
     })
 }
 
-/// The walkthrough printed after start.
-pub fn walkthrough(d: &Demo) -> String {
+/// The walkthrough printed after start. `bin_dir` is where `proxyctl` was built next to
+/// `switchyard`, if it is there.
+pub fn walkthrough(d: &Demo, bin_dir: Option<&Path>) -> String {
     let proxy = d
         .proxy
         .listen_addrs()
         .first()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let path_line = match bin_dir {
+        Some(dir) => format!("  export PATH=\"{}:$PATH\"\n", dir.display()),
+        None => "  # proxyctl: cargo build --release -p switchyard-control, then put target/release on PATH\n".to_string(),
+    };
     format!(
         r#"switchyard demo: one app in two colors behind one proxy.
 
@@ -89,14 +94,26 @@ pub fn walkthrough(d: &Demo) -> String {
 
 Try, in another terminal:
 
+{path_line}  export SWITCHYARD_SOCKET="{socket}"
+
   curl -s http://{proxy}/                 # {{"color":"blue",...}}: answered by blue
-  curl -s http://{proxy}/slow?ms=2000     # a slow request, also on blue
   curl -si http://{proxy}/actuator/env    # 403: denied paths never reach the app
-  curl -s http://{green}/actuator/health  # green is up: {{"status":"UP"}}
+  proxyctl status                          # weights, in-flight requests, generation
+
+  proxyctl switch green                    # every new request goes to green, atomically
+  curl -s http://{proxy}/                 # {{"color":"green",...}}
+  proxyctl rollback                        # back to blue, instantly
+
+  curl -s "http://{proxy}/slow?ms=5000" &  # a slow request on blue...
+  proxyctl switch green --drain 30s        # ...finishes; proxyctl waits until blue has drained
+
+  proxyctl weight blue 10                  # canary: 10% back to blue, 90% green
+  for i in $(seq 10); do curl -s http://{proxy}/; echo; done
 
 Ctrl-C stops everything.
 "#,
         blue = d.blue.addr(),
         green = d.green.addr(),
+        socket = d.dir.join("control.sock").display(),
     )
 }

@@ -322,6 +322,11 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, std::io::Error> {
     let path = req.uri().path().to_string();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
     if path == "/actuator/health" {
         st.health_hits.fetch_add(1, Ordering::AcqRel);
         let reply = lock(&st.health).clone();
@@ -372,7 +377,7 @@ async fn handle(
         "/slow" => {
             let ms = query_u64(req.uri(), "ms").unwrap_or(1000).min(3_600_000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(color(&st, n, &path))
+            Ok(color(&st, n, &target))
         }
         "/bytes" => {
             let total = query_u64(req.uri(), "n").unwrap_or(0);
@@ -430,7 +435,7 @@ async fn handle(
             let code = p["/status/".len()..].parse().unwrap_or(500);
             Ok(full(code, "text/plain", format!("status {code}\n")))
         }
-        _ => Ok(color(&st, n, &path)),
+        _ => Ok(color(&st, n, &target)),
     }
 }
 

@@ -7,20 +7,22 @@
 //! listener). Keeping them apart means a slow control task cannot delay requests, and heavy
 //! traffic cannot starve a `proxyctl switch`.
 
+use crate::control::{Actor, Controller, SocketHandler};
 use crate::resolve::{self, Resolve, SystemResolver};
 use crate::server::{self, BoundListener, DrainReport};
 use crate::service::Switchyard;
 use crate::snapshot::{Shared, Snapshot};
+use crate::{persist, upstream::Weights};
 use pingora::server::configuration::ServerConf;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_config::Config;
-use switchyard_control::protocol::{InstanceStatus, PoolPhase, PoolStatus, UpstreamStatus};
-use switchyard_control::{Status, PROTOCOL_VERSION};
+use switchyard_control::protocol::{ReloadResult, Reply, Request};
+use switchyard_control::{
+    Change, ControlError, ControlServer, ControlSocketError, DrainResult, EventSender, Status,
+};
 use tokio::sync::{oneshot, watch};
 
 /// Why the proxy could not start.
@@ -45,6 +47,9 @@ pub enum StartError {
         /// What went wrong.
         why: String,
     },
+    /// The control socket could not be created.
+    #[error(transparent)]
+    Control(#[from] ControlSocketError),
     /// A runtime or thread could not be created.
     #[error("cannot start {what}: {source}")]
     Runtime {
@@ -61,6 +66,8 @@ pub enum StartError {
 pub struct StartOptions {
     /// Resolves DNS-named instances. Default: the system resolver.
     pub resolver: Arc<dyn Resolve>,
+    /// The file the config came from, re-read by `reload` (SIGHUP, `proxyctl reload`).
+    pub config_path: Option<PathBuf>,
 }
 
 impl StartOptions {
@@ -69,12 +76,19 @@ impl StartOptions {
         self.resolver = resolver;
         self
     }
+
+    /// Remember the config file for `reload`.
+    pub fn with_config_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_path = Some(path.into());
+        self
+    }
 }
 
 impl Default for StartOptions {
     fn default() -> Self {
         StartOptions {
             resolver: Arc::new(SystemResolver),
+            config_path: None,
         }
     }
 }
@@ -83,9 +97,8 @@ impl Default for StartOptions {
 /// adapter over it. Dropping the handle stops the proxy (gracefully, within `grace_period`).
 #[derive(Debug)]
 pub struct Handle {
-    shared: Arc<Shared>,
+    controller: Arc<Controller>,
     addrs: Vec<SocketAddr>,
-    started: Instant,
     shutdown: watch::Sender<bool>,
     data_done: Option<oneshot::Receiver<DrainReport>>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -123,21 +136,36 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         .map(server::bind)
         .collect::<Result<_, _>>()?;
     let addrs = listeners.iter().map(|l| l.addr).collect();
+    let control_socket = ControlServer::bind(&config.control.socket, config.control.mode)?;
+    let restored = persist::load(&config.state_file, &config);
+    if !restored.is_empty() {
+        tracing::info!(path = %config.state_file.display(), upstreams = restored.len(), "routing state restored from the state file");
+    }
     let config = Arc::new(config);
     let shared = Arc::new(Shared::new(Snapshot::build(
         config.clone(),
-        &BTreeMap::new(),
+        &restored,
         None,
     )));
+    let controller = Arc::new(Controller {
+        shared: shared.clone(),
+        state_file: config.state_file.clone(),
+        control_socket: config.control.socket.clone(),
+        config_path: opts.config_path.clone(),
+        resolver: opts.resolver.clone(),
+        started: Instant::now(),
+    });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut threads = Vec::new();
 
     // Control plane.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (data_stopped_tx, data_stopped_rx) = oneshot::channel::<()>();
     {
         let shared = shared.clone();
         let resolver = opts.resolver.clone();
-        let mut shutdown = shutdown_rx.clone();
+        let handler = Arc::new(SocketHandler(controller.clone()));
+        let shutdown = shutdown_rx.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -153,9 +181,16 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
                 )
                 .await;
                 let _ = ready_tx.send(());
+                let mut stop = shutdown.clone();
                 tokio::select! {
                     _ = resolve::run(shared.clone(), resolver) => {}
-                    _ = shutdown.wait_for(|s| *s) => {}
+                    // The control socket stays up while the data plane drains, so `proxyctl
+                    // status` can watch the drain; it closes when the runtime stops.
+                    _ = control_socket.serve(handler, std::future::pending()) => {}
+                    _ = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                        let _ = data_stopped_rx.await;
+                    } => {}
                 }
             });
         })?);
@@ -193,14 +228,14 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             let report = rt.block_on(server::serve(app, listeners, shutdown, grace));
             // Whatever is still running after the grace period is cancelled here.
             rt.shutdown_timeout(Duration::from_secs(1));
+            let _ = data_stopped_tx.send(());
             let _ = done_tx.send(report);
         })?);
     }
 
     Ok(Handle {
-        shared,
+        controller,
         addrs,
-        started: Instant::now(),
         shutdown: shutdown_tx,
         data_done: Some(done_rx),
         threads,
@@ -229,53 +264,106 @@ impl Handle {
 
     /// The current state of every upstream, pool and instance.
     pub fn status(&self) -> Status {
-        let snap = self.shared.load();
-        Status {
-            protocol: PROTOCOL_VERSION,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            upstreams: snap
-                .upstreams
-                .iter()
-                .map(|u| UpstreamStatus {
-                    name: u.name().to_string(),
-                    generation: u.generation,
-                    main: u.pools[u.main].pool.name.clone(),
-                    weights: u.weights(),
-                    previous: u.previous.clone(),
-                    pools: u
-                        .pools
-                        .iter()
-                        .map(|p| {
-                            let inflight = p.pool.inflight.load(Ordering::Acquire);
-                            PoolStatus {
-                                name: p.pool.name.clone(),
-                                weight: p.weight,
-                                phase: match (p.weight, inflight) {
-                                    (w, _) if w > 0 => PoolPhase::Active,
-                                    (_, n) if n > 0 => PoolPhase::Draining,
-                                    _ => PoolPhase::Drained,
-                                },
-                                inflight,
-                                instances: p
-                                    .instances
-                                    .iter()
-                                    .map(|i| {
-                                        let r = i.resolved.load();
-                                        InstanceStatus {
-                                            addr: i.label.clone(),
-                                            resolved: r.addrs.first().map(|a| a.to_string()),
-                                            resolve_error: r.error.clone(),
-                                            inflight: i.inflight.load(Ordering::Acquire),
-                                        }
-                                    })
-                                    .collect(),
-                            }
-                        })
-                        .collect(),
-                })
-                .collect(),
+        self.controller.status()
+    }
+
+    /// Give `pool` 100% of `upstream` (`None`: the only upstream). Every request that starts
+    /// after this returns is routed by the new weights.
+    pub fn switch(&self, upstream: Option<&str>, pool: &str) -> Result<Change, ControlError> {
+        self.controller.switch(upstream, pool, Actor::Library)
+    }
+
+    /// Set one pool's weight; the main pool absorbs the difference.
+    pub fn set_weight(
+        &self,
+        upstream: Option<&str>,
+        pool: &str,
+        weight: u32,
+    ) -> Result<Change, ControlError> {
+        self.controller
+            .set_weight(upstream, pool, weight, Actor::Library)
+    }
+
+    /// Set every pool's weight (unnamed pools get 0; the sum must be 100).
+    pub fn set_weights(
+        &self,
+        upstream: Option<&str>,
+        weights: &Weights,
+    ) -> Result<Change, ControlError> {
+        self.controller
+            .set_weights(upstream, weights, Actor::Library)
+    }
+
+    /// Restore the weights from before the last weight change.
+    pub fn rollback(&self, upstream: Option<&str>) -> Result<Change, ControlError> {
+        self.controller.rollback(upstream, Actor::Library)
+    }
+
+    /// Wait until `pool` (at weight 0) has no request in flight, at most `timeout` (default:
+    /// the upstream's `drain_timeout`). A timeout is an error of code `timeout`.
+    pub async fn drain(
+        &self,
+        upstream: Option<&str>,
+        pool: &str,
+        timeout: Option<Duration>,
+    ) -> Result<DrainResult, ControlError> {
+        self.controller
+            .drain(upstream, pool, timeout, &EventSender::discard())
+            .await
+    }
+
+    /// Replace a pool's instances (`host:port` each). In-flight requests on removed
+    /// instances finish.
+    pub async fn pool_set(
+        &self,
+        upstream: Option<&str>,
+        pool: &str,
+        instances: &[&str],
+    ) -> Result<Change, ControlError> {
+        self.execute_change(Request::PoolSet {
+            upstream: upstream.map(str::to_string),
+            pool: pool.to_string(),
+            instances: instances.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+    }
+
+    /// Re-read the config file given in [`StartOptions::config_path`]; on any problem the
+    /// running config stays and every problem is returned.
+    pub async fn reload(&self) -> Result<ReloadResult, ControlError> {
+        self.controller.reload(Actor::Library).await
+    }
+
+    /// Reload because of SIGHUP (logged as such).
+    #[doc(hidden)]
+    pub async fn reload_on_signal(&self) -> Result<ReloadResult, ControlError> {
+        self.controller.reload(Actor::Signal).await
+    }
+
+    /// Carry out a control-protocol request, exactly as the control socket would.
+    pub async fn execute(&self, req: Request) -> Reply {
+        self.controller
+            .execute(req, Actor::Library, &EventSender::discard())
+            .await
+    }
+
+    async fn execute_change(&self, req: Request) -> Result<Change, ControlError> {
+        let reply = self.execute(req).await;
+        match (reply.error, reply.result) {
+            (Some(e), _) => Err(e),
+            (None, Some(v)) => serde_json::from_value(v).map_err(|e| {
+                ControlError::new(switchyard_control::ErrorCode::Internal, e.to_string())
+            }),
+            (None, None) => Err(ControlError::new(
+                switchyard_control::ErrorCode::Internal,
+                "empty reply",
+            )),
         }
+    }
+
+    /// The control socket path.
+    pub fn control_socket(&self) -> &Path {
+        &self.controller.control_socket
     }
 
     /// Stop accepting, let in-flight requests finish (bounded by `grace_period`), stop.

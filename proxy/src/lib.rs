@@ -15,6 +15,9 @@
 //! - `handle`: [`start`], [`Handle`], [`StartOptions`], [`StartError`].
 //! - `server`: binding, the accept loop, graceful shutdown.
 //! - `service`: the `ProxyHttp` implementation (the request path).
+//! - `control`: the control operations (switch, weights, drain, pools, reload) behind both
+//!   the [`Handle`] and the control socket.
+//! - `persist`: the state file.
 //! - `snapshot`: the `ArcSwap`ed routing snapshot and its single writer.
 //! - `upstream`: pools, instances, weights, instance selection.
 //! - `route`: route table and deny list.
@@ -22,7 +25,9 @@
 //! - [`fake_upstream`]: a Spring-like origin used by the demo, the tests and the benchmarks.
 //! - [`demo`]: `switchyard demo`.
 
+mod control;
 mod handle;
+mod persist;
 mod resolve;
 mod route;
 mod server;

@@ -144,10 +144,23 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             anyhow::bail!("invalid config {}, not starting", path.display());
         }
     };
-    let handle = switchyard_proxy::start(cfg, Default::default())?;
-    tracing::info!(listen = ?handle.listen_addrs(), "switchyard started");
+    let opts = switchyard_proxy::StartOptions::default().with_config_path(path);
+    let handle = switchyard_proxy::start(cfg, opts)?;
+    tracing::info!(listen = ?handle.listen_addrs(), control = %handle.control_socket().display(), "switchyard started");
     runtime()?.block_on(async {
-        let sig = terminated().await?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        let stop = terminated();
+        tokio::pin!(stop);
+        let sig = loop {
+            tokio::select! {
+                s = &mut stop => break s?,
+                _ = hup.recv() => match handle.reload_on_signal().await {
+                    Ok(r) => tracing::info!(summary = %r.summary, needs_restart = ?r.needs_restart, "SIGHUP: config reloaded"),
+                    Err(e) => tracing::error!(error = %e.message, "SIGHUP: reload refused, the running config stays"),
+                },
+            }
+        };
         tracing::info!(signal = sig, "finishing in-flight requests, then exiting");
         let report = handle.shutdown().await;
         tracing::info!(?report, "stopped");
@@ -165,7 +178,14 @@ fn demo(listen: SocketAddr) -> anyhow::Result<()> {
         let demo = switchyard_proxy::demo::run(listen, dir.clone())
             .await
             .with_context(|| format!("cannot start the demo on {listen}"))?;
-        println!("{}", switchyard_proxy::demo::walkthrough(&demo));
+        let bin_dir = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.to_path_buf()))
+            .filter(|d| d.join("proxyctl").exists());
+        println!(
+            "{}",
+            switchyard_proxy::demo::walkthrough(&demo, bin_dir.as_deref())
+        );
         terminated().await?;
         let switchyard_proxy::demo::Demo { proxy, .. } = demo;
         proxy.shutdown().await;

@@ -63,10 +63,27 @@ impl Snapshot {
                     )
                 } else if let Some(o) = old_state {
                     let weights = keep_weights(&o.weights(), &initial);
+                    // Keep run-time instance lists (`pool set`) for pools whose list the
+                    // operator did not edit in the file; an edited list wins.
+                    let instances: BTreeMap<String, Vec<InstanceAddr>> = uc
+                        .pools
+                        .iter()
+                        .filter(|p| {
+                            o.config.pool(&p.name).map(|op| &op.instances) == Some(&p.instances)
+                        })
+                        .filter_map(|p| {
+                            o.pool(&p.name).map(|ps| {
+                                (
+                                    p.name.clone(),
+                                    ps.instances.iter().map(|i| i.addr.clone()).collect(),
+                                )
+                            })
+                        })
+                        .collect();
                     UpstreamState::build(
                         ucfg,
                         &weights,
-                        &BTreeMap::new(),
+                        &instances,
                         o.generation + 1,
                         o.previous.clone(),
                         Some(o),
@@ -98,7 +115,6 @@ impl Snapshot {
     }
 
     /// A copy with one upstream replaced.
-    #[allow(dead_code)] // the control operations (issue 3) call it
     fn with_upstream(&self, state: Arc<UpstreamState>) -> Snapshot {
         Snapshot {
             config: self.config.clone(),
@@ -132,13 +148,11 @@ fn keep_weights(old: &Weights, initial: &Weights) -> Weights {
 
 /// The snapshot cell plus the writer lock.
 #[derive(Debug)]
-#[allow(dead_code)] // the writer side is used by the control operations (issue 3)
 pub(crate) struct Shared {
     current: ArcSwap<Snapshot>,
     write: Mutex<()>,
 }
 
-#[allow(dead_code)] // the writer side is used by the control operations (issue 3)
 impl Shared {
     pub(crate) fn new(snapshot: Snapshot) -> Self {
         Shared {
@@ -159,13 +173,17 @@ impl Shared {
         self.write.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replace one upstream's state. Caller holds `lock()`.
-    pub(crate) fn store_upstream(&self, _guard: &MutexGuard<'_, ()>, state: Arc<UpstreamState>) {
-        let next = self.load().with_upstream(state);
-        self.current.store(Arc::new(next));
+    /// The snapshot that would result from replacing one upstream's state. Caller holds
+    /// `lock()`, persists the result, then [`Self::store`]s it.
+    pub(crate) fn with_upstream(
+        &self,
+        _guard: &MutexGuard<'_, ()>,
+        state: Arc<UpstreamState>,
+    ) -> Snapshot {
+        self.load().with_upstream(state)
     }
 
-    /// Replace the whole snapshot (reload). Caller holds `lock()`.
+    /// Make `snapshot` current. Caller holds `lock()`.
     pub(crate) fn store(&self, _guard: &MutexGuard<'_, ()>, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
     }

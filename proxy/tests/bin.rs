@@ -103,11 +103,16 @@ fn refuses_to_start_on_an_invalid_config_and_says_why() {
 struct ProxyProcess {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl ProxyProcess {
     fn start(upstream: SocketAddr, grace: &str) -> ProxyProcess {
+        Self::start_pools(&format!("      blue: [\"{upstream}\"]\n"), grace)
+    }
+
+    /// `pools` are the YAML lines under `upstreams.app.pools` (blue is active).
+    fn start_pools(pools: &str, grace: &str) -> ProxyProcess {
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -119,11 +124,22 @@ impl ProxyProcess {
             std::fs::write(
                 &cfg,
                 format!(
-                    "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nthreads: 2\ngrace_period: {grace}\ncontrol: {{socket: \"{d}/c.sock\"}}\nstate_file: \"{d}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n      blue: [\"{upstream}\"]\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+                    "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nthreads: 2\ngrace_period: {grace}\ncontrol: {{socket: \"{d}/c.sock\"}}\nstate_file: \"{d}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: blue\nroutes: [{{path_prefix: /, upstream: app}}]\n",
                     d = dir.path().display()
                 ),
             )
             .unwrap();
+            if let Some(p) = Self::spawn(dir, port) {
+                return p;
+            }
+        }
+        panic!("could not start the proxy on a free port");
+    }
+
+    /// Start the binary on `dir/switchyard.yaml`; `None` if the port was taken meanwhile.
+    fn spawn(dir: tempfile::TempDir, port: u16) -> Option<ProxyProcess> {
+        let cfg = dir.path().join("switchyard.yaml");
+        {
             let mut child = Command::new(BIN)
                 .arg("-c")
                 .arg(&cfg)
@@ -135,20 +151,30 @@ impl ProxyProcess {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken: try another
+                    return None; // port taken: try another
                 }
                 if std::net::TcpStream::connect(addr).is_ok() {
-                    return ProxyProcess {
-                        child,
-                        addr,
-                        _dir: dir,
-                    };
+                    return Some(ProxyProcess { child, addr, dir });
                 }
                 assert!(Instant::now() < deadline, "proxy did not start listening");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        panic!("could not start the proxy on a free port");
+    }
+
+    fn sigkill(mut self) -> (tempfile::TempDir, u16) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let port = self.addr.port();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, port)
+    }
+
+    async fn ctl(&self, req: switchyard_control::Request) -> switchyard_control::Reply {
+        let mut c = switchyard_control::ControlClient::connect(&self.dir.path().join("c.sock"))
+            .await
+            .unwrap();
+        c.request(&req).await.unwrap()
     }
 
     /// Peak resident memory (VmHWM) in KiB.
@@ -317,6 +343,53 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     .await
     .unwrap();
     assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
+    let blue = FakeUpstream::builder("blue")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let green = FakeUpstream::builder("green")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let px = ProxyProcess::start_pools(
+        &format!(
+            "      blue: [\"{}\"]\n      green: [\"{}\"]\n",
+            blue.addr(),
+            green.addr()
+        ),
+        "5s",
+    );
+    let weights: switchyard_control::Weights =
+        [("blue".to_string(), 90), ("green".to_string(), 10)].into();
+    let reply = px
+        .ctl(switchyard_control::Request::Weights {
+            upstream: None,
+            weights: weights.clone(),
+        })
+        .await;
+    assert!(reply.ok, "{reply:?}");
+    let generation = serde_json::from_value::<switchyard_control::Change>(reply.result.unwrap())
+        .unwrap()
+        .generation;
+    let (dir, port) = px.sigkill();
+    assert!(
+        dir.path().join("c.sock").exists(),
+        "kill -9 leaves the socket file behind"
+    );
+
+    // Same directory, same port: the stale socket is replaced and the state resumes.
+    let px = ProxyProcess::spawn(dir, port).expect("restarts on the same port");
+    let reply = px.ctl(switchyard_control::Request::Status).await;
+    let status: switchyard_control::Status = serde_json::from_value(reply.result.unwrap()).unwrap();
+    let app = status.upstream("app").unwrap();
+    assert_eq!(app.weights, weights);
+    assert_eq!(app.generation, generation);
 }
 
 #[test]

@@ -2,8 +2,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod control_socket;
 mod lifecycle;
 mod load;
 mod routing;
+mod switching;
 mod tls;
 mod upstreams;

@@ -113,6 +113,53 @@ impl TestProxy {
         self.handle.as_ref().unwrap()
     }
 
+    /// The control socket path.
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// A control client on the real socket.
+    pub async fn ctl(&self) -> switchyard_control::ControlClient {
+        switchyard_control::ControlClient::connect(&self.socket())
+            .await
+            .unwrap()
+    }
+
+    /// Send one control request over the socket; panics if the socket fails.
+    pub async fn ctl_call(&self, req: switchyard_control::Request) -> switchyard_control::Reply {
+        self.ctl().await.request(&req).await.unwrap()
+    }
+
+    /// In-flight count of a pool of upstream `app`.
+    pub fn inflight(&self, pool: &str) -> i64 {
+        self.handle()
+            .status()
+            .upstream("app")
+            .and_then(|u| u.pool(pool).map(|p| p.inflight))
+            .unwrap()
+    }
+
+    /// Stop and keep the directory (state file) for a restart. Nothing is written at
+    /// shutdown, so for the state file this is the same as a crash.
+    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
+        self.handle.take().unwrap().shutdown().await;
+        self.dir
+    }
+
+    /// Start again on the same directory (state file, socket).
+    pub fn restart_in(dir: tempfile::TempDir, yaml: &str) -> TestProxy {
+        let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
+        let config = switchyard_config::parse(&yaml).unwrap();
+        let handle =
+            switchyard_proxy::start(config, StartOptions::default()).expect("proxy starts");
+        let addr = handle.listen_addrs()[0];
+        TestProxy {
+            handle: Some(handle),
+            addr,
+            dir,
+        }
+    }
+
     /// GET on a fresh connection.
     pub async fn get(&self, path: &str) -> Reply {
         request(self.addr, "GET", path, &[], Bytes::new())

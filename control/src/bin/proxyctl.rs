@@ -1,22 +1,429 @@
-//! `proxyctl`: the control client (SPEC §5). The commands arrive with the control socket
-//! (issue 3); this version only describes itself.
+//! `proxyctl`: the control client (SPEC §5).
+//!
+//! Exit codes: 0 done; 1 refused by the proxy (unhealthy, unknown pool, invalid); 2 usage
+//! error; 3 cannot reach the control socket; 4 timed out waiting (what is still pending is
+//! printed). Human-readable output by default, `--json` prints the proxy's reply as one JSON
+//! document. Progress of waiting commands goes to stderr: a live line on a terminal, plain
+//! lines otherwise.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use switchyard_control::protocol::{
+    Change, DrainResult, Event, PoolPhase, ReloadResult, Reply, Request, Status,
+};
+use switchyard_control::{ClientError, ControlClient, Weights};
 
 /// Control a running switchyard proxy through its control socket.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Exit codes: 0 done, 1 refused, 2 usage, 3 cannot reach the socket, 4 timed out waiting."
+)]
 struct Cli {
     /// Control socket path.
-    #[arg(long, env = "SWITCHYARD_SOCKET", default_value = "./switchyard.sock")]
-    socket: std::path::PathBuf,
+    #[arg(
+        long,
+        env = "SWITCHYARD_SOCKET",
+        default_value = "./switchyard.sock",
+        global = true
+    )]
+    socket: PathBuf,
+    /// Upstream to act on (may be left out when the proxy has only one).
+    #[arg(long, global = true)]
+    upstream: Option<String>,
+    /// Print the proxy's reply as one JSON document.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-fn main() {
-    let cli = Cli::parse();
-    eprintln!(
-        "proxyctl: no command given (socket {}); see --help",
-        cli.socket.display()
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Pools, instances, weights, in-flight requests, generation.
+    Status,
+    /// Send 100% of the traffic to POOL.
+    Switch {
+        /// Target pool.
+        pool: String,
+        /// Then wait until the old pool has drained (default wait: the upstream's drain_timeout).
+        #[arg(long, value_name = "DURATION", num_args = 0..=1)]
+        drain: Option<Option<humantime::Duration>>,
+    },
+    /// Restore the weights from before the last change.
+    Rollback,
+    /// Give POOL PERCENT of the traffic; the rest stays on the main pool.
+    Weight {
+        /// Pool.
+        pool: String,
+        /// 0..=100.
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=100))]
+        percent: u32,
+    },
+    /// Set an explicit split, e.g. `weights blue=90 green=10` (must sum to 100).
+    Weights {
+        /// POOL=PERCENT pairs.
+        #[arg(required = true, value_parser = parse_pair)]
+        split: Vec<(String, u32)>,
+    },
+    /// Wait until POOL (at weight 0) has no request in flight.
+    Drain {
+        /// Pool.
+        pool: String,
+        /// How long to wait (default: the upstream's drain_timeout).
+        #[arg(long)]
+        timeout: Option<humantime::Duration>,
+    },
+    /// Change a pool's instances.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+    /// Re-read the config file; on error the running config stays and every problem is printed.
+    Reload,
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCmd {
+    /// Replace POOL's instances.
+    Set {
+        /// Pool.
+        pool: String,
+        /// host:port ...
+        #[arg(required = true)]
+        instances: Vec<String>,
+    },
+    /// Add an instance to POOL.
+    Add {
+        /// Pool.
+        pool: String,
+        /// host:port
+        instance: String,
+    },
+    /// Remove an instance from POOL (its in-flight requests finish).
+    Remove {
+        /// Pool.
+        pool: String,
+        /// host:port
+        instance: String,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, u32), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not POOL=PERCENT"))?;
+    let v: u32 = v
+        .parse()
+        .map_err(|_| format!("{v:?} in {s:?} is not a number"))?;
+    if v > 100 {
+        return Err(format!("{s:?}: a weight is at most 100"));
+    }
+    Ok((k.to_string(), v))
+}
+
+fn ms(d: humantime::Duration) -> u64 {
+    Duration::from(d).as_millis() as u64
+}
+
+fn request(cli: &Cli) -> Request {
+    let upstream = cli.upstream.clone();
+    match &cli.cmd {
+        Cmd::Status => Request::Status,
+        Cmd::Switch { pool, drain } => Request::Switch {
+            upstream,
+            pool: pool.clone(),
+            drain: drain.is_some(),
+            drain_ms: drain.flatten().map(ms),
+        },
+        Cmd::Rollback => Request::Rollback { upstream },
+        Cmd::Weight { pool, percent } => Request::Weight {
+            upstream,
+            pool: pool.clone(),
+            weight: *percent,
+        },
+        Cmd::Weights { split } => Request::Weights {
+            upstream,
+            weights: split.iter().cloned().collect::<Weights>(),
+        },
+        Cmd::Drain { pool, timeout } => Request::Drain {
+            upstream,
+            pool: pool.clone(),
+            timeout_ms: timeout.map(ms),
+        },
+        Cmd::Pool { cmd } => match cmd {
+            PoolCmd::Set { pool, instances } => Request::PoolSet {
+                upstream,
+                pool: pool.clone(),
+                instances: instances.clone(),
+            },
+            PoolCmd::Add { pool, instance } => Request::PoolAdd {
+                upstream,
+                pool: pool.clone(),
+                instance: instance.clone(),
+            },
+            PoolCmd::Remove { pool, instance } => Request::PoolRemove {
+                upstream,
+                pool: pool.clone(),
+                instance: instance.clone(),
+            },
+        },
+        Cmd::Reload => Request::Reload,
+    }
+}
+
+/// Shows progress events on stderr.
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(enabled: bool) -> Self {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        Progress { bar }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(b) => b.set_message(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn event(&self, ev: &Event) {
+        match ev {
+            Event::Applied { change } => {
+                let text = describe_change(change);
+                match &self.bar {
+                    Some(b) => b.println(text),
+                    None => eprintln!("{text}"),
+                }
+            }
+            Event::Draining {
+                upstream,
+                inflight,
+                waited_ms,
+            } => {
+                let pools: Vec<String> = inflight
+                    .iter()
+                    .map(|(p, n)| format!("{p}: {n} in flight"))
+                    .collect();
+                self.line(format!(
+                    "{upstream}: draining {} ({:.1}s)",
+                    pools.join(", "),
+                    *waited_ms as f64 / 1000.0
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn fmt_weights(w: &Weights) -> String {
+    w.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn describe_change(c: &Change) -> String {
+    if !c.changed {
+        return format!(
+            "{}: nothing to change ({}), generation {}",
+            c.upstream,
+            fmt_weights(&c.new_weights),
+            c.generation
+        );
+    }
+    let moves: Vec<String> = c
+        .new_weights
+        .iter()
+        .filter(|(p, w)| c.old_weights.get(*p) != Some(*w))
+        .map(|(p, w)| format!("{p} {} -> {w}", c.old_weights.get(p).copied().unwrap_or(0)))
+        .collect();
+    let mut s = format!("{}: generation {}", c.upstream, c.generation);
+    if !moves.is_empty() {
+        s.push_str(&format!(": {}", moves.join(", ")));
+    }
+    if let Some(inst) = &c.instances {
+        for (pool, list) in inst {
+            s.push_str(&format!("\n  {pool}: {}", list.join(" ")));
+        }
+    }
+    s
+}
+
+fn print_status(s: &Status) {
+    for u in &s.upstreams {
+        println!(
+            "{}  generation {}  main {}  weights {}",
+            u.name,
+            u.generation,
+            u.main,
+            fmt_weights(&u.weights)
+        );
+        println!(
+            "  {:<12} {:>6}  {:<9} {:>9}  INSTANCES",
+            "POOL", "WEIGHT", "STATE", "IN-FLIGHT"
+        );
+        for p in &u.pools {
+            let phase = match p.phase {
+                PoolPhase::Active => "active",
+                PoolPhase::Draining => "draining",
+                PoolPhase::Drained => "drained",
+            };
+            let inst: Vec<String> = p
+                .instances
+                .iter()
+                .map(|i| {
+                    let mut t = i.addr.clone();
+                    if let Some(r) = &i.resolved {
+                        if *r != i.addr {
+                            t.push_str(&format!(" ({r})"));
+                        }
+                    }
+                    if let Some(e) = &i.resolve_error {
+                        t.push_str(&format!(" [dns: {e}]"));
+                    }
+                    if i.inflight > 0 {
+                        t.push_str(&format!(" [{} in flight]", i.inflight));
+                    }
+                    t
+                })
+                .collect();
+            println!(
+                "  {:<12} {:>6}  {:<9} {:>9}  {}",
+                p.name,
+                p.weight,
+                phase,
+                p.inflight,
+                if inst.is_empty() {
+                    "-".to_string()
+                } else {
+                    inst.join(", ")
+                }
+            );
+        }
+    }
+}
+
+fn print_drain(d: &DrainResult) {
+    let pools: Vec<&str> = d.inflight.keys().map(String::as_str).collect();
+    println!(
+        "{}: {} drained after {:.1}s",
+        d.upstream,
+        if pools.is_empty() {
+            "nothing to drain,".to_string()
+        } else {
+            pools.join(", ")
+        },
+        d.waited_ms as f64 / 1000.0
     );
-    std::process::exit(2);
+}
+
+fn print_result(cmd: &Cmd, reply: &Reply) {
+    let Some(v) = reply.result.clone() else {
+        return;
+    };
+    match cmd {
+        Cmd::Status => match serde_json::from_value::<Status>(v) {
+            Ok(s) => print_status(&s),
+            Err(e) => println!("unreadable status: {e}"),
+        },
+        Cmd::Drain { .. } => {
+            if let Ok(d) = serde_json::from_value::<DrainResult>(v) {
+                print_drain(&d);
+            }
+        }
+        Cmd::Reload => {
+            if let Ok(r) = serde_json::from_value::<ReloadResult>(v) {
+                println!("reloaded: {}", r.summary);
+                if !r.needs_restart.is_empty() {
+                    println!(
+                        "changed but only applied after a restart: {}",
+                        r.needs_restart.join(", ")
+                    );
+                }
+            }
+        }
+        _ => {
+            if let Ok(c) = serde_json::from_value::<Change>(v) {
+                if matches!(cmd, Cmd::Switch { drain: Some(_), .. }) {
+                    if let Some(d) = &c.drain {
+                        print_drain(d);
+                    }
+                } else {
+                    println!("{}", describe_change(&c));
+                }
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("proxyctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let req = request(&cli);
+    let progress = Progress::new(!cli.json);
+    let result: Result<Reply, ClientError> = rt.block_on(async {
+        let mut client = ControlClient::connect(&cli.socket).await?;
+        client.call(&req, |ev| progress.event(ev)).await
+    });
+    progress.finish();
+    match result {
+        Err(e) => {
+            eprintln!("proxyctl: {e}");
+            if matches!(e, ClientError::Connect { .. }) {
+                eprintln!("hint: is switchyard running? set --socket or SWITCHYARD_SOCKET to its control.socket");
+            }
+            ExitCode::from(3)
+        }
+        Ok(reply) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply).unwrap_or_else(|e| e.to_string())
+                );
+            } else if reply.ok {
+                print_result(&cli.cmd, &reply);
+            }
+            match &reply.error {
+                None => ExitCode::SUCCESS,
+                Some(e) => {
+                    if !cli.json {
+                        eprintln!("proxyctl: {}", e.message);
+                    }
+                    ExitCode::from(e.code.exit_code())
+                }
+            }
+        }
+    }
 }

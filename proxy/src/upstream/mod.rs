@@ -182,7 +182,6 @@ impl UpstreamState {
     }
 
     /// A copy with new weights and/or instance lists, generation + 1.
-    #[allow(dead_code)] // the control operations (issue 3) call it
     pub(crate) fn with_changes(
         &self,
         weights: Option<&Weights>,
@@ -216,7 +215,7 @@ impl UpstreamState {
         self.pools.iter().find(|p| p.pool.name == name)
     }
 
-    #[allow(dead_code)] // the control operations (issue 3) call it
+    #[cfg(test)]
     pub(crate) fn pool_index(&self, name: &str) -> Option<usize> {
         self.pools.iter().position(|p| p.pool.name == name)
     }

@@ -1,0 +1,330 @@
+//! The control socket server: a Unix socket speaking newline-delimited JSON, generic over a
+//! [`ControlHandler`] (the proxy implements it; tests can use a fake).
+//!
+//! The socket is a security boundary: it is created with the configured mode (0600 by default)
+//! before it becomes visible (bound under a temporary name, chmod-ed, then renamed into place),
+//! a stale socket left by a crashed run is replaced, and a socket a live proxy still answers on
+//! is never taken over. Every connection is identified by its peer credentials
+//! (`SO_PEERCRED`), which the handler logs with each change.
+//!
+//! Robustness: a line longer than [`MAX_LINE`] is refused and the connection closed; bad JSON
+//! gets a `bad_request` error line and the connection stays usable; a client that disconnects
+//! during a wait cancels the wait (never a change already applied); at most
+//! [`MAX_CONNECTIONS`] connections are served at once, further ones get `busy`.
+
+use crate::protocol::{ControlError, ErrorCode, Event, EventLine, Reply, Request};
+use async_trait::async_trait;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Longest accepted request line (1 MiB); a request is a few hundred bytes.
+pub const MAX_LINE: usize = 1 << 20;
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Who is on the other end of a control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id, when the OS reports it.
+    pub pid: Option<i32>,
+}
+
+/// Sends progress events to the client of the current request.
+#[derive(Debug, Clone)]
+pub struct EventSender(mpsc::Sender<Event>);
+
+impl EventSender {
+    /// Queue an event; returns false when the client is gone.
+    pub async fn send(&self, event: Event) -> bool {
+        self.0.send(event).await.is_ok()
+    }
+
+    /// A sender whose events go nowhere (for calls that are not from a socket).
+    pub fn discard() -> Self {
+        let (tx, mut rx) = mpsc::channel(1);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        EventSender(tx)
+    }
+}
+
+/// What the server calls for each request.
+#[async_trait]
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Carry out `req` for `peer`, sending progress to `events`, and return the final reply.
+    async fn handle(&self, req: Request, peer: Peer, events: EventSender) -> Reply;
+}
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlSocketError {
+    /// Another process answers on the socket.
+    #[error("control socket {} is in use by a running proxy; stop it first or configure another control.socket", path.display())]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// Something that is not a socket is in the way.
+    #[error("{} exists and is not a socket; not replacing it", path.display())]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An OS error.
+    #[error("control socket {}: {source}", path.display())]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A bound control socket.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Bind `path` with file mode `mode`. Needs no runtime.
+    pub fn bind(path: &Path, mode: u32) -> Result<Self, ControlSocketError> {
+        let io_err = |source| ControlSocketError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(ControlSocketError::NotASocket {
+                    path: path.to_path_buf(),
+                })
+            }
+            Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(ControlSocketError::InUse {
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    // Left behind by a process that died without cleaning up.
+                    std::fs::remove_file(path).map_err(io_err)?;
+                }
+                Err(e) => return Err(io_err(e)),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "switchyard.sock".into());
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err)?;
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io_err(e));
+        }
+        listener.set_nonblocking(true).map_err(io_err)?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serve until `shutdown` resolves. Must run inside a tokio runtime.
+    pub async fn serve<H: ControlHandler>(
+        self,
+        handler: Arc<H>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let listener = match self.listener.try_clone().and_then(UnixListener::from_std) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "control socket unusable");
+                return;
+            }
+        };
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                _ = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let handler = handler.clone();
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(async move {
+                        connection(stream, handler).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    tokio::spawn(async move {
+                        let (_, mut w) = stream.into_split();
+                        let _ = write_reply(
+                            &mut w,
+                            &Reply::err(ControlError::new(
+                                ErrorCode::Busy,
+                                format!(
+                                    "more than {MAX_CONNECTIONS} control connections; try again"
+                                ),
+                            )),
+                        )
+                        .await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn write_line(w: &mut OwnedWriteHalf, value: &impl serde::Serialize) -> io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    w.flush().await
+}
+
+async fn write_reply(w: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
+    write_line(w, reply).await
+}
+
+fn bad_request(message: String) -> Reply {
+    Reply::err(ControlError::new(ErrorCode::BadRequest, message))
+}
+
+async fn connection<H: ControlHandler>(stream: UnixStream, handler: Arc<H>) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "control peer credentials unavailable; closing");
+            return;
+        }
+    };
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    loop {
+        let mut buf = Vec::new();
+        let n = match (&mut r)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        let complete = buf.last() == Some(&b'\n');
+        if !complete && buf.len() > MAX_LINE {
+            let _ = write_reply(
+                &mut w,
+                &bad_request(format!("request line longer than {MAX_LINE} bytes")),
+            )
+            .await;
+            // Closing with unread input would reset the connection and could destroy the
+            // error line before the client reads it: stop writing, swallow the rest (bounded),
+            // then close.
+            let _ = w.shutdown().await;
+            let mut sink = tokio::io::sink();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::io::copy(&mut (&mut r).take(64 * MAX_LINE as u64), &mut sink),
+            )
+            .await;
+            return;
+        }
+        let line = buf.trim_ascii();
+        if line.is_empty() {
+            if complete {
+                continue;
+            }
+            return;
+        }
+        let reply = match serde_json::from_slice::<Request>(line) {
+            Err(e) => bad_request(format!("not a valid request: {e}")),
+            Ok(req) => match run(&handler, req, peer, &mut r, &mut w).await {
+                Some(reply) => reply,
+                None => return, // client gone
+            },
+        };
+        if write_reply(&mut w, &reply).await.is_err() || !complete {
+            return;
+        }
+    }
+}
+
+/// Run one request, forwarding its progress events. `None` if the client went away (the
+/// handler's future is dropped, which cancels a wait; changes are applied before any wait).
+async fn run<H: ControlHandler>(
+    handler: &Arc<H>,
+    req: Request,
+    peer: Peer,
+    r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    w: &mut OwnedWriteHalf,
+) -> Option<Reply> {
+    let (tx, mut rx) = mpsc::channel(16);
+    let fut = handler.handle(req, peer, EventSender(tx));
+    tokio::pin!(fut);
+    let mut watch_peer = true;
+    loop {
+        tokio::select! {
+            reply = &mut fut => {
+                while let Ok(ev) = rx.try_recv() {
+                    write_line(w, &EventLine { event: ev }).await.ok()?;
+                }
+                return Some(reply);
+            }
+            Some(ev) = rx.recv() => {
+                write_line(w, &EventLine { event: ev }).await.ok()?;
+            }
+            peeked = r.fill_buf(), if watch_peer => match peeked {
+                Ok([]) | Err(_) => return None,
+                // The client already sent its next request; it is read after this one.
+                Ok(_) => watch_peer = false,
+            },
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The state file (SPEC §4.6): runtime changes survive a restart or a crash.
+//!
+//! Every acknowledged change is written before the acknowledgement: to a temporary file in the
+//! same directory, fsync-ed, renamed over the old file, and the directory fsync-ed, so after a
+//! crash the file is either the old state or the new one, never a torn mix. A file that cannot
+//! be parsed is moved aside as `<file>.corrupt-<unix time>` and reported loudly; the proxy then
+//! starts from the config's `active` pools rather than refusing to start.
+//!
+//! Instance lists changed at run time (`pool set`) are saved together with the config's list
+//! at that time: on restart the saved list wins unless the config's list was edited since (then
+//! the operator's newer intent, the file, wins).
+
+use crate::snapshot::{Restored, Snapshot};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use switchyard_config::{Config, InstanceAddr};
+use switchyard_control::Weights;
+
+const VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    upstreams: BTreeMap<String, UpstreamRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct UpstreamRecord {
+    generation: u64,
+    weights: Weights,
+    #[serde(default)]
+    previous: Option<Weights>,
+    #[serde(default)]
+    pools: BTreeMap<String, PoolRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PoolRecord {
+    /// The instances in effect.
+    instances: Vec<String>,
+    /// The config's list when this was saved.
+    config_instances: Vec<String>,
+}
+
+/// Write the snapshot's runtime state durably (temp + fsync + rename + fsync dir).
+pub(crate) fn save(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
+    let file = StateFile {
+        version: VERSION,
+        upstreams: snap
+            .upstreams
+            .iter()
+            .map(|u| {
+                let pools = u
+                    .pools
+                    .iter()
+                    .map(|p| {
+                        let config_instances = u
+                            .config
+                            .pool(&p.pool.name)
+                            .map(|pc| pc.instances.iter().map(|a| a.to_string()).collect())
+                            .unwrap_or_default();
+                        (
+                            p.pool.name.clone(),
+                            PoolRecord {
+                                instances: p.instances.iter().map(|i| i.label.clone()).collect(),
+                                config_instances,
+                            },
+                        )
+                    })
+                    .collect();
+                (
+                    u.name().to_string(),
+                    UpstreamRecord {
+                        generation: u.generation,
+                        weights: u.weights(),
+                        previous: u.previous.clone(),
+                        pools,
+                    },
+                )
+            })
+            .collect(),
+    };
+    let mut bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "switchyard.state.json".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Read the state file. Missing file: nothing to restore. Corrupt file: moved aside, logged,
+/// nothing restored. Entries that no longer fit the config (unknown pools, weights not summing
+/// to 100) are skipped with a warning.
+pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the state file; starting from the config's active pools");
+            return BTreeMap::new();
+        }
+    };
+    let file: StateFile = match serde_json::from_slice(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = PathBuf::from(format!("{}.corrupt-{secs}", path.display()));
+            let moved = std::fs::rename(path, &aside);
+            tracing::error!(
+                path = %path.display(),
+                moved_to = %aside.display(),
+                moved = moved.is_ok(),
+                error = %e,
+                "STATE FILE IS CORRUPT: it was moved aside and the config's active pools are used; check the routing with `proxyctl status`"
+            );
+            return BTreeMap::new();
+        }
+    };
+    let mut out = BTreeMap::new();
+    for (name, rec) in file.upstreams {
+        let Some(uc) = config.upstream(&name) else {
+            tracing::warn!(upstream = %name, "state file names an upstream the config no longer has; ignored");
+            continue;
+        };
+        let pools_match = rec.weights.keys().all(|p| uc.pool(p).is_some());
+        if !pools_match || rec.weights.values().sum::<u32>() != 100 {
+            tracing::warn!(upstream = %name, weights = ?rec.weights, "saved weights do not fit the config's pools; using the config's active pool");
+            continue;
+        }
+        let mut weights: Weights = uc.pools.iter().map(|p| (p.name.clone(), 0)).collect();
+        weights.extend(rec.weights);
+        let mut instances = BTreeMap::new();
+        for pc in &uc.pools {
+            let Some(pr) = rec.pools.get(&pc.name) else {
+                continue;
+            };
+            let config_now: Vec<String> = pc.instances.iter().map(|a| a.to_string()).collect();
+            if pr.config_instances != config_now {
+                tracing::info!(upstream = %name, pool = %pc.name, "the config's instances changed since the last run; using the config");
+                continue;
+            }
+            let parsed: Result<Vec<InstanceAddr>, _> = pr
+                .instances
+                .iter()
+                .map(|s| s.parse::<InstanceAddr>())
+                .collect();
+            match parsed {
+                Ok(list) => {
+                    instances.insert(pc.name.clone(), list);
+                }
+                Err(e) => {
+                    tracing::warn!(upstream = %name, pool = %pc.name, error = %e, "saved instances unusable; using the config");
+                }
+            }
+        }
+        let previous = rec
+            .previous
+            .filter(|p| p.keys().all(|k| uc.pool(k).is_some()) && p.values().sum::<u32>() == 100);
+        out.insert(
+            name,
+            Restored {
+                weights,
+                instances,
+                generation: rec.generation,
+                previous,
+            },
+        );
+    }
+    out
+}

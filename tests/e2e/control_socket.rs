@@ -1,0 +1,197 @@
+//! The control socket as a security and robustness boundary (issue 3).
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use switchyard_control::{ErrorCode, Reply, Request};
+use switchyard_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+async fn raw_lines(px: &TestProxy, input: &[u8], replies: usize) -> Vec<Reply> {
+    let s = UnixStream::connect(px.socket()).await.unwrap();
+    let (r, mut w) = s.into_split();
+    // Written from a task: the server may close before reading everything (a line too long),
+    // and the write then fails, which is what a client would see.
+    let input = input.to_vec();
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(&input).await;
+        w
+    });
+    let mut r = BufReader::new(r);
+    let mut out = Vec::new();
+    for _ in 0..replies {
+        let mut line = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+            .await
+            .expect("an answer")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push(serde_json::from_str(&line).unwrap());
+    }
+    drop(writer.await);
+    out
+}
+
+#[tokio::test]
+async fn bad_input_gets_error_lines_and_the_proxy_keeps_its_state() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let green = FakeUpstream::start("green").await.unwrap();
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
+        "blue",
+        "",
+    ));
+    px.handle().set_weight(None, "green", 10).unwrap();
+
+    // Garbage, half-written JSON, wrong fields, unknown command: one error line each, and the
+    // connection stays usable for a valid request afterwards.
+    let replies = raw_lines(
+        &px,
+        b"hello\n{\"cmd\":\"switch\",\"pool\":\n{\"cmd\":\"explode\"}\n{\"cmd\":\"weight\",\"pool\":\"green\",\"weight\":\"x\"}\n\n{\"cmd\":\"status\"}\n",
+        5,
+    )
+    .await;
+    assert_eq!(replies.len(), 5);
+    for r in &replies[..4] {
+        let e = r.error.as_ref().unwrap();
+        assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+    }
+    assert!(replies[4].ok, "{:?}", replies[4]);
+
+    // A 10 MB line is refused and the connection closed.
+    let mut big = vec![b'x'; 10 * 1024 * 1024];
+    big.push(b'\n');
+    let replies = raw_lines(&px, &big, 2).await;
+    assert_eq!(replies.len(), 1);
+    assert!(replies[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("longer than"));
+
+    // A client that sends half a request and disconnects.
+    {
+        let mut s = UnixStream::connect(px.socket()).await.unwrap();
+        s.write_all(b"{\"cmd\":\"switch\",\"po").await.unwrap();
+    }
+    // A client that disconnects in the middle of a waiting command: the wait is cancelled,
+    // nothing is changed.
+    {
+        let mut s = UnixStream::connect(px.socket()).await.unwrap();
+        s.write_all(b"{\"cmd\":\"drain\",\"pool\":\"green\",\"timeout_ms\":60000}\n")
+            .await
+            .unwrap();
+    }
+
+    let st = px.handle().status();
+    let u = st.upstream("app").unwrap();
+    assert_eq!(u.weights["green"], 10, "state untouched");
+    assert_eq!(u.generation, 2);
+    assert_eq!(px.get("/").await.status, 200, "still serving");
+    px.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_status_clients_are_all_answered() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&app_yaml(&[("blue", &[blue.addr()])], "blue", ""));
+    let socket = px.socket();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let mut c = switchyard_control::ControlClient::connect(&socket)
+                    .await
+                    .unwrap();
+                let mut ok = 0;
+                for _ in 0..5 {
+                    if c.request(&Request::Status).await.unwrap().ok {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 500);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_socket_is_0600_and_a_live_one_is_never_taken_over() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let yaml = app_yaml(&[("blue", &[blue.addr()])], "blue", "");
+    let px = TestProxy::start(&yaml);
+    let mode = std::fs::metadata(px.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let status = px.ctl_call(Request::Status).await;
+    let v = status.result.unwrap();
+    assert_eq!(v["protocol"], switchyard_control::PROTOCOL_VERSION);
+
+    // A second proxy configured with the same socket refuses to start.
+    let yaml2 = yaml.replace("{dir}", &px.dir.path().display().to_string());
+    let cfg = switchyard_config::parse(&yaml2).unwrap();
+    let err = switchyard_proxy::start(cfg, Default::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("in use by a running proxy"),
+        "{err}"
+    );
+    assert!(
+        px.ctl_call(Request::Status).await.ok,
+        "the first one still answers"
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stale_socket_file_is_replaced_and_a_regular_file_is_not() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = app_yaml(&[("blue", &[blue.addr()])], "blue", "")
+        .replace("control.sock", "custom.sock")
+        .replace("\"0600\"", "\"0660\"")
+        .replace("{dir}", &dir.path().display().to_string());
+    let sock = dir.path().join("custom.sock");
+    // A socket file nobody listens on, as a crashed proxy leaves behind.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let cfg = switchyard_config::parse(&yaml).unwrap();
+    let h = switchyard_proxy::start(cfg, Default::default()).unwrap();
+    let mut c = switchyard_control::ControlClient::connect(&sock)
+        .await
+        .unwrap();
+    assert!(c.request(&Request::Status).await.unwrap().ok);
+    h.shutdown().await;
+    assert!(!sock.exists(), "removed on shutdown");
+
+    std::fs::write(&sock, b"not a socket").unwrap();
+    let cfg = switchyard_config::parse(&yaml).unwrap();
+    let err = switchyard_proxy::start(cfg, Default::default()).unwrap_err();
+    assert!(err.to_string().contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&sock).unwrap(), b"not a socket");
+}
+
+#[tokio::test]
+async fn control_mode_is_applied() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let yaml = app_yaml(&[("blue", &[blue.addr()])], "blue", "").replace(
+        "  socket: \"{dir}/control.sock\"\n",
+        "  socket: \"{dir}/control.sock\"\n  mode: \"0660\"\n",
+    );
+    let px = TestProxy::start(&yaml);
+    let mode = std::fs::metadata(px.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    px.shutdown().await;
+}
