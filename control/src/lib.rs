@@ -6,7 +6,7 @@
 //! the proxy, `proxyctl` and tests agree on one set of types.
 //!
 //! Commands (see [`protocol::Request`]): `status`, `switch`, `rollback`, `weight`, `weights`,
-//! `drain`, `pool_set`, `pool_add`, `pool_remove`, `reload`.
+//! `drain`, `pool_set`, `pool_add`, `pool_remove`, `reload`, `events`.
 //!
 //! # Layout
 //! - [`protocol`]: the wire format: requests, replies, events, status, error codes, [`PROTOCOL_VERSION`].
@@ -21,7 +21,7 @@ pub mod server;
 
 pub use client::{ClientError, ControlClient};
 pub use protocol::{
-    Change, ControlError, DrainResult, ErrorCode, Event, Reply, Request, Status, Weights,
-    PROTOCOL_VERSION,
+    AuditRecord, Change, ControlError, DrainResult, ErrorCode, Event, HealthState, MinHealthy,
+    Reply, Request, Status, Weights, PROTOCOL_VERSION,
 };
 pub use server::{ControlHandler, ControlServer, ControlSocketError, EventSender, Peer};

@@ -82,6 +82,105 @@ pub struct InstanceStatus {
     pub resolve_error: Option<String>,
     /// Requests in flight on this instance.
     pub inflight: i64,
+    /// Active health: `unknown` (not checked enough yet), `healthy`, `unhealthy`; `ejected`
+    /// when passive ejection has taken it out of rotation.
+    pub health: HealthState,
+    /// The last check's outcome in words, e.g. `GET /actuator/health -> 503 {"status":"DOWN"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<String>,
+    /// Seconds since `health` last changed.
+    pub health_since_secs: u64,
+    /// Seconds of ejection left, when ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected_for_secs: Option<u64>,
+    /// Failures in a row seen on live traffic (resets on success).
+    #[serde(default)]
+    pub passive_failures: u32,
+}
+
+/// An instance's health as reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// Not yet checked `healthy_threshold` times.
+    Unknown,
+    /// Passing its checks.
+    Healthy,
+    /// Failing its checks.
+    Unhealthy,
+    /// Taken out of rotation by passive ejection (its active state may be healthy).
+    Ejected,
+}
+
+impl std::fmt::Display for HealthState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HealthState::Unknown => "unknown",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+            HealthState::Ejected => "ejected",
+        })
+    }
+}
+
+/// How many instances of a pool must be healthy for a switch: all (default), a count, or a
+/// percentage. Written `all`, `2` or `50%`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub enum MinHealthy {
+    /// Every instance.
+    #[default]
+    All,
+    /// At least this many.
+    Count(u32),
+    /// At least this percentage (rounded up).
+    Percent(u32),
+}
+
+impl MinHealthy {
+    /// Instances needed out of `n`.
+    pub fn needed(self, n: usize) -> usize {
+        match self {
+            MinHealthy::All => n,
+            MinHealthy::Count(c) => (c as usize).min(n),
+            MinHealthy::Percent(p) => (n * p as usize).div_ceil(100),
+        }
+    }
+}
+
+impl std::str::FromStr for MinHealthy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not all, a count (2) or a percentage (50%)");
+        if s == "all" {
+            return Ok(MinHealthy::All);
+        }
+        if let Some(p) = s.strip_suffix('%') {
+            let p: u32 = p.parse().map_err(|_| bad())?;
+            if p > 100 {
+                return Err(bad());
+            }
+            return Ok(MinHealthy::Percent(p));
+        }
+        s.parse().map(MinHealthy::Count).map_err(|_| bad())
+    }
+}
+
+impl TryFrom<String> for MinHealthy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MinHealthy> for String {
+    fn from(m: MinHealthy) -> String {
+        match m {
+            MinHealthy::All => "all".into(),
+            MinHealthy::Count(c) => c.to_string(),
+            MinHealthy::Percent(p) => format!("{p}%"),
+        }
+    }
 }
 
 impl Status {
@@ -120,6 +219,15 @@ pub enum Request {
         /// `drain`.
         #[serde(default)]
         drain_ms: Option<u64>,
+        /// Health gate: how many of the pool's instances must be healthy (default all).
+        #[serde(default)]
+        min_healthy: MinHealthy,
+        /// Wait this long for the pool to pass the health gate before switching.
+        #[serde(default)]
+        wait_healthy_ms: Option<u64>,
+        /// Switch even if the pool is not healthy (recorded as forced).
+        #[serde(default)]
+        force: bool,
     },
     /// Restore the weights from before the last weight change.
     Rollback {
@@ -136,6 +244,12 @@ pub enum Request {
         pool: String,
         /// 0..=100.
         weight: u32,
+        /// Health gate for a pool that gets traffic for the first time.
+        #[serde(default)]
+        min_healthy: MinHealthy,
+        /// Skip the health gate (recorded as forced).
+        #[serde(default)]
+        force: bool,
     },
     /// Set every pool's weight (pools not named get 0; the sum must be 100).
     Weights {
@@ -144,6 +258,12 @@ pub enum Request {
         upstream: Option<String>,
         /// The split.
         weights: Weights,
+        /// Health gate for pools that get traffic for the first time.
+        #[serde(default)]
+        min_healthy: MinHealthy,
+        /// Skip the health gate (recorded as forced).
+        #[serde(default)]
+        force: bool,
     },
     /// Wait until `pool` (at weight 0) has nothing in flight.
     Drain {
@@ -188,6 +308,17 @@ pub enum Request {
     },
     /// Re-read the config file; on error keep the running config and list every problem.
     Reload,
+    /// The audit trail: switches, weight changes, rollbacks, pool changes, reloads, health
+    /// changes, ejections. With `follow`, new records are streamed as event lines until the
+    /// client disconnects.
+    Events {
+        /// Stream new records after the existing ones.
+        #[serde(default)]
+        follow: bool,
+        /// At most this many of the latest records (default 100).
+        #[serde(default)]
+        limit: Option<usize>,
+    },
 }
 
 impl Request {
@@ -204,6 +335,7 @@ impl Request {
             Request::PoolAdd { .. } => "pool_add",
             Request::PoolRemove { .. } => "pool_remove",
             Request::Reload => "reload",
+            Request::Events { .. } => "events",
         }
     }
 }
@@ -321,6 +453,21 @@ pub enum Event {
         /// What changed.
         change: Change,
     },
+    /// Health of a pool being waited for (`switch --wait-healthy`).
+    Health {
+        /// Upstream.
+        upstream: String,
+        /// Pool.
+        pool: String,
+        /// Healthy instances now.
+        healthy: usize,
+        /// Healthy instances needed.
+        needed: usize,
+        /// Each instance.
+        instances: Vec<InstanceHealth>,
+    },
+    /// One audit record (`events --follow`).
+    Record(AuditRecord),
     /// Requests still in flight on pools being drained.
     Draining {
         /// Upstream.
@@ -330,6 +477,61 @@ pub enum Event {
         /// Milliseconds waited so far.
         waited_ms: u64,
     },
+}
+
+/// One instance's health in a health-gate report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceHealth {
+    /// `host:port` as configured.
+    pub addr: String,
+    /// Its state.
+    pub health: HealthState,
+    /// The last check's outcome in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<String>,
+}
+
+/// One entry of the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Increasing number (per process run).
+    pub seq: u64,
+    /// RFC 3339 time.
+    pub time: String,
+    /// What happened: `switch`, `weight`, `weights`, `rollback`, `pool_set`, `pool_add`,
+    /// `pool_remove`, `reload`, `health`, `eject`, `fail_open`, `auto_rollback`.
+    pub kind: String,
+    /// Upstream concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Pool concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Instance concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// Who: `socket`, `library`, `signal`, `proxy` (automatic).
+    pub actor: String,
+    /// Peer uid (socket changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Peer pid (socket changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Generation after the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Weights before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_weights: Option<Weights>,
+    /// Weights after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_weights: Option<Weights>,
+    /// The health gate was skipped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
+    /// Human summary.
+    pub message: String,
 }
 
 /// The result of a state change (switch, weights, rollback, pool changes).
@@ -345,6 +547,9 @@ pub struct Change {
     pub new_weights: Weights,
     /// Whether anything changed (a switch to the pool that already has 100% changes nothing).
     pub changed: bool,
+    /// The health gate was skipped (`--force`) for a pool that did not pass it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
     /// Instances per pool after the change (pool commands only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<BTreeMap<String, Vec<String>>>,

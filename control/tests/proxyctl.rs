@@ -50,6 +50,7 @@ impl ControlHandler for Fake {
                     old_weights: weights(100, 0),
                     new_weights: weights(0, 100),
                     changed: true,
+                    forced: false,
                     instances: None,
                     drain: None,
                 };

@@ -6,9 +6,11 @@
 //! (drains) happens after the change and outside the lock; cancelling a wait never undoes the
 //! change.
 
+use crate::events::{self, EventLog};
 use crate::persist;
 use crate::resolve::{self, Resolve};
 use crate::snapshot::{Shared, Snapshot};
+use crate::upstream::health::now_ms;
 use crate::upstream::{UpstreamState, Weights};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_config::InstanceAddr;
 use switchyard_control::protocol::{
-    Change, ControlError, DrainResult, ErrorCode, Event, InstanceStatus, PoolPhase, PoolStatus,
-    ReloadResult, Reply, Request, UpstreamStatus,
+    Change, ControlError, DrainResult, ErrorCode, Event, InstanceHealth, InstanceStatus, PoolPhase,
+    PoolStatus, ReloadResult, Reply, Request, UpstreamStatus,
 };
-use switchyard_control::{EventSender, Peer, Status, PROTOCOL_VERSION};
+use switchyard_control::{EventSender, HealthState, MinHealthy, Peer, Status, PROTOCOL_VERSION};
 
 /// Who asked for a change (for the audit log).
 #[derive(Debug, Clone, Copy)]
@@ -46,13 +48,20 @@ impl Actor {
             _ => None,
         }
     }
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Actor::Socket(_) => "socket",
             Actor::Library => "library",
             Actor::Signal => "signal",
         }
     }
+}
+
+/// Health gate of a change: how many instances must be healthy, or skip it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Gate {
+    pub(crate) min_healthy: MinHealthy,
+    pub(crate) force: bool,
 }
 
 /// How often a drain wait looks at the in-flight counters.
@@ -68,6 +77,7 @@ pub(crate) struct Controller {
     pub(crate) control_socket: PathBuf,
     pub(crate) config_path: Option<PathBuf>,
     pub(crate) resolver: Arc<dyn Resolve>,
+    pub(crate) events: Arc<EventLog>,
     pub(crate) started: Instant,
 }
 
@@ -141,11 +151,23 @@ impl Controller {
         cmd: &str,
         build: impl FnOnce(&UpstreamState) -> Result<Option<UpstreamState>, ControlError>,
     ) -> Result<Change, ControlError> {
+        self.apply_gated(upstream, actor, cmd, |u, _| build(u))
+    }
+
+    /// `apply`, where `build` may set the flag when it skipped a failed health gate.
+    fn apply_gated(
+        &self,
+        upstream: Option<&str>,
+        actor: Actor,
+        cmd: &str,
+        build: impl FnOnce(&UpstreamState, &mut bool) -> Result<Option<UpstreamState>, ControlError>,
+    ) -> Result<Change, ControlError> {
+        let mut forced = false;
         let guard = self.shared.lock();
         let snap = self.shared.load();
         let cur = Self::upstream(&snap, upstream)?;
         let old_weights = cur.weights();
-        let Some(next) = build(&cur)? else {
+        let Some(next) = build(&cur, &mut forced)? else {
             // Nothing to change (e.g. switch to the pool that already has 100%).
             return Ok(Change {
                 upstream: cur.name().to_string(),
@@ -153,6 +175,7 @@ impl Controller {
                 old_weights: old_weights.clone(),
                 new_weights: old_weights,
                 changed: false,
+                forced: false,
                 instances: None,
                 drain: None,
             });
@@ -181,27 +204,180 @@ impl Controller {
             old = %fmt_weights(&old_weights),
             new = %fmt_weights(&new_weights),
             generation = next.generation,
+            forced,
             "routing changed"
         );
+        let mut r = events::record(
+            cmd,
+            actor.kind(),
+            format!(
+                "{}: {} -> {}",
+                next.name(),
+                fmt_weights(&old_weights),
+                fmt_weights(&new_weights)
+            ),
+        );
+        r.upstream = Some(next.name().to_string());
+        r.uid = actor.uid();
+        r.pid = actor.pid();
+        r.generation = Some(next.generation);
+        r.old_weights = Some(old_weights.clone());
+        r.new_weights = Some(new_weights.clone());
+        r.forced = forced;
+        self.events.record(r);
         Ok(Change {
             upstream: next.name().to_string(),
             generation: next.generation,
             old_weights,
             new_weights,
             changed: true,
+            forced,
             instances: None,
             drain: None,
         })
     }
 
-    /// `switch POOL`: POOL 100%, every other pool 0.
+    /// Each instance of `pool` with its health.
+    fn pool_health(u: &UpstreamState, pool: &str) -> (usize, Vec<InstanceHealth>) {
+        let now = now_ms();
+        let Some(p) = u.pool(pool) else {
+            return (0, Vec::new());
+        };
+        let list: Vec<InstanceHealth> = p
+            .instances
+            .iter()
+            .map(|i| InstanceHealth {
+                addr: i.label.clone(),
+                health: i.health.reported(now),
+                last_check: i.health.detail().last_check,
+            })
+            .collect();
+        let healthy = p
+            .instances
+            .iter()
+            .filter(|i| i.current_addr().is_some() && i.health.usable(now))
+            .count();
+        (healthy, list)
+    }
+
+    /// The health gate (SPEC §5): enough instances of `pool` must be healthy.
+    fn gate(u: &UpstreamState, pool: &str, min: MinHealthy) -> Result<(), ControlError> {
+        let (healthy, list) = Self::pool_health(u, pool);
+        let needed = min.needed(list.len());
+        if healthy >= needed {
+            return Ok(());
+        }
+        let why: Vec<String> = list
+            .iter()
+            .filter(|i| i.health != HealthState::Healthy)
+            .map(|i| {
+                format!(
+                    "  {} {}{}",
+                    i.addr,
+                    i.health,
+                    i.last_check
+                        .as_ref()
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_else(|| ": not checked yet".into())
+                )
+            })
+            .collect();
+        Err(err(
+            ErrorCode::Unhealthy,
+            format!(
+                "{}/{pool} is not healthy enough: {healthy} of {} instances healthy, {needed} needed (--min-healthy, --wait-healthy or --force)\n{}",
+                u.name(),
+                list.len(),
+                why.join("\n")
+            ),
+        )
+        .with_details(serde_json::to_value(&list).unwrap_or_default()))
+    }
+
+    /// Apply the gate to every pool that gets traffic for the first time under `new`.
+    fn gate_new_traffic(
+        u: &UpstreamState,
+        new: &Weights,
+        gate: Gate,
+        forced: &mut bool,
+    ) -> Result<(), ControlError> {
+        for (pool, w) in new {
+            let was = u.pool(pool).map_or(0, |p| p.weight);
+            if *w > 0 && was == 0 {
+                if let Err(e) = Self::gate(u, pool, gate.min_healthy) {
+                    if !gate.force {
+                        return Err(e);
+                    }
+                    *forced = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until `pool` passes the health gate, reporting each instance's health.
+    pub(crate) async fn wait_healthy(
+        &self,
+        upstream: Option<&str>,
+        pool: &str,
+        min: MinHealthy,
+        timeout: Duration,
+        events: &EventSender,
+    ) -> Result<(), ControlError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last: Option<Vec<InstanceHealth>> = None;
+        loop {
+            let health_changed = self.shared.health_changed();
+            let u = Self::upstream(&self.shared.load(), upstream)?;
+            Self::check_pool(&u, pool)?;
+            let (healthy, list) = Self::pool_health(&u, pool);
+            let needed = min.needed(list.len());
+            if last.as_ref() != Some(&list) {
+                events
+                    .send(Event::Health {
+                        upstream: u.name().to_string(),
+                        pool: pool.to_string(),
+                        healthy,
+                        needed,
+                        instances: list.clone(),
+                    })
+                    .await;
+                last = Some(list);
+            }
+            if healthy >= needed {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let e = Self::gate(&u, pool, min)
+                    .err()
+                    .unwrap_or_else(|| err(ErrorCode::Unhealthy, format!("{pool} is not healthy")));
+                return Err(ControlError {
+                    code: ErrorCode::Timeout,
+                    message: format!(
+                        "waited {}, nothing was switched; {}",
+                        humantime_secs(timeout),
+                        e.message
+                    ),
+                    details: e.details,
+                });
+            }
+            tokio::select! {
+                _ = health_changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// `switch POOL`: POOL 100%, every other pool 0 — if POOL passes the health gate.
     pub(crate) fn switch(
         &self,
         upstream: Option<&str>,
         pool: &str,
+        gate: Gate,
         actor: Actor,
     ) -> Result<Change, ControlError> {
-        self.apply(upstream, actor, "switch", |u| {
+        self.apply_gated(upstream, actor, "switch", |u, forced| {
             Self::check_pool(u, pool)?;
             if u.pool(pool).is_some_and(|p| p.weight == 100) {
                 return Ok(None);
@@ -213,6 +389,12 @@ impl Controller {
                         "pool {pool} has no instances; `proxyctl pool set {pool} ADDR...` first"
                     ),
                 ));
+            }
+            if let Err(e) = Self::gate(u, pool, gate.min_healthy) {
+                if !gate.force {
+                    return Err(e);
+                }
+                *forced = true;
             }
             let w: Weights = u
                 .pools
@@ -229,9 +411,10 @@ impl Controller {
         upstream: Option<&str>,
         pool: &str,
         weight: u32,
+        gate: Gate,
         actor: Actor,
     ) -> Result<Change, ControlError> {
-        self.apply(upstream, actor, "weight", |u| {
+        self.apply_gated(upstream, actor, "weight", |u, forced| {
             Self::check_pool(u, pool)?;
             if weight > 100 {
                 return Err(err(ErrorCode::Invalid, format!("weight {weight} is above 100")));
@@ -260,6 +443,7 @@ impl Controller {
             if w == u.weights() {
                 return Ok(None);
             }
+            Self::gate_new_traffic(u, &w, gate, forced)?;
             Ok(Some(u.with_changes(Some(&w), None)))
         })
     }
@@ -269,9 +453,10 @@ impl Controller {
         &self,
         upstream: Option<&str>,
         weights: &Weights,
+        gate: Gate,
         actor: Actor,
     ) -> Result<Change, ControlError> {
-        self.apply(upstream, actor, "weights", |u| {
+        self.apply_gated(upstream, actor, "weights", |u, forced| {
             for p in weights.keys() {
                 Self::check_pool(u, p)?;
             }
@@ -291,6 +476,7 @@ impl Controller {
             if w == u.weights() {
                 return Ok(None);
             }
+            Self::gate_new_traffic(u, &w, gate, forced)?;
             Ok(Some(u.with_changes(Some(&w), None)))
         })
     }
@@ -535,6 +721,14 @@ impl Controller {
         let summary = config.summary();
         let needs_restart = self.install_config(config)?;
         resolve::refresh_all(&self.shared, &*self.resolver).await;
+        let mut r = events::record(
+            "reload",
+            actor.kind(),
+            format!("config reloaded from {}: {summary}", path.display()),
+        );
+        r.uid = actor.uid();
+        r.pid = actor.pid();
+        self.events.record(r);
         tracing::info!(
             target: "switchyard::audit",
             cmd = "reload",
@@ -598,8 +792,26 @@ impl Controller {
                 pool,
                 drain,
                 drain_ms,
+                min_healthy,
+                wait_healthy_ms,
+                force,
             } => {
-                let change = match self.switch(upstream.as_deref(), &pool, actor) {
+                if let (Some(ms), false) = (wait_healthy_ms, force) {
+                    if let Err(e) = self
+                        .wait_healthy(
+                            upstream.as_deref(),
+                            &pool,
+                            min_healthy,
+                            Duration::from_millis(ms),
+                            events,
+                        )
+                        .await
+                    {
+                        return Reply::err(e);
+                    }
+                }
+                let gate = Gate { min_healthy, force };
+                let change = match self.switch(upstream.as_deref(), &pool, gate, actor) {
                     Ok(c) => c,
                     Err(e) => return Reply::err(e),
                 };
@@ -638,10 +850,26 @@ impl Controller {
                 upstream,
                 pool,
                 weight,
-            } => reply(self.set_weight(upstream.as_deref(), &pool, weight, actor)),
-            Request::Weights { upstream, weights } => {
-                reply(self.set_weights(upstream.as_deref(), &weights, actor))
-            }
+                min_healthy,
+                force,
+            } => reply(self.set_weight(
+                upstream.as_deref(),
+                &pool,
+                weight,
+                Gate { min_healthy, force },
+                actor,
+            )),
+            Request::Weights {
+                upstream,
+                weights,
+                min_healthy,
+                force,
+            } => reply(self.set_weights(
+                upstream.as_deref(),
+                &weights,
+                Gate { min_healthy, force },
+                actor,
+            )),
             Request::Drain {
                 upstream,
                 pool,
@@ -717,6 +945,32 @@ impl Controller {
                 )
             }
             Request::Reload => reply(self.reload(actor).await),
+            Request::Events { follow, limit } => {
+                // Subscribe first so nothing falls between the history and the stream.
+                let mut rx = self.events.subscribe();
+                let history = self.events.recent(limit.unwrap_or(100));
+                if !follow {
+                    return Reply::ok(history);
+                }
+                for r in history {
+                    if !events.send(Event::Record(r)).await {
+                        return Reply::ok(Vec::<()>::new());
+                    }
+                }
+                loop {
+                    match rx.recv().await {
+                        Ok(r) => {
+                            if !events.send(Event::Record(r)).await {
+                                return Reply::ok(Vec::<()>::new());
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            return Reply::ok(Vec::<()>::new())
+                        }
+                    }
+                }
+            }
             _ => Reply::err(err(
                 ErrorCode::BadRequest,
                 "command not supported by this proxy",
@@ -767,6 +1021,7 @@ fn humantime_secs(d: Duration) -> String {
 }
 
 pub(crate) fn upstream_status(u: &UpstreamState) -> UpstreamStatus {
+    let now = now_ms();
     UpstreamStatus {
         name: u.name().to_string(),
         generation: u.generation,
@@ -792,11 +1047,24 @@ pub(crate) fn upstream_status(u: &UpstreamState) -> UpstreamStatus {
                         .iter()
                         .map(|i| {
                             let r = i.resolved.load();
+                            let d = i.health.detail();
                             InstanceStatus {
                                 addr: i.label.clone(),
                                 resolved: r.addrs.first().map(|a| a.to_string()),
                                 resolve_error: r.error.clone(),
                                 inflight: i.inflight.load(Ordering::Acquire),
+                                health: i.health.reported(now),
+                                last_check: d.last_check,
+                                health_since_secs: d
+                                    .since
+                                    .elapsed()
+                                    .map(|e| e.as_secs())
+                                    .unwrap_or(0),
+                                ejected_for_secs: i
+                                    .health
+                                    .ejected_for(now)
+                                    .map(|d| d.as_secs().max(1)),
+                                passive_failures: i.health.passive_failures(),
                             }
                         })
                         .collect(),

@@ -89,10 +89,12 @@ struct State {
     health_hits: AtomicU64,
     conns: AtomicU64,
     open: std::sync::atomic::AtomicI64,
+    open_ids: Mutex<std::collections::HashSet<u64>>,
     record: bool,
     mode: Mutex<Mode>,
     health: Mutex<HealthReply>,
     seen: Mutex<Vec<Seen>>,
+    health_seen: Mutex<Vec<Instant>>,
     stopped: AtomicBool,
 }
 
@@ -135,10 +137,12 @@ impl Builder {
             health_hits: AtomicU64::new(0),
             conns: AtomicU64::new(0),
             open: std::sync::atomic::AtomicI64::new(0),
+            open_ids: Mutex::new(Default::default()),
             record: self.record,
             mode: Mutex::new(Mode::Normal),
             health: Mutex::new(HealthReply::up()),
             seen: Mutex::new(Vec::new()),
+            health_seen: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
         });
         let up = FakeUpstream {
@@ -201,9 +205,19 @@ impl FakeUpstream {
         self.state.open.load(Ordering::Acquire)
     }
 
+    /// Whether connection number `conn` (see [`Seen::conn`]) is still open.
+    pub fn is_open(&self, conn: u64) -> bool {
+        lock(&self.state.open_ids).contains(&conn)
+    }
+
     /// Every request seen so far (health checks excluded), if recording.
     pub fn seen(&self) -> Vec<Seen> {
         lock(&self.state.seen).clone()
+    }
+
+    /// Arrival times of health checks, if recording.
+    pub fn health_seen(&self) -> Vec<Instant> {
+        lock(&self.state.health_seen).clone()
     }
 
     /// Forget recorded requests.
@@ -250,7 +264,7 @@ impl FakeUpstream {
                 let _ = stream.set_nodelay(true);
                 let conn = state.conns.fetch_add(1, Ordering::AcqRel) + 1;
                 let st = state.clone();
-                let open = OpenGuard::new(state.clone());
+                let open = OpenGuard::new(state.clone(), conn);
                 let task = tokio::spawn(async move {
                     let _open = open;
                     let svc = service_fn(move |req| handle(st.clone(), conn, req));
@@ -270,18 +284,20 @@ impl FakeUpstream {
 }
 
 /// Counts an open connection until dropped (also when the task is aborted).
-struct OpenGuard(Arc<State>);
+struct OpenGuard(Arc<State>, u64);
 
 impl OpenGuard {
-    fn new(st: Arc<State>) -> Self {
+    fn new(st: Arc<State>, conn: u64) -> Self {
         st.open.fetch_add(1, Ordering::AcqRel);
-        OpenGuard(st)
+        lock(&st.open_ids).insert(conn);
+        OpenGuard(st, conn)
     }
 }
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        lock(&self.0.open_ids).remove(&self.1);
     }
 }
 
@@ -329,6 +345,9 @@ async fn handle(
         .unwrap_or_default();
     if path == "/actuator/health" {
         st.health_hits.fetch_add(1, Ordering::AcqRel);
+        if st.record {
+            lock(&st.health_seen).push(Instant::now());
+        }
         let reply = lock(&st.health).clone();
         return match reply {
             HealthReply::Answer(code, body) => Ok(full(code, "application/json", body)),

@@ -7,7 +7,8 @@
 //! listener). Keeping them apart means a slow control task cannot delay requests, and heavy
 //! traffic cannot starve a `proxyctl switch`.
 
-use crate::control::{Actor, Controller, SocketHandler};
+use crate::control::{Actor, Controller, Gate, SocketHandler};
+use crate::events::EventLog;
 use crate::resolve::{self, Resolve, SystemResolver};
 use crate::server::{self, BoundListener, DrainReport};
 use crate::service::Switchyard;
@@ -141,6 +142,13 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     if !restored.is_empty() {
         tracing::info!(path = %config.state_file.display(), upstreams = restored.len(), "routing state restored from the state file");
     }
+    let events_path = config.state_file.with_extension("events.jsonl");
+    let (events, events_writer) = EventLog::new(Some(&events_path));
+    let events = Arc::new(events);
+    let health_client = crate::health::client().map_err(|e| StartError::Runtime {
+        what: "health-check client",
+        source: std::io::Error::other(e),
+    })?;
     let config = Arc::new(config);
     let shared = Arc::new(Shared::new(Snapshot::build(
         config.clone(),
@@ -153,6 +161,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         control_socket: config.control.socket.clone(),
         config_path: opts.config_path.clone(),
         resolver: opts.resolver.clone(),
+        events: events.clone(),
         started: Instant::now(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -166,6 +175,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         let resolver = opts.resolver.clone();
         let handler = Arc::new(SocketHandler(controller.clone()));
         let shutdown = shutdown_rx.clone();
+        let events = events.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -181,9 +191,13 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
                 )
                 .await;
                 let _ = ready_tx.send(());
+                if let Some(w) = events_writer {
+                    tokio::spawn(w.run());
+                }
                 let mut stop = shutdown.clone();
                 tokio::select! {
                     _ = resolve::run(shared.clone(), resolver) => {}
+                    _ = crate::health::run(shared.clone(), events, health_client) => {}
                     // The control socket stays up while the data plane drains, so `proxyctl
                     // status` can watch the drain; it closes when the runtime stops.
                     _ = control_socket.serve(handler, std::future::pending()) => {}
@@ -210,6 +224,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             &Arc::new(conf),
             Switchyard {
                 shared: shared.clone(),
+                events: events.clone(),
             },
         );
         let app = Arc::new(app);
@@ -267,13 +282,17 @@ impl Handle {
         self.controller.status()
     }
 
-    /// Give `pool` 100% of `upstream` (`None`: the only upstream). Every request that starts
-    /// after this returns is routed by the new weights.
+    /// Give `pool` 100% of `upstream` (`None`: the only upstream), if all its instances are
+    /// healthy (error `unhealthy` otherwise). Every request that starts after this returns is
+    /// routed by the new weights. [`Self::execute`] with `Request::Switch` offers
+    /// `--min-healthy`, `--wait-healthy`, `--force` and `--drain`.
     pub fn switch(&self, upstream: Option<&str>, pool: &str) -> Result<Change, ControlError> {
-        self.controller.switch(upstream, pool, Actor::Library)
+        self.controller
+            .switch(upstream, pool, Gate::default(), Actor::Library)
     }
 
-    /// Set one pool's weight; the main pool absorbs the difference.
+    /// Set one pool's weight; the main pool absorbs the difference. A pool that gets traffic
+    /// for the first time must be healthy.
     pub fn set_weight(
         &self,
         upstream: Option<&str>,
@@ -281,17 +300,23 @@ impl Handle {
         weight: u32,
     ) -> Result<Change, ControlError> {
         self.controller
-            .set_weight(upstream, pool, weight, Actor::Library)
+            .set_weight(upstream, pool, weight, Gate::default(), Actor::Library)
     }
 
-    /// Set every pool's weight (unnamed pools get 0; the sum must be 100).
+    /// Set every pool's weight (unnamed pools get 0; the sum must be 100). Pools that get
+    /// traffic for the first time must be healthy.
     pub fn set_weights(
         &self,
         upstream: Option<&str>,
         weights: &Weights,
     ) -> Result<Change, ControlError> {
         self.controller
-            .set_weights(upstream, weights, Actor::Library)
+            .set_weights(upstream, weights, Gate::default(), Actor::Library)
+    }
+
+    /// The latest `limit` audit records, oldest first.
+    pub fn events(&self, limit: usize) -> Vec<switchyard_control::AuditRecord> {
+        self.controller.events.recent(limit)
     }
 
     /// Restore the weights from before the last weight change.

@@ -18,6 +18,8 @@
 //! - `control`: the control operations (switch, weights, drain, pools, reload) behind both
 //!   the [`Handle`] and the control socket.
 //! - `persist`: the state file.
+//! - `health`: active health checks (Spring Actuator aware), one task per instance.
+//! - `events`: the audit trail behind `proxyctl events`.
 //! - `snapshot`: the `ArcSwap`ed routing snapshot and its single writer.
 //! - `upstream`: pools, instances, weights, instance selection.
 //! - `route`: route table and deny list.
@@ -26,7 +28,9 @@
 //! - [`demo`]: `switchyard demo`.
 
 mod control;
+mod events;
 mod handle;
+mod health;
 mod persist;
 mod resolve;
 mod route;

@@ -7,8 +7,10 @@
 //! context is dropped — after `logging`, on every exit path, including client aborts.
 //! `upstream_request_filter` rewrites the path and sets the forwarding headers.
 
+use crate::events::{self, EventLog};
 use crate::snapshot::{Shared, Snapshot};
-use crate::upstream::{Candidates, Instance, Pool, UpstreamState};
+use crate::upstream::health::now_ms;
+use crate::upstream::{Candidates, Instance, Pool, PoolState, UpstreamState};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, Method};
@@ -23,6 +25,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub(crate) struct Switchyard {
     pub(crate) shared: Arc<Shared>,
+    pub(crate) events: Arc<EventLog>,
 }
 
 /// Counts one request on a pool and an instance while it exists (SPEC §4.3: "pool blue has
@@ -67,6 +70,8 @@ pub(crate) struct RequestCtx {
     stale_retries: u32,
     /// Counts this request as in flight on its pool/instance.
     guard: Option<InflightGuard>,
+    /// The instance of the current attempt.
+    instance: Option<Arc<Instance>>,
     /// Why the last attempt failed, in words a client may see (never an address).
     cause: Option<&'static str>,
 }
@@ -103,6 +108,81 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Switchyard {
+    /// Log (once per transition) that a pool has no usable instance and is tried whole.
+    fn note_fail_open(&self, up: &UpstreamState, pool: &PoolState, fail_open: bool) {
+        let flag = &pool.pool.fail_open;
+        if flag.load(Ordering::Relaxed) == fail_open
+            || flag.swap(fail_open, Ordering::AcqRel) == fail_open
+        {
+            return;
+        }
+        let msg = if fail_open {
+            tracing::warn!(upstream = %up.name(), pool = %pool.pool.name, "no healthy instance: failing open, trying all instances");
+            format!(
+                "{}/{}: no healthy instance, failing open (trying all instances)",
+                up.name(),
+                pool.pool.name
+            )
+        } else {
+            tracing::info!(upstream = %up.name(), pool = %pool.pool.name, "healthy instances again: fail-open over");
+            format!(
+                "{}/{}: healthy instances again, fail-open over",
+                up.name(),
+                pool.pool.name
+            )
+        };
+        let mut r = events::record("fail_open", "proxy", msg);
+        r.upstream = Some(up.name().to_string());
+        r.pool = Some(pool.pool.name.clone());
+        self.events.record(r);
+    }
+
+    /// Passive health: the current attempt failed (connect error, broken connection, 502-504).
+    /// Ejects the instance after `passive.consecutive_failures` in a row, unless it is the last
+    /// usable instance of its pool.
+    fn passive_failure(&self, ctx: &RequestCtx) {
+        let (Some(up), Some(pi), Some(inst)) = (&ctx.upstream, ctx.pool, &ctx.instance) else {
+            return;
+        };
+        let cfg = &up.config.passive;
+        if cfg.consecutive_failures == 0 {
+            return;
+        }
+        let n = inst.health.record_failure();
+        if n < cfg.consecutive_failures {
+            return;
+        }
+        let now = now_ms();
+        let pool = &up.pools[pi];
+        let others = pool
+            .instances
+            .iter()
+            .any(|i| i.id != inst.id && i.current_addr().is_some() && i.health.usable(now));
+        if !others {
+            tracing::debug!(instance = %inst.label, "not ejecting the last usable instance of the pool");
+            return;
+        }
+        let until = now + cfg.eject_for.as_millis() as u64;
+        if inst.health.eject(until, now) {
+            tracing::warn!(upstream = %up.name(), pool = %pool.pool.name, instance = %inst.label, failures = n, eject_for = ?cfg.eject_for, "instance ejected after failures in a row");
+            let mut r = events::record(
+                "eject",
+                "proxy",
+                format!(
+                    "{}/{} {}: ejected for {}s after {n} failures in a row",
+                    up.name(),
+                    pool.pool.name,
+                    inst.label,
+                    cfg.eject_for.as_secs()
+                ),
+            );
+            r.upstream = Some(up.name().to_string());
+            r.pool = Some(pool.pool.name.clone());
+            r.instance = Some(inst.label.clone());
+            self.events.record(r);
+        }
+    }
+
     /// Answer a request ourselves (deny, no route, errors).
     async fn respond(session: &mut Session, status: u16, text: &str) -> Result<()> {
         if session.req_header().method != Method::HEAD && !session.is_body_empty() {
@@ -175,8 +255,11 @@ impl ProxyHttp for Switchyard {
             return Err(err_status(500, "request was not routed"));
         };
         let pool = &up.pools[pool_idx];
-        let inst = match pool.pick(up.config.balance, &ctx.tried) {
-            Candidates::Found(i) => i.clone(),
+        let inst = match pool.pick(up.config.balance, &ctx.tried, now_ms()) {
+            Candidates::Found { inst, fail_open } => {
+                self.note_fail_open(&up, pool, fail_open);
+                inst.clone()
+            }
             Candidates::Exhausted => {
                 return Err(err_status(
                     502,
@@ -199,6 +282,7 @@ impl ProxyHttp for Switchyard {
         ctx.attempts += 1;
         ctx.tried.push(inst.id);
         ctx.guard = Some(InflightGuard::new(pool.pool.clone(), inst.clone()));
+        ctx.instance = Some(inst.clone());
 
         let cfg = &up.config;
         let mut peer = Box::new(HttpPeer::new(addr, false, String::new()));
@@ -278,6 +362,23 @@ impl ProxyHttp for Switchyard {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        match resp.status.as_u16() {
+            502..=504 => self.passive_failure(ctx),
+            _ => {
+                if let Some(i) = &ctx.instance {
+                    i.health.record_success();
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -286,6 +387,7 @@ impl ProxyHttp for Switchyard {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.cause = Some(describe(&e));
+        self.passive_failure(ctx);
         // Nothing was sent: always safe to try another instance of the same pool.
         let retries = ctx.upstream.as_ref().map_or(0, |u| u.config.retries);
         e.set_retry(ctx.attempts <= retries);
@@ -301,6 +403,10 @@ impl ProxyHttp for Switchyard {
         client_reused: bool,
     ) -> Box<Error> {
         ctx.cause = Some(describe(&e));
+        if !client_reused {
+            // A stale pooled connection says nothing about the instance.
+            self.passive_failure(ctx);
+        }
         // Retry only what nginx's `proxy_next_upstream error` would: an idempotent request
         // whose upstream connection broke before any response byte, with its body still fully
         // buffered. Timeouts are not retried (a slow instance would get the request twice).

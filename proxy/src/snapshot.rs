@@ -151,6 +151,10 @@ fn keep_weights(old: &Weights, initial: &Weights) -> Weights {
 pub(crate) struct Shared {
     current: ArcSwap<Snapshot>,
     write: Mutex<()>,
+    /// Wakes the health supervisor (new instances) and health waiters.
+    changes: tokio::sync::Notify,
+    /// Wakes `--wait-healthy` waiters on any health transition.
+    health: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -158,6 +162,8 @@ impl Shared {
         Shared {
             current: ArcSwap::from_pointee(snapshot),
             write: Mutex::new(()),
+            changes: tokio::sync::Notify::new(),
+            health: tokio::sync::Notify::new(),
         }
     }
 
@@ -186,5 +192,21 @@ impl Shared {
     /// Make `snapshot` current. Caller holds `lock()`.
     pub(crate) fn store(&self, _guard: &MutexGuard<'_, ()>, snapshot: Snapshot) {
         self.current.store(Arc::new(snapshot));
+        self.changes.notify_waiters();
+    }
+
+    /// Resolves at the next snapshot change (create it before loading the snapshot).
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changes.notified()
+    }
+
+    /// Announce a health transition.
+    pub(crate) fn notify_health(&self) {
+        self.health.notify_waiters();
+    }
+
+    /// Resolves at the next health transition.
+    pub(crate) fn health_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.health.notified()
     }
 }

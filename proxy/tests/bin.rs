@@ -124,7 +124,7 @@ impl ProxyProcess {
             std::fs::write(
                 &cfg,
                 format!(
-                    "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nthreads: 2\ngrace_period: {grace}\ncontrol: {{socket: \"{d}/c.sock\"}}\nstate_file: \"{d}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: blue\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+                    "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nthreads: 2\ngrace_period: {grace}\ncontrol: {{socket: \"{d}/c.sock\"}}\nstate_file: \"{d}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: blue\n    health: {{interval: 100ms, timeout: 100ms}}\nroutes: [{{path_prefix: /, upstream: app}}]\n",
                     d = dir.path().display()
                 ),
             )
@@ -153,7 +153,11 @@ impl ProxyProcess {
                 if let Ok(Some(_)) = child.try_wait() {
                     return None; // port taken: try another
                 }
-                if std::net::TcpStream::connect(addr).is_ok() {
+                // Ready when the control socket answers (the TCP port accepts into its
+                // backlog as soon as it is bound, a little earlier).
+                if std::os::unix::net::UnixStream::connect(dir.path().join("c.sock")).is_ok()
+                    && std::net::TcpStream::connect(addr).is_ok()
+                {
                     return Some(ProxyProcess { child, addr, dir });
                 }
                 assert!(Instant::now() < deadline, "proxy did not start listening");
@@ -365,12 +369,33 @@ async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
         ),
         "5s",
     );
+    // Green must pass its health checks before it may get traffic.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = px.ctl(switchyard_control::Request::Status).await;
+        let status: switchyard_control::Status =
+            serde_json::from_value(reply.result.unwrap()).unwrap();
+        let green_health = status
+            .upstream("app")
+            .unwrap()
+            .pool("green")
+            .unwrap()
+            .instances[0]
+            .health;
+        if green_health == switchyard_control::HealthState::Healthy {
+            break;
+        }
+        assert!(Instant::now() < deadline, "green never became healthy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let weights: switchyard_control::Weights =
         [("blue".to_string(), 90), ("green".to_string(), 10)].into();
     let reply = px
         .ctl(switchyard_control::Request::Weights {
             upstream: None,
             weights: weights.clone(),
+            min_healthy: Default::default(),
+            force: false,
         })
         .await;
     assert!(reply.ok, "{reply:?}");

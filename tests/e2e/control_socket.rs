@@ -43,7 +43,8 @@ async fn bad_input_gets_error_lines_and_the_proxy_keeps_its_state() {
         &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
         "blue",
         "",
-    ));
+    ))
+    .await;
     px.handle().set_weight(None, "green", 10).unwrap();
 
     // Garbage, half-written JSON, wrong fields, unknown command: one error line each, and the
@@ -99,7 +100,7 @@ async fn bad_input_gets_error_lines_and_the_proxy_keeps_its_state() {
 async fn a_hundred_concurrent_status_clients_are_all_answered() {
     trace_init();
     let blue = FakeUpstream::start("blue").await.unwrap();
-    let px = TestProxy::start(&app_yaml(&[("blue", &[blue.addr()])], "blue", ""));
+    let px = TestProxy::start(&app_yaml(&[("blue", &[blue.addr()])], "blue", "")).await;
     let socket = px.socket();
     let tasks: Vec<_> = (0..100)
         .map(|_| {
@@ -131,7 +132,7 @@ async fn the_socket_is_0600_and_a_live_one_is_never_taken_over() {
     trace_init();
     let blue = FakeUpstream::start("blue").await.unwrap();
     let yaml = app_yaml(&[("blue", &[blue.addr()])], "blue", "");
-    let px = TestProxy::start(&yaml);
+    let px = TestProxy::start(&yaml).await;
     let mode = std::fs::metadata(px.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let status = px.ctl_call(Request::Status).await;
@@ -190,7 +191,7 @@ async fn control_mode_is_applied() {
         "  socket: \"{dir}/control.sock\"\n",
         "  socket: \"{dir}/control.sock\"\n  mode: \"0660\"\n",
     );
-    let px = TestProxy::start(&yaml);
+    let px = TestProxy::start(&yaml).await;
     let mode = std::fs::metadata(px.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     px.shutdown().await;

@@ -12,7 +12,7 @@ async fn idle_client_keepalive_is_closed_after_keepalive_timeout() {
         "grace_period: 5s\n",
         "grace_period: 5s\nkeepalive_timeout: 1s\n",
     );
-    let px = TestProxy::start(&yaml);
+    let px = TestProxy::start(&yaml).await;
     let mut c = Conn::open(px.addr).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().status, 200);
     assert!(!c.is_closed(), "kept alive right after the response");
@@ -29,16 +29,23 @@ async fn idle_upstream_connections_are_closed_after_idle_timeout() {
         &[("blue", &[up.addr()])],
         "blue",
         "    idle_timeout: 300ms\n",
-    ));
+    ))
+    .await;
     let mut c = Conn::open(px.addr).await.unwrap();
     assert_eq!(c.get("/").await.unwrap().status, 200);
     assert_eq!(c.get("/").await.unwrap().status, 200);
-    assert_eq!(up.connections(), 1, "the upstream connection is reused");
-    eventually(|| up.open_connections() == 0).await;
-    assert_eq!(c.get("/").await.unwrap().status, 200);
+    let seen = up.seen();
     assert_eq!(
-        up.connections(),
-        2,
+        seen[0].conn, seen[1].conn,
+        "the upstream connection is reused"
+    );
+    let first = seen[0].conn;
+    // (Health checks have their own connection; only the proxy's is watched.)
+    eventually(|| !up.is_open(first)).await;
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    assert_ne!(
+        up.seen()[2].conn,
+        first,
         "a new connection after the idle one was closed"
     );
     px.shutdown().await;
@@ -50,7 +57,7 @@ async fn shutdown_finishes_in_flight_requests_then_returns_early() {
     let up = FakeUpstream::start("blue").await.unwrap();
     let yaml = app_yaml(&[("blue", &[up.addr()])], "blue", "")
         .replace("grace_period: 5s", "grace_period: 60s");
-    let px = TestProxy::start(&yaml);
+    let px = TestProxy::start(&yaml).await;
     let addr = px.addr;
     let slow =
         tokio::spawn(async move { request(addr, "GET", "/slow?ms=1500", &[], Bytes::new()).await });
@@ -80,7 +87,7 @@ async fn shutdown_is_bounded_by_the_grace_period() {
     up.set_mode(Mode::Hang);
     let yaml = app_yaml(&[("blue", &[up.addr()])], "blue", "")
         .replace("grace_period: 5s", "grace_period: 500ms");
-    let px = TestProxy::start(&yaml);
+    let px = TestProxy::start(&yaml).await;
     let addr = px.addr;
     let hung = tokio::spawn(async move { request(addr, "GET", "/", &[], Bytes::new()).await });
     eventually(|| up.hits() == 1).await;

@@ -15,7 +15,7 @@ async fn two_hundred_keepalive_clients_fifty_requests_each_no_errors() {
         .start()
         .await
         .unwrap();
-    let px = TestProxy::start(&app_yaml(&[("blue", &[a.addr(), b.addr()])], "blue", ""));
+    let px = TestProxy::start(&app_yaml(&[("blue", &[a.addr(), b.addr()])], "blue", "")).await;
     let addr = px.addr;
     let clients: Vec<_> = (0..200)
         .map(|_| {

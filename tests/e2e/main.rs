@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod control_socket;
+mod health;
 mod lifecycle;
 mod load;
 mod routing;

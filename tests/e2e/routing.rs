@@ -32,7 +32,7 @@ deny:
 async fn strip_prefix_rewrites_path_and_keeps_query() {
     trace_init();
     let up = FakeUpstream::start("blue").await.unwrap();
-    let px = TestProxy::start(&routes_yaml(up.addr()));
+    let px = TestProxy::start(&routes_yaml(up.addr())).await;
     for (sent, seen) in [
         ("/backend/users?id=1", "/users?id=1"),
         ("/backend/users", "/users"),
@@ -55,7 +55,7 @@ async fn strip_prefix_rewrites_path_and_keeps_query() {
 async fn unrouted_path_is_404_and_not_forwarded() {
     trace_init();
     let up = FakeUpstream::start("blue").await.unwrap();
-    let px = TestProxy::start(&routes_yaml(up.addr()));
+    let px = TestProxy::start(&routes_yaml(up.addr())).await;
     let r = px.get("/elsewhere").await;
     assert_eq!(r.status, 404);
     assert!(r.text().contains("no route"), "{}", r.text());
@@ -67,7 +67,7 @@ async fn unrouted_path_is_404_and_not_forwarded() {
 async fn deny_paths_are_answered_by_the_proxy() {
     trace_init();
     let up = FakeUpstream::start("blue").await.unwrap();
-    let px = TestProxy::start(&routes_yaml(up.addr()));
+    let px = TestProxy::start(&routes_yaml(up.addr())).await;
     for path in [
         "/backend/actuator/env",
         "/backend/ACTUATOR/env",
@@ -104,7 +104,7 @@ async fn deny_paths_are_answered_by_the_proxy() {
 async fn forwarding_headers_reach_the_upstream() {
     trace_init();
     let up = FakeUpstream::start("blue").await.unwrap();
-    let px = TestProxy::start(&routes_yaml(up.addr()));
+    let px = TestProxy::start(&routes_yaml(up.addr())).await;
 
     let mut c = Conn::open(px.addr).await.unwrap();
     let r = c.get("/backend/h").await.unwrap();

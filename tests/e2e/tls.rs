@@ -24,7 +24,7 @@ async fn tls_listener_speaks_h2_and_forwards_https_proto() {
             key.display()
         ),
     );
-    let px = TestProxy::start(&yaml);
+    let px = TestProxy::start(&yaml).await;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.cert.der().clone()).unwrap();

@@ -21,7 +21,8 @@ async fn round_robin_spreads_over_the_active_pool() {
         &[("blue", &[a.addr(), b.addr()]), ("green", &[idle.addr()])],
         "blue",
         "",
-    ));
+    ))
+    .await;
     let mut c = Conn::open(px.addr).await.unwrap();
     for _ in 0..100 {
         assert_eq!(c.get("/").await.unwrap().status, 200);
@@ -37,7 +38,7 @@ async fn a_dead_instance_costs_no_client_error() {
     trace_init();
     let a = FakeUpstream::start("blue").await.unwrap();
     let dead = dead_addr();
-    let px = TestProxy::start(&app_yaml(&[("blue", &[dead, a.addr()])], "blue", ""));
+    let px = TestProxy::start(&app_yaml(&[("blue", &[dead, a.addr()])], "blue", "")).await;
     let mut c = Conn::open(px.addr).await.unwrap();
     for i in 0..60 {
         let method = if i % 2 == 0 { "GET" } else { "POST" };
@@ -55,7 +56,7 @@ async fn a_dead_instance_costs_no_client_error() {
 async fn all_instances_down_is_502_with_a_cause_and_no_address() {
     trace_init();
     let (d1, d2) = (dead_addr(), dead_addr());
-    let px = TestProxy::start(&app_yaml(&[("blue", &[d1, d2])], "blue", ""));
+    let px = TestProxy::start(&app_yaml(&[("blue", &[d1, d2])], "blue", "")).await;
     let r = px.get("/").await;
     assert_eq!(r.status, 502);
     let body = r.text();
@@ -79,7 +80,8 @@ async fn hanging_upstream_is_504_after_read_timeout() {
         &[("blue", &[up.addr()])],
         "blue",
         "    read_timeout: 300ms\n",
-    ));
+    ))
+    .await;
     let r = px.get("/").await;
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(r.text().contains("did not answer in time"));
@@ -93,11 +95,14 @@ async fn broken_connection_retries_idempotent_requests_only() {
     let reset = FakeUpstream::start("blue").await.unwrap();
     reset.set_mode(Mode::Reset);
     let good = FakeUpstream::start("blue").await.unwrap();
+    // Passive ejection off: this test is about retries, and would otherwise see the resetting
+    // instance ejected after 5 failures.
     let px = TestProxy::start(&app_yaml(
         &[("blue", &[reset.addr(), good.addr()])],
         "blue",
-        "",
-    ));
+        "    passive: {consecutive_failures: 0}\n",
+    ))
+    .await;
     for i in 0..20 {
         let r = request(px.addr, "GET", "/", &[], Bytes::new())
             .await
@@ -129,13 +134,15 @@ async fn broken_connection_retries_idempotent_requests_only() {
 #[tokio::test]
 async fn retries_zero_means_one_attempt() {
     trace_init();
-    let dead = dead_addr();
+    let reset = FakeUpstream::start("blue").await.unwrap();
+    reset.set_mode(Mode::Reset);
     let good = FakeUpstream::start("blue").await.unwrap();
     let px = TestProxy::start(&app_yaml(
-        &[("blue", &[dead, good.addr()])],
+        &[("blue", &[reset.addr(), good.addr()])],
         "blue",
-        "    retries: 0\n",
-    ));
+        "    retries: 0\n    passive: {consecutive_failures: 0}\n",
+    ))
+    .await;
     let mut statuses = Vec::new();
     for _ in 0..10 {
         statuses.push(px.get("/").await.status);
@@ -157,7 +164,8 @@ async fn least_requests_avoids_the_busy_instance() {
         &[("blue", &[a.addr(), b.addr()])],
         "blue",
         "    balance: least_requests\n",
-    ));
+    ))
+    .await;
     // Occupy one instance with a slow request, then the fast ones must go to the other.
     let addr = px.addr;
     let slow =
@@ -186,7 +194,7 @@ async fn dns_names_are_re_resolved_off_the_request_path() {
         "blue",
         "    resolve_interval: 100ms\n",
     );
-    let px = TestProxy::start_with(&yaml, StartOptions::default().with_resolver(dns.clone()));
+    let px = TestProxy::start_with(&yaml, StartOptions::default().with_resolver(dns.clone())).await;
     let r = px.get("/").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(first.hits(), 1);
@@ -235,7 +243,7 @@ async fn unresolvable_name_is_a_502_not_a_hang() {
     trace_init();
     let dns = MapResolver::new();
     let yaml = app_yaml_pools("      blue: [\"nowhere:8080\"]\n", "blue", "");
-    let px = TestProxy::start_with(&yaml, StartOptions::default().with_resolver(dns));
+    let px = TestProxy::start_with(&yaml, StartOptions::default().with_resolver(dns)).await;
     let r = px.get("/").await;
     assert_eq!(r.status, 502);
     assert!(r.text().contains("could not be resolved"), "{}", r.text());

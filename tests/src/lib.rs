@@ -3,7 +3,7 @@
 //!
 //! ```ignore
 //! let blue = FakeUpstream::start("blue").await?;
-//! let px = TestProxy::start(&app_yaml(&[("blue", &[blue.addr()])], "blue", ""));
+//! let px = TestProxy::start(&app_yaml(&[("blue", &[blue.addr()])], "blue", "")).await;
 //! let r = px.get("/").await;
 //! assert_eq!(r.status, 200);
 //! eventually(|| blue.hits() == 1).await;
@@ -61,7 +61,8 @@ pub async fn eventually_within(limit: Duration, cond: &mut impl FnMut() -> bool)
 }
 
 /// A config with one upstream `app` and route `/`, listening on `127.0.0.1:0`, admin and
-/// access log off, runtime files in `{dir}` (filled in by [`TestProxy::start`]).
+/// access log off, runtime files in `{dir}` (filled in by [`TestProxy::start`]), and health
+/// checks every 100 ms (unless `extra` has its own `health:`), so instances settle fast.
 /// `extra` is YAML inserted under `upstreams.app` (indented by the caller with 4 spaces).
 pub fn app_yaml(pools: &[(&str, &[SocketAddr])], active: &str, extra: &str) -> String {
     let pools: String = pools
@@ -77,6 +78,12 @@ pub fn app_yaml(pools: &[(&str, &[SocketAddr])], active: &str, extra: &str) -> S
 /// As [`app_yaml`] with the pool lines written by the caller (for DNS names), e.g.
 /// `"      blue: [\"app-blue:8080\"]\n"`.
 pub fn app_yaml_pools(pools: &str, active: &str, extra: &str) -> String {
+    let health = if extra.contains("    health:") {
+        ""
+    } else {
+        "    health: {interval: 100ms, timeout: 100ms}\n"
+    };
+    let extra = format!("{health}{extra}");
     format!(
         "listen:\n  - addr: \"127.0.0.1:0\"\nthreads: 2\ngrace_period: 5s\ncontrol:\n  socket: \"{{dir}}/control.sock\"\nadmin:\n  listen: \"off\"\nstate_file: \"{{dir}}/state.json\"\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: {active}\n{extra}routes:\n  - path_prefix: /\n    upstream: app\n"
     )
@@ -90,12 +97,59 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
-    /// Start from YAML (`{dir}` is replaced by a fresh temporary directory).
-    pub fn start(yaml: &str) -> TestProxy {
-        Self::start_with(yaml, StartOptions::default())
+    /// Start from YAML (`{dir}` is replaced by a fresh temporary directory) and wait until
+    /// every instance has a settled health state (healthy or unhealthy, not unknown).
+    pub async fn start(yaml: &str) -> TestProxy {
+        Self::start_with(yaml, StartOptions::default()).await
     }
 
-    pub fn start_with(yaml: &str, opts: StartOptions) -> TestProxy {
+    pub async fn start_with(yaml: &str, opts: StartOptions) -> TestProxy {
+        let px = Self::start_unsettled(yaml, opts);
+        px.wait_settled().await;
+        px
+    }
+
+    /// Wait until no instance is `unknown` (bounded).
+    pub async fn wait_settled(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = self.handle().status();
+            let unknown: Vec<String> = st
+                .upstreams
+                .iter()
+                .flat_map(|u| &u.pools)
+                .flat_map(|p| &p.instances)
+                .filter(|i| i.health == switchyard_control::HealthState::Unknown)
+                .map(|i| i.addr.clone())
+                .collect();
+            if unknown.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "instances still unknown: {unknown:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The health of one instance of upstream `app`.
+    pub fn health(&self, pool: &str, addr: SocketAddr) -> switchyard_control::HealthState {
+        self.handle()
+            .status()
+            .upstream("app")
+            .and_then(|u| u.pool(pool))
+            .and_then(|p| {
+                p.instances
+                    .iter()
+                    .find(|i| i.addr == addr.to_string())
+                    .map(|i| i.health)
+            })
+            .unwrap()
+    }
+
+    /// Start without waiting for health checks (instances stay `unknown` for a while).
+    pub fn start_unsettled(yaml: &str, opts: StartOptions) -> TestProxy {
         let dir = tempfile::tempdir().unwrap();
         let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
         let config = switchyard_config::parse(&yaml)
@@ -147,7 +201,7 @@ impl TestProxy {
     }
 
     /// Start again on the same directory (state file, socket).
-    pub fn restart_in(dir: tempfile::TempDir, yaml: &str) -> TestProxy {
+    pub async fn restart_in(dir: tempfile::TempDir, yaml: &str) -> TestProxy {
         let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
         let config = switchyard_config::parse(&yaml).unwrap();
         let handle =

@@ -13,9 +13,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchyard_control::protocol::{
-    Change, DrainResult, Event, PoolPhase, ReloadResult, Reply, Request, Status,
+    AuditRecord, Change, DrainResult, Event, HealthState, PoolPhase, ReloadResult, Reply, Request,
+    Status,
 };
-use switchyard_control::{ClientError, ControlClient, Weights};
+use switchyard_control::{ClientError, ControlClient, MinHealthy, Weights};
 
 /// Control a running switchyard proxy through its control socket.
 #[derive(Debug, Parser)]
@@ -54,6 +55,15 @@ enum Cmd {
         /// Then wait until the old pool has drained (default wait: the upstream's drain_timeout).
         #[arg(long, value_name = "DURATION", num_args = 0..=1)]
         drain: Option<Option<humantime::Duration>>,
+        /// First wait up to DURATION for POOL to become healthy, showing each instance.
+        #[arg(long, value_name = "DURATION")]
+        wait_healthy: Option<humantime::Duration>,
+        /// Healthy instances required: `all` (default), a count, or a percentage like `50%`.
+        #[arg(long, value_name = "N|P%", default_value = "all")]
+        min_healthy: MinHealthy,
+        /// Switch even if POOL is not healthy (recorded as forced).
+        #[arg(long)]
+        force: bool,
     },
     /// Restore the weights from before the last change.
     Rollback,
@@ -64,12 +74,24 @@ enum Cmd {
         /// 0..=100.
         #[arg(value_parser = clap::value_parser!(u32).range(0..=100))]
         percent: u32,
+        /// Healthy instances required when POOL gets traffic for the first time.
+        #[arg(long, value_name = "N|P%", default_value = "all")]
+        min_healthy: MinHealthy,
+        /// Skip the health gate (recorded as forced).
+        #[arg(long)]
+        force: bool,
     },
     /// Set an explicit split, e.g. `weights blue=90 green=10` (must sum to 100).
     Weights {
         /// POOL=PERCENT pairs.
         #[arg(required = true, value_parser = parse_pair)]
         split: Vec<(String, u32)>,
+        /// Healthy instances required for pools that get traffic for the first time.
+        #[arg(long, value_name = "N|P%", default_value = "all")]
+        min_healthy: MinHealthy,
+        /// Skip the health gate (recorded as forced).
+        #[arg(long)]
+        force: bool,
     },
     /// Wait until POOL (at weight 0) has no request in flight.
     Drain {
@@ -86,6 +108,16 @@ enum Cmd {
     },
     /// Re-read the config file; on error the running config stays and every problem is printed.
     Reload,
+    /// The audit trail: switches, rollbacks (who, why), weight and pool changes, reloads,
+    /// health changes, ejections.
+    Events {
+        /// Keep printing new records as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many of the latest records to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,21 +167,43 @@ fn request(cli: &Cli) -> Request {
     let upstream = cli.upstream.clone();
     match &cli.cmd {
         Cmd::Status => Request::Status,
-        Cmd::Switch { pool, drain } => Request::Switch {
+        Cmd::Switch {
+            pool,
+            drain,
+            wait_healthy,
+            min_healthy,
+            force,
+        } => Request::Switch {
             upstream,
             pool: pool.clone(),
             drain: drain.is_some(),
             drain_ms: drain.flatten().map(ms),
+            min_healthy: *min_healthy,
+            wait_healthy_ms: wait_healthy.map(ms),
+            force: *force,
         },
         Cmd::Rollback => Request::Rollback { upstream },
-        Cmd::Weight { pool, percent } => Request::Weight {
+        Cmd::Weight {
+            pool,
+            percent,
+            min_healthy,
+            force,
+        } => Request::Weight {
             upstream,
             pool: pool.clone(),
             weight: *percent,
+            min_healthy: *min_healthy,
+            force: *force,
         },
-        Cmd::Weights { split } => Request::Weights {
+        Cmd::Weights {
+            split,
+            min_healthy,
+            force,
+        } => Request::Weights {
             upstream,
             weights: split.iter().cloned().collect::<Weights>(),
+            min_healthy: *min_healthy,
+            force: *force,
         },
         Cmd::Drain { pool, timeout } => Request::Drain {
             upstream,
@@ -174,12 +228,19 @@ fn request(cli: &Cli) -> Request {
             },
         },
         Cmd::Reload => Request::Reload,
+        Cmd::Events { follow, limit } => Request::Events {
+            follow: *follow,
+            limit: Some(*limit),
+        },
     }
 }
 
 /// Shows progress events on stderr.
 struct Progress {
     bar: Option<ProgressBar>,
+    /// Last reported state per instance, to print only changes.
+    health: std::cell::RefCell<std::collections::BTreeMap<String, HealthState>>,
+    json: bool,
 }
 
 impl Progress {
@@ -193,7 +254,18 @@ impl Progress {
             b.enable_steady_tick(Duration::from_millis(120));
             b
         });
-        Progress { bar }
+        Progress {
+            bar,
+            health: Default::default(),
+            json: !enabled,
+        }
+    }
+
+    fn println(&self, text: String) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
     }
 
     fn line(&self, text: String) {
@@ -205,11 +277,37 @@ impl Progress {
 
     fn event(&self, ev: &Event) {
         match ev {
-            Event::Applied { change } => {
-                let text = describe_change(change);
-                match &self.bar {
-                    Some(b) => b.println(text),
-                    None => eprintln!("{text}"),
+            Event::Applied { change } => self.println(describe_change(change)),
+            Event::Health {
+                upstream,
+                pool,
+                healthy,
+                needed,
+                instances,
+            } => {
+                for i in instances {
+                    let prev = self.health.borrow_mut().insert(i.addr.clone(), i.health);
+                    if prev != Some(i.health) {
+                        self.println(format!(
+                            "{upstream}/{pool} {}: {}{}",
+                            i.addr,
+                            i.health,
+                            i.last_check
+                                .as_ref()
+                                .map(|c| format!(" ({c})"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                }
+                self.line(format!(
+                    "{upstream}/{pool}: {healthy} of {needed} needed instances healthy"
+                ));
+            }
+            Event::Record(r) => {
+                if self.json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else {
+                    println!("{}", describe_record(r));
                 }
             }
             Event::Draining {
@@ -272,6 +370,27 @@ fn describe_change(c: &Change) -> String {
     s
 }
 
+fn describe_record(r: &AuditRecord) -> String {
+    let who = match (r.uid, r.pid) {
+        (Some(u), Some(p)) => format!(" by uid {u} pid {p}"),
+        (Some(u), None) => format!(" by uid {u}"),
+        _ => format!(" by {}", r.actor),
+    };
+    let generation = r
+        .generation
+        .map(|g| format!(" generation {g}"))
+        .unwrap_or_default();
+    format!(
+        "{} {:<12} {}{}{}{}",
+        r.time,
+        r.kind,
+        r.message,
+        if r.forced { " [forced]" } else { "" },
+        generation,
+        who
+    )
+}
+
 fn print_status(s: &Status) {
     for u in &s.upstreams {
         println!(
@@ -303,6 +422,15 @@ fn print_status(s: &Status) {
                     }
                     if let Some(e) = &i.resolve_error {
                         t.push_str(&format!(" [dns: {e}]"));
+                    }
+                    t.push_str(&format!(" {}", i.health));
+                    if let Some(secs) = i.ejected_for_secs {
+                        t.push_str(&format!(" for {secs}s more"));
+                    }
+                    if i.health != HealthState::Healthy {
+                        if let Some(c) = &i.last_check {
+                            t.push_str(&format!(" ({c})"));
+                        }
                     }
                     if i.inflight > 0 {
                         t.push_str(&format!(" [{} in flight]", i.inflight));
@@ -354,6 +482,13 @@ fn print_result(cmd: &Cmd, reply: &Reply) {
                 print_drain(&d);
             }
         }
+        Cmd::Events { .. } => {
+            if let Ok(list) = serde_json::from_value::<Vec<AuditRecord>>(v) {
+                for r in &list {
+                    println!("{}", describe_record(r));
+                }
+            }
+        }
         Cmd::Reload => {
             if let Ok(r) = serde_json::from_value::<ReloadResult>(v) {
                 println!("reloaded: {}", r.summary);
@@ -373,6 +508,9 @@ fn print_result(cmd: &Cmd, reply: &Reply) {
                     }
                 } else {
                     println!("{}", describe_change(&c));
+                }
+                if c.forced {
+                    println!("forced: the pool did not pass the health gate");
                 }
             }
         }

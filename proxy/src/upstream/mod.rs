@@ -5,6 +5,7 @@
 //! swap — in-flight counters, round-robin position, resolved addresses, health — lives in the
 //! long-lived `Pool` and `Instance` objects, which successive snapshots share by `Arc`.
 
+pub(crate) mod health;
 mod select;
 
 pub(crate) use select::Candidates;
@@ -45,6 +46,8 @@ pub(crate) struct Instance {
     pub(crate) resolved: ArcSwap<Resolved>,
     /// Requests in flight on this instance.
     pub(crate) inflight: AtomicI64,
+    /// Active and passive health.
+    pub(crate) health: health::Health,
 }
 
 impl Instance {
@@ -65,6 +68,7 @@ impl Instance {
             id: NEXT_INSTANCE_ID.fetch_add(1, Ordering::Relaxed),
             resolved: ArcSwap::from_pointee(resolved),
             inflight: AtomicI64::new(0),
+            health: health::Health::default(),
         }
     }
 
@@ -82,6 +86,9 @@ pub(crate) struct Pool {
     pub(crate) inflight: AtomicI64,
     /// Round-robin position.
     pub(crate) rr: AtomicUsize,
+    /// Whether the last pick found no usable instance and tried them all (logged once per
+    /// transition, not per request).
+    pub(crate) fail_open: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -90,6 +97,7 @@ impl Pool {
             name: name.to_string(),
             inflight: AtomicI64::new(0),
             rr: AtomicUsize::new(0),
+            fail_open: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! Choosing an instance within a pool: round robin or least requests, skipping instances this
-//! request already tried and instances without a resolved address.
+//! Choosing an instance within a pool: round robin or least requests, over the instances that
+//! are healthy and not ejected, skipping those this request already tried. When none is usable
+//! the pool fails open — every resolved instance is tried — because refusing all traffic is
+//! worse than trying an instance the checks doubt (SPEC §4.4).
 
 use super::{Instance, PoolState};
 use std::sync::atomic::Ordering;
@@ -9,8 +11,11 @@ use switchyard_config::Balance;
 /// The outcome of looking for an instance.
 #[derive(Debug)]
 pub(crate) enum Candidates<'a> {
-    /// Use this one.
-    Found(&'a Arc<Instance>),
+    /// Use this one. `fail_open`: no instance of the pool is usable, so health was ignored.
+    Found {
+        inst: &'a Arc<Instance>,
+        fail_open: bool,
+    },
     /// Every instance was tried already.
     Exhausted,
     /// The pool has no instance with an address.
@@ -20,26 +25,53 @@ pub(crate) enum Candidates<'a> {
 }
 
 impl PoolState {
-    /// Pick an instance not in `tried` (instance ids).
-    pub(crate) fn pick(&self, balance: Balance, tried: &[u64]) -> Candidates<'_> {
+    /// Pick an instance not in `tried` (instance ids); `now_ms` for ejection deadlines.
+    pub(crate) fn pick(&self, balance: Balance, tried: &[u64], now_ms: u64) -> Candidates<'_> {
         let n = self.instances.len();
         if n == 0 {
             return Candidates::Empty;
         }
         let start = self.pool.rr.fetch_add(1, Ordering::Relaxed);
-        let mut any_resolved = false;
+        if let Some(inst) = self.scan(balance, tried, start, |i| i.health.usable(now_ms)) {
+            return Candidates::Found {
+                inst,
+                fail_open: false,
+            };
+        }
+        let any_usable = self
+            .instances
+            .iter()
+            .any(|i| i.current_addr().is_some() && i.health.usable(now_ms));
+        if let Some(inst) = self.scan(balance, tried, start, |_| true) {
+            return Candidates::Found {
+                inst,
+                fail_open: !any_usable,
+            };
+        }
+        if self.instances.iter().any(|i| i.current_addr().is_some()) {
+            Candidates::Exhausted
+        } else {
+            Candidates::Unresolved
+        }
+    }
+
+    /// The instance to use among resolved, untried ones accepted by `ok`.
+    fn scan(
+        &self,
+        balance: Balance,
+        tried: &[u64],
+        start: usize,
+        ok: impl Fn(&Instance) -> bool,
+    ) -> Option<&Arc<Instance>> {
+        let n = self.instances.len();
         let mut best: Option<&Arc<Instance>> = None;
         for k in 0..n {
             let inst = &self.instances[(start + k) % n];
-            if inst.current_addr().is_none() {
-                continue;
-            }
-            any_resolved = true;
-            if tried.contains(&inst.id) {
+            if inst.current_addr().is_none() || tried.contains(&inst.id) || !ok(inst) {
                 continue;
             }
             match balance {
-                Balance::RoundRobin => return Candidates::Found(inst),
+                Balance::RoundRobin => return Some(inst),
                 Balance::LeastRequests => {
                     let load = inst.inflight.load(Ordering::Relaxed);
                     if best.is_none_or(|b| load < b.inflight.load(Ordering::Relaxed)) {
@@ -48,22 +80,20 @@ impl PoolState {
                 }
             }
         }
-        match (best, any_resolved) {
-            (Some(i), _) => Candidates::Found(i),
-            (None, true) => Candidates::Exhausted,
-            (None, false) => Candidates::Unresolved,
-        }
+        best
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::health::now_ms;
     use super::super::Pool;
     use super::*;
     use std::collections::BTreeMap;
+    use switchyard_control::HealthState;
 
     fn pool(addrs: &[&str]) -> PoolState {
-        PoolState {
+        let p = PoolState {
             pool: Arc::new(Pool::new("blue")),
             weight: 100,
             epoch: 0,
@@ -71,6 +101,17 @@ mod tests {
                 .iter()
                 .map(|a| Arc::new(Instance::new(a.parse().unwrap())))
                 .collect(),
+        };
+        for i in &p.instances {
+            i.health.force(HealthState::Healthy);
+        }
+        p
+    }
+
+    fn found(c: Candidates<'_>) -> (String, bool) {
+        match c {
+            Candidates::Found { inst, fail_open } => (inst.label.clone(), fail_open),
+            other => panic!("no instance: {other:?}"),
         }
     }
 
@@ -79,10 +120,9 @@ mod tests {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
         let mut seen = BTreeMap::new();
         for _ in 0..300 {
-            let Candidates::Found(i) = p.pick(Balance::RoundRobin, &[]) else {
-                panic!("no instance")
-            };
-            *seen.entry(i.label.clone()).or_insert(0) += 1;
+            *seen
+                .entry(found(p.pick(Balance::RoundRobin, &[], now_ms())).0)
+                .or_insert(0) += 1;
         }
         assert_eq!(
             seen.values().copied().collect::<Vec<_>>(),
@@ -95,16 +135,16 @@ mod tests {
         let p = pool(&["127.0.0.1:1", "app:2"]);
         let first = p.instances[0].id;
         assert!(matches!(
-            p.pick(Balance::RoundRobin, &[first]),
+            p.pick(Balance::RoundRobin, &[first], now_ms()),
             Candidates::Exhausted
         ));
         let only_name = pool(&["app:2"]);
         assert!(matches!(
-            only_name.pick(Balance::RoundRobin, &[]),
+            only_name.pick(Balance::RoundRobin, &[], now_ms()),
             Candidates::Unresolved
         ));
         assert!(matches!(
-            pool(&[]).pick(Balance::RoundRobin, &[]),
+            pool(&[]).pick(Balance::RoundRobin, &[], now_ms()),
             Candidates::Empty
         ));
     }
@@ -114,10 +154,35 @@ mod tests {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2"]);
         p.instances[0].inflight.store(5, Ordering::Relaxed);
         for _ in 0..10 {
-            let Candidates::Found(i) = p.pick(Balance::LeastRequests, &[]) else {
-                panic!()
-            };
-            assert_eq!(i.label, "127.0.0.1:2");
+            assert_eq!(
+                found(p.pick(Balance::LeastRequests, &[], now_ms())).0,
+                "127.0.0.1:2"
+            );
         }
+    }
+
+    #[test]
+    fn unhealthy_and_ejected_instances_are_skipped_then_the_pool_fails_open() {
+        let p = pool(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]);
+        let now = now_ms();
+        p.instances[0].health.force(HealthState::Unhealthy);
+        p.instances[1].health.eject(now + 60_000, now);
+        for _ in 0..10 {
+            assert_eq!(
+                found(p.pick(Balance::RoundRobin, &[], now)),
+                ("127.0.0.1:3".to_string(), false)
+            );
+        }
+        // A retry after the only usable one failed: the others, but it is not a fail-open.
+        let third = p.instances[2].id;
+        assert!(!found(p.pick(Balance::RoundRobin, &[third], now)).1);
+        p.instances[2].health.force(HealthState::Unknown);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            let (label, fail_open) = found(p.pick(Balance::RoundRobin, &[], now));
+            assert!(fail_open);
+            seen.insert(label);
+        }
+        assert_eq!(seen.len(), 3, "fail open tries them all");
     }
 }
