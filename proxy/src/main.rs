@@ -53,6 +53,10 @@ enum Command {
         /// Worker threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Answer the health endpoint with 503 {"status":"DOWN"} for this long after start, like a
+        /// booting Spring app.
+        #[arg(long, value_name = "DURATION")]
+        boot: Option<humantime::Duration>,
     },
 }
 
@@ -82,7 +86,8 @@ fn main() -> ExitCode {
             listen,
             name,
             threads,
-        }) => fake_upstream(listen, &name, threads),
+            boot,
+        }) => fake_upstream(listen, &name, threads, boot.map(Into::into)),
         Some(Command::Run) | None => run(&cli.config),
     };
     match result {
@@ -194,7 +199,12 @@ fn demo(listen: SocketAddr) -> anyhow::Result<()> {
     })
 }
 
-fn fake_upstream(listen: SocketAddr, name: &str, threads: usize) -> anyhow::Result<()> {
+fn fake_upstream(
+    listen: SocketAddr,
+    name: &str,
+    threads: usize,
+    boot: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
@@ -207,6 +217,16 @@ fn fake_upstream(listen: SocketAddr, name: &str, threads: usize) -> anyhow::Resu
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         println!("fake upstream {name} listening on {}", up.addr());
+        let up = std::sync::Arc::new(up);
+        if let Some(boot) = boot {
+            use switchyard_proxy::fake_upstream::HealthReply;
+            up.set_health(HealthReply::down());
+            let booting = up.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(boot).await;
+                booting.set_health(HealthReply::up());
+            });
+        }
         terminated().await?;
         Ok(())
     })

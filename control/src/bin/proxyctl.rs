@@ -240,6 +240,7 @@ struct Progress {
     bar: Option<ProgressBar>,
     /// Last reported state per instance, to print only changes.
     health: std::cell::RefCell<std::collections::BTreeMap<String, HealthState>>,
+    last_line: std::cell::RefCell<String>,
     json: bool,
 }
 
@@ -257,6 +258,7 @@ impl Progress {
         Progress {
             bar,
             health: Default::default(),
+            last_line: Default::default(),
             json: !enabled,
         }
     }
@@ -271,7 +273,12 @@ impl Progress {
     fn line(&self, text: String) {
         match &self.bar {
             Some(b) => b.set_message(text),
-            None => eprintln!("{text}"),
+            None => {
+                // Plain lines: only when something changed.
+                if self.last_line.replace(text.clone()) != text {
+                    eprintln!("{text}");
+                }
+            }
         }
     }
 
