@@ -467,7 +467,10 @@ pub enum Event {
         instances: Vec<InstanceHealth>,
     },
     /// One audit record (`events --follow`).
-    Record(AuditRecord),
+    Record {
+        /// The record.
+        record: AuditRecord,
+    },
     /// Requests still in flight on pools being drained.
     Draining {
         /// Upstream.
@@ -578,4 +581,103 @@ pub struct ReloadResult {
     pub summary: String,
     /// Settings that changed in the file but need a restart to take effect.
     pub needs_restart: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip<T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug>(v: &T) {
+        let json = serde_json::to_string(v).unwrap();
+        let back: T = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(&back, v, "{json}");
+    }
+
+    fn record() -> AuditRecord {
+        AuditRecord {
+            seq: 1,
+            time: "2026-11-28T06:00:00.000Z".into(),
+            kind: "switch".into(),
+            upstream: Some("app".into()),
+            pool: None,
+            instance: None,
+            actor: "socket".into(),
+            uid: Some(1000),
+            pid: Some(42),
+            generation: Some(2),
+            old_weights: None,
+            new_weights: None,
+            forced: true,
+            message: "x".into(),
+        }
+    }
+
+    #[test]
+    fn every_event_survives_the_wire() {
+        let change = Change {
+            upstream: "app".into(),
+            generation: 2,
+            old_weights: Weights::new(),
+            new_weights: Weights::new(),
+            changed: true,
+            forced: false,
+            instances: None,
+            drain: None,
+        };
+        for ev in [
+            Event::Applied { change },
+            Event::Health {
+                upstream: "app".into(),
+                pool: "green".into(),
+                healthy: 0,
+                needed: 1,
+                instances: vec![InstanceHealth {
+                    addr: "a:1".into(),
+                    health: HealthState::Unknown,
+                    last_check: None,
+                }],
+            },
+            Event::Record { record: record() },
+            Event::Draining {
+                upstream: "app".into(),
+                inflight: [("blue".to_string(), 1)].into(),
+                waited_ms: 5,
+            },
+        ] {
+            roundtrip(&EventLine { event: ev });
+        }
+    }
+
+    #[test]
+    fn requests_parse_from_the_documented_json_and_reject_unknown_fields() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"switch","pool":"green","drain_ms":30000,"min_healthy":"50%"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::Switch {
+                upstream: None,
+                pool: "green".into(),
+                drain: false,
+                drain_ms: Some(30000),
+                min_healthy: MinHealthy::Percent(50),
+                wait_healthy_ms: None,
+                force: false,
+            }
+        );
+        roundtrip(&r);
+        roundtrip(&Request::Events {
+            follow: true,
+            limit: Some(3),
+        });
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"switch","pool":"g","drian":1}"#).is_err()
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        assert_eq!("all".parse::<MinHealthy>().unwrap().needed(3), 3);
+        assert_eq!("50%".parse::<MinHealthy>().unwrap().needed(3), 2);
+        assert_eq!("5".parse::<MinHealthy>().unwrap().needed(3), 3);
+        assert!("150%".parse::<MinHealthy>().is_err());
+    }
 }

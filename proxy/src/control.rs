@@ -78,6 +78,7 @@ pub(crate) struct Controller {
     pub(crate) config_path: Option<PathBuf>,
     pub(crate) resolver: Arc<dyn Resolve>,
     pub(crate) events: Arc<EventLog>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) started: Instant,
 }
 
@@ -225,6 +226,18 @@ impl Controller {
         r.new_weights = Some(new_weights.clone());
         r.forced = forced;
         self.events.record(r);
+        if old_weights != new_weights {
+            self.metrics
+                .switches
+                .with_label_values(&[next.name()])
+                .inc();
+            if cmd == "rollback" {
+                self.metrics
+                    .rollbacks
+                    .with_label_values(&[next.name(), "manual"])
+                    .inc();
+            }
+        }
         Ok(Change {
             upstream: next.name().to_string(),
             generation: next.generation,
@@ -685,7 +698,31 @@ impl Controller {
                 "this proxy was started without a config file; nothing to reload",
             ));
         };
-        let config = match switchyard_config::load(&path) {
+        let result = self.reload_from(&path, actor).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.reloads.with_label_values(&[label]).inc();
+        if let Err(e) = &result {
+            let mut r = events::record(
+                "reload",
+                actor.kind(),
+                format!(
+                    "reload refused, the running config stays: {}",
+                    e.message.lines().next().unwrap_or("")
+                ),
+            );
+            r.uid = actor.uid();
+            r.pid = actor.pid();
+            self.events.record(r);
+        }
+        result
+    }
+
+    async fn reload_from(
+        &self,
+        path: &std::path::Path,
+        actor: Actor,
+    ) -> Result<ReloadResult, ControlError> {
+        let config = match switchyard_config::load(path) {
             Ok(c) => c,
             Err(e) => {
                 let problems = e.field_errors();
@@ -953,14 +990,14 @@ impl Controller {
                     return Reply::ok(history);
                 }
                 for r in history {
-                    if !events.send(Event::Record(r)).await {
+                    if !events.send(Event::Record { record: r }).await {
                         return Reply::ok(Vec::<()>::new());
                     }
                 }
                 loop {
                     match rx.recv().await {
                         Ok(r) => {
-                            if !events.send(Event::Record(r)).await {
+                            if !events.send(Event::Record { record: r }).await {
                                 return Reply::ok(Vec::<()>::new());
                             }
                         }

@@ -33,7 +33,7 @@ grace_period: 5s
 control:
   socket: "{dir}/control.sock"
 admin:
-  listen: "off"
+  listen: "127.0.0.1:0"
 state_file: "{dir}/state.json"
 access_log: "off"
 upstreams:
@@ -110,10 +110,18 @@ Try, in another terminal:
   proxyctl weight blue 10                  # canary: 10% back to blue, 90% green
   for i in $(seq 10); do curl -s http://{proxy}/; echo; done
 
+  proxyctl events                          # who switched what, health changes
+  curl -s http://{admin}/metrics | grep ^switchyard_http_requests_total
+
 Ctrl-C stops everything.
 "#,
         blue = d.blue.addr(),
         green = d.green.addr(),
         socket = d.dir.join("control.sock").display(),
+        admin = d
+            .proxy
+            .admin_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
     )
 }

@@ -47,7 +47,8 @@ pub(crate) struct EventLog {
     ring: Mutex<VecDeque<AuditRecord>>,
     followers: broadcast::Sender<AuditRecord>,
     file: Option<mpsc::Sender<AuditRecord>>,
-    dropped: AtomicU64,
+    /// Records not written to the file because the writer fell behind.
+    dropped: prometheus::IntCounter,
 }
 
 /// Writes records to the file; run it on the control runtime.
@@ -59,7 +60,10 @@ pub(crate) struct FileWriter {
 
 impl EventLog {
     /// A log persisted to `path` (history loaded from it), or memory-only.
-    pub(crate) fn new(path: Option<&Path>) -> (EventLog, Option<FileWriter>) {
+    pub(crate) fn new(
+        path: Option<&Path>,
+        dropped: prometheus::IntCounter,
+    ) -> (EventLog, Option<FileWriter>) {
         let history = path.map(load_tail).unwrap_or_default();
         let next = history.back().map(|r| r.seq + 1).unwrap_or(1);
         let (followers, _) = broadcast::channel(256);
@@ -82,7 +86,7 @@ impl EventLog {
                 ring: Mutex::new(history),
                 followers,
                 file,
-                dropped: AtomicU64::new(0),
+                dropped,
             },
             writer,
         )
@@ -101,7 +105,7 @@ impl EventLog {
         }
         if let Some(tx) = &self.file {
             if tx.try_send(r.clone()).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
             }
         }
         let _ = self.followers.send(r);
@@ -117,12 +121,6 @@ impl EventLog {
     /// New records from now on.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<AuditRecord> {
         self.followers.subscribe()
-    }
-
-    /// Records not written to the file because the writer fell behind.
-    #[allow(dead_code)] // exported as a metric (issue 5)
-    pub(crate) fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -187,7 +185,8 @@ mod tests {
     async fn records_are_numbered_kept_persisted_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
-        let (log, writer) = EventLog::new(Some(&path));
+        let counter = || prometheus::IntCounter::new("d", "d").unwrap();
+        let (log, writer) = EventLog::new(Some(&path), counter());
         let writer = tokio::spawn(writer.unwrap().run());
         let mut follow = log.subscribe();
         for i in 0..3 {
@@ -199,7 +198,7 @@ mod tests {
         assert_eq!((recent[0].seq, recent[1].seq), (2, 3));
         drop(log);
         writer.await.unwrap();
-        let (again, _) = EventLog::new(Some(&path));
+        let (again, _) = EventLog::new(Some(&path), counter());
         let all = again.recent(10);
         assert_eq!(all.len(), 3);
         again.record(record("reload", "signal", "x".into()));

@@ -51,6 +51,20 @@ pub enum StartError {
     /// The control socket could not be created.
     #[error(transparent)]
     Control(#[from] ControlSocketError),
+    /// The admin listener could not be bound.
+    #[error("cannot listen on {addr} (admin.listen): {source}")]
+    Admin {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The access log could not be opened.
+    #[error("cannot open the access log: {0}")]
+    AccessLog(std::io::Error),
+    /// Metrics could not be registered (a name clash in a registry passed in).
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// A runtime or thread could not be created.
     #[error("cannot start {what}: {source}")]
     Runtime {
@@ -69,12 +83,20 @@ pub struct StartOptions {
     pub resolver: Arc<dyn Resolve>,
     /// The file the config came from, re-read by `reload` (SIGHUP, `proxyctl reload`).
     pub config_path: Option<PathBuf>,
+    /// Registry for the metrics. Default: a fresh one per proxy (no process globals).
+    pub registry: Option<prometheus::Registry>,
 }
 
 impl StartOptions {
     /// Use this resolver for DNS-named instances.
     pub fn with_resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
         self.resolver = resolver;
+        self
+    }
+
+    /// Register the metrics on this registry.
+    pub fn with_registry(mut self, registry: prometheus::Registry) -> Self {
+        self.registry = Some(registry);
         self
     }
 
@@ -90,6 +112,7 @@ impl Default for StartOptions {
         StartOptions {
             resolver: Arc::new(SystemResolver),
             config_path: None,
+            registry: None,
         }
     }
 }
@@ -100,6 +123,9 @@ impl Default for StartOptions {
 pub struct Handle {
     controller: Arc<Controller>,
     addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    registry: prometheus::Registry,
+    access_log: Arc<crate::access_log::AccessLog>,
     shutdown: watch::Sender<bool>,
     data_done: Option<oneshot::Receiver<DrainReport>>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -137,14 +163,18 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         .map(server::bind)
         .collect::<Result<_, _>>()?;
     let addrs = listeners.iter().map(|l| l.addr).collect();
+    let admin_listener = match config.admin.listen {
+        Some(addr) => {
+            Some(crate::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?)
+        }
+        None => None,
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let control_socket = ControlServer::bind(&config.control.socket, config.control.mode)?;
     let restored = persist::load(&config.state_file, &config);
     if !restored.is_empty() {
         tracing::info!(path = %config.state_file.display(), upstreams = restored.len(), "routing state restored from the state file");
     }
-    let events_path = config.state_file.with_extension("events.jsonl");
-    let (events, events_writer) = EventLog::new(Some(&events_path));
-    let events = Arc::new(events);
     let health_client = crate::health::client().map_err(|e| StartError::Runtime {
         what: "health-check client",
         source: std::io::Error::other(e),
@@ -155,6 +185,26 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         &restored,
         None,
     )));
+    let registry = opts.registry.clone().unwrap_or_default();
+    let metrics = Arc::new(crate::metrics::Metrics::register(
+        &registry,
+        shared.clone(),
+    )?);
+    for u in &config.upstreams {
+        metrics.touch_upstream(&u.name);
+    }
+    let events_path = config.state_file.with_extension("events.jsonl");
+    let (events, events_writer) = EventLog::new(Some(&events_path), metrics.events_dropped.clone());
+    let events = Arc::new(events);
+
+    let access_log = Arc::new(
+        crate::access_log::AccessLog::start(
+            &config.access_log,
+            config.access_log_format,
+            metrics.access_log_dropped.clone(),
+        )
+        .map_err(StartError::AccessLog)?,
+    );
     let controller = Arc::new(Controller {
         shared: shared.clone(),
         state_file: config.state_file.clone(),
@@ -162,6 +212,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         config_path: opts.config_path.clone(),
         resolver: opts.resolver.clone(),
         events: events.clone(),
+        metrics: metrics.clone(),
         started: Instant::now(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -176,6 +227,11 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         let handler = Arc::new(SocketHandler(controller.clone()));
         let shutdown = shutdown_rx.clone();
         let events = events.clone();
+        let admin = crate::admin::Admin {
+            controller: controller.clone(),
+            registry: registry.clone(),
+            shutdown: shutdown_rx.clone(),
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -198,6 +254,12 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
                 tokio::select! {
                     _ = resolve::run(shared.clone(), resolver) => {}
                     _ = crate::health::run(shared.clone(), events, health_client) => {}
+                    _ = async move {
+                        match admin_listener {
+                            Some(l) => crate::admin::serve(l, admin).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                     // The control socket stays up while the data plane drains, so `proxyctl
                     // status` can watch the drain; it closes when the runtime stops.
                     _ = control_socket.serve(handler, std::future::pending()) => {}
@@ -225,6 +287,8 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             Switchyard {
                 shared: shared.clone(),
                 events: events.clone(),
+                metrics: metrics.clone(),
+                access_log: access_log.clone(),
             },
         );
         let app = Arc::new(app);
@@ -251,6 +315,9 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     Ok(Handle {
         controller,
         addrs,
+        admin_addr,
+        registry,
+        access_log,
         shutdown: shutdown_tx,
         data_done: Some(done_rx),
         threads,
@@ -384,6 +451,21 @@ impl Handle {
                 "empty reply",
             )),
         }
+    }
+
+    /// Where the admin listener is bound (`None` with `admin.listen: off`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The metrics in the Prometheus text format (what `GET /metrics` answers).
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(&self.registry)
+    }
+
+    /// Reopen the access log file (SIGUSR1; logrotate's convention).
+    pub fn reopen_logs(&self) {
+        self.access_log.reopen();
     }
 
     /// The control socket path.

@@ -20,6 +20,9 @@
 //! - `persist`: the state file.
 //! - `health`: active health checks (Spring Actuator aware), one task per instance.
 //! - `events`: the audit trail behind `proxyctl events`.
+//! - `metrics`: Prometheus metrics (SPEC §6), lock-free on the request path.
+//! - `access_log`: one line per request, combined or JSON, never blocking.
+//! - `admin`: the admin listener (`/metrics`, `/healthz`, `/status`).
 //! - `snapshot`: the `ArcSwap`ed routing snapshot and its single writer.
 //! - `upstream`: pools, instances, weights, instance selection.
 //! - `route`: route table and deny list.
@@ -27,10 +30,13 @@
 //! - [`fake_upstream`]: a Spring-like origin used by the demo, the tests and the benchmarks.
 //! - [`demo`]: `switchyard demo`.
 
+mod access_log;
+mod admin;
 mod control;
 mod events;
 mod handle;
 mod health;
+mod metrics;
 mod persist;
 mod resolve;
 mod route;

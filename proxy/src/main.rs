@@ -155,11 +155,13 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
         let stop = terminated();
         tokio::pin!(stop);
         let sig = loop {
             tokio::select! {
                 s = &mut stop => break s?,
+                _ = usr1.recv() => handle.reopen_logs(),
                 _ = hup.recv() => match handle.reload_on_signal().await {
                     Ok(r) => tracing::info!(summary = %r.summary, needs_restart = ?r.needs_restart, "SIGHUP: config reloaded"),
                     Err(e) => tracing::error!(error = %e.message, "SIGHUP: reload refused, the running config stays"),

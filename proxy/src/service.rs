@@ -7,7 +7,9 @@
 //! context is dropped — after `logging`, on every exit path, including client aborts.
 //! `upstream_request_filter` rewrites the path and sets the forwarding headers.
 
+use crate::access_log::{AccessLog, Entry};
 use crate::events::{self, EventLog};
+use crate::metrics::Metrics;
 use crate::snapshot::{Shared, Snapshot};
 use crate::upstream::health::now_ms;
 use crate::upstream::{Candidates, Instance, Pool, PoolState, UpstreamState};
@@ -26,6 +28,8 @@ use std::sync::Arc;
 pub(crate) struct Switchyard {
     pub(crate) shared: Arc<Shared>,
     pub(crate) events: Arc<EventLog>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) access_log: Arc<AccessLog>,
 }
 
 /// Counts one request on a pool and an instance while it exists (SPEC §4.3: "pool blue has
@@ -54,6 +58,8 @@ impl Drop for InflightGuard {
 /// Per-request state.
 #[derive(Debug, Default)]
 pub(crate) struct RequestCtx {
+    /// When the request head had been read.
+    started: Option<std::time::Instant>,
     /// The snapshot this request is routed by (loaded once).
     snapshot: Option<Arc<Snapshot>>,
     /// Index of the matched route.
@@ -210,7 +216,10 @@ impl ProxyHttp for Switchyard {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx::default()
+        RequestCtx {
+            started: Some(std::time::Instant::now()),
+            ..Default::default()
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -483,6 +492,62 @@ impl ProxyHttp for Switchyard {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        // Nothing sent: the client went away first (nginx's 499).
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .filter(|s| *s > 0)
+            .unwrap_or(499);
+        let elapsed = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
+        let pool = ctx
+            .upstream
+            .as_ref()
+            .zip(ctx.pool)
+            .map(|(u, pi)| &u.pools[pi]);
+        match pool {
+            Some(p) => p.pool.metrics(&self.metrics),
+            None => self.metrics.unrouted(),
+        }
+        .observe(status, elapsed.as_secs_f64());
+        if !self.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let header =
+            |name: http::header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let target = std::str::from_utf8(req.raw_path()).unwrap_or("-");
+        let error = e.map(|e| match e.esource() {
+            ErrorSource::Downstream => "client_error".to_string(),
+            _ => ctx.cause.unwrap_or_else(|| describe(e)).replace(' ', "_"),
+        });
+        let instance = ctx.instance.as_ref().map(|i| i.label.as_str());
+        self.access_log.log(&Entry {
+            time: std::time::SystemTime::now(),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            method: req.method.as_str(),
+            target,
+            version: match req.version {
+                http::Version::HTTP_10 => "HTTP/1.0",
+                http::Version::HTTP_2 => "HTTP/2.0",
+                _ => "HTTP/1.1",
+            },
+            status,
+            bytes: session.as_ref().body_bytes_sent(),
+            referer: header(header::REFERER),
+            user_agent: header(header::USER_AGENT),
+            host: header(header::HOST),
+            duration: elapsed,
+            upstream: ctx.upstream.as_ref().map(|u| u.name()),
+            pool: pool.map(|p| p.pool.name.as_str()),
+            instance,
+            error: error.as_deref(),
+        });
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {

@@ -136,6 +136,26 @@ impl ProxyProcess {
         panic!("could not start the proxy on a free port");
     }
 
+    /// Start from a config template with `{port}` and `{dir}` placeholders.
+    fn start_yaml(template: &str) -> ProxyProcess {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let dir = tempfile::tempdir().unwrap();
+            let yaml = template
+                .replace("{port}", &port.to_string())
+                .replace("{dir}", &dir.path().display().to_string());
+            std::fs::write(dir.path().join("switchyard.yaml"), yaml).unwrap();
+            if let Some(p) = Self::spawn(dir, port) {
+                return p;
+            }
+        }
+        panic!("could not start the proxy on a free port");
+    }
+
     /// Start the binary on `dir/switchyard.yaml`; `None` if the port was taken meanwhile.
     fn spawn(dir: tempfile::TempDir, port: u16) -> Option<ProxyProcess> {
         let cfg = dir.path().join("switchyard.yaml");
@@ -415,6 +435,52 @@ async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
     let app = status.upstream("app").unwrap();
     assert_eq!(app.weights, weights);
     assert_eq!(app.generation, generation);
+}
+
+#[tokio::test]
+async fn sigusr1_reopens_the_access_log() {
+    let up = FakeUpstream::builder("blue")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let px = ProxyProcess::start_yaml(&format!(
+        "listen: [{{addr: \"127.0.0.1:{{port}}\"}}]\ncontrol: {{socket: \"{{dir}}/c.sock\"}}\nstate_file: \"{{dir}}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"{{dir}}/access.log\"\nupstreams:\n  app:\n    pools: {{blue: [\"{}\"]}}\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+        up.addr()
+    ));
+    let log = px.dir.path().join("access.log");
+    let get = |path: &'static str| {
+        let addr = px.addr;
+        async move {
+            let mut s = connect(addr).await;
+            let req = http::Request::get(path)
+                .header("host", "t")
+                .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+                .unwrap();
+            s.send_request(req).await.unwrap().status()
+        }
+    };
+    let lines = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert_eq!(get("/before").await, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lines(&log).contains("/before") {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rotated = px.dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let ok = Command::new("kill")
+        .args(["-USR1", &px.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lines(&log).contains("/after") {
+        assert!(Instant::now() < deadline, "nothing in the reopened log");
+        assert_eq!(get("/after").await, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lines(&rotated).contains("/before"));
 }
 
 #[test]

@@ -6,6 +6,7 @@ mod control_socket;
 mod health;
 mod lifecycle;
 mod load;
+mod observability;
 mod routing;
 mod switching;
 mod tls;

@@ -310,7 +310,7 @@ impl Progress {
                     "{upstream}/{pool}: {healthy} of {needed} needed instances healthy"
                 ));
             }
-            Event::Record(r) => {
+            Event::Record { record: r } => {
                 if self.json {
                     println!("{}", serde_json::to_string(r).unwrap_or_default());
                 } else {

@@ -82,6 +82,10 @@ impl Instance {
 #[derive(Debug)]
 pub(crate) struct Pool {
     pub(crate) name: String,
+    /// The upstream it belongs to (metric labels).
+    pub(crate) upstream: String,
+    /// Metric handles, created on the first request.
+    metrics: std::sync::OnceLock<crate::metrics::PoolMetrics>,
     /// Requests (and upgraded connections) in flight on this pool.
     pub(crate) inflight: AtomicI64,
     /// Round-robin position.
@@ -92,13 +96,21 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(name: &str) -> Self {
+    pub(crate) fn new(upstream: &str, name: &str) -> Self {
         Pool {
             name: name.to_string(),
+            upstream: upstream.to_string(),
+            metrics: std::sync::OnceLock::new(),
             inflight: AtomicI64::new(0),
             rr: AtomicUsize::new(0),
             fail_open: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// This pool's metric handles.
+    pub(crate) fn metrics(&self, m: &crate::metrics::Metrics) -> &crate::metrics::PoolMetrics {
+        self.metrics
+            .get_or_init(|| m.pool(&self.upstream, &self.name))
     }
 }
 
@@ -160,7 +172,7 @@ impl UpstreamState {
                 PoolState {
                     pool: old_pool
                         .map(|op| op.pool.clone())
-                        .unwrap_or_else(|| Arc::new(Pool::new(&p.name))),
+                        .unwrap_or_else(|| Arc::new(Pool::new(&config.name, &p.name))),
                     weight,
                     epoch,
                     instances: addrs

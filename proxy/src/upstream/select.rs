@@ -94,7 +94,7 @@ mod tests {
 
     fn pool(addrs: &[&str]) -> PoolState {
         let p = PoolState {
-            pool: Arc::new(Pool::new("blue")),
+            pool: Arc::new(Pool::new("app", "blue")),
             weight: 100,
             epoch: 0,
             instances: addrs

@@ -1,0 +1,302 @@
+//! The access log: one line per request, nginx `combined` with switchyard's fields appended, or
+//! one JSON object per line.
+//!
+//! Lines are formatted on the worker thread and handed to a writer thread through a bounded
+//! channel (`try_send`): when the writer falls behind (a slow disk, a blocked stdout pipe) the
+//! line is dropped and counted in `switchyard_access_log_dropped_total` — logging never stalls
+//! a request. A file log is reopened on SIGUSR1 ([`AccessLog::reopen`]), the logrotate
+//! convention.
+//!
+//! Combined format (the first part is byte-compatible with nginx's `combined`):
+//!
+//! ```text
+//! 127.0.0.1 - - [28/Nov/2026:06:33:10 +0000] "GET /users?id=1 HTTP/1.1" 200 41 "-" "curl/8.0"
+//!   rt=0.002 upstream=app pool=blue instance=127.0.0.1:8081 error=-
+//! ```
+//! (one line; `rt` in seconds; `upstream`/`pool`/`instance` are `-` for requests answered by
+//! the proxy itself; `error` names what went wrong upstream, e.g. `connection_refused`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use switchyard_config::{AccessLog as Destination, AccessLogFormat};
+
+/// Lines buffered between the workers and the writer.
+const QUEUE: usize = 16 * 1024;
+
+/// One finished request.
+#[derive(Debug)]
+pub(crate) struct Entry<'a> {
+    pub(crate) time: SystemTime,
+    pub(crate) client: Option<std::net::IpAddr>,
+    pub(crate) method: &'a str,
+    pub(crate) target: &'a str,
+    pub(crate) version: &'a str,
+    pub(crate) status: u16,
+    pub(crate) bytes: usize,
+    pub(crate) referer: Option<&'a str>,
+    pub(crate) user_agent: Option<&'a str>,
+    pub(crate) host: Option<&'a str>,
+    pub(crate) duration: Duration,
+    pub(crate) upstream: Option<&'a str>,
+    pub(crate) pool: Option<&'a str>,
+    pub(crate) instance: Option<&'a str>,
+    pub(crate) error: Option<&'a str>,
+}
+
+/// The request-path side of the access log.
+#[derive(Debug)]
+pub(crate) struct AccessLog {
+    tx: Option<SyncSender<String>>,
+    format: AccessLogFormat,
+    reopen: Arc<AtomicBool>,
+    dropped: prometheus::IntCounter,
+}
+
+impl AccessLog {
+    /// Start the writer thread for `dest` (nothing for `off`).
+    pub(crate) fn start(
+        dest: &Destination,
+        format: AccessLogFormat,
+        dropped: prometheus::IntCounter,
+    ) -> std::io::Result<AccessLog> {
+        let reopen = Arc::new(AtomicBool::new(false));
+        let tx = match dest {
+            Destination::Off => None,
+            Destination::Stdout => Some(spawn_writer(None, reopen.clone())?),
+            Destination::File(p) => {
+                open(p)?; // fail at start, not at the first request
+                Some(spawn_writer(Some(p.clone()), reopen.clone())?)
+            }
+        };
+        Ok(AccessLog {
+            tx,
+            format,
+            reopen,
+            dropped,
+        })
+    }
+
+    /// Whether lines are written at all.
+    pub(crate) fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Log one request (never blocks).
+    pub(crate) fn log(&self, e: &Entry<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let line = match self.format {
+            AccessLogFormat::Combined => combined(e),
+            AccessLogFormat::Json => json(e),
+        };
+        if tx.try_send(line).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    /// Reopen the file (after logrotate moved it).
+    pub(crate) fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+    }
+}
+
+fn open(p: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+}
+
+fn spawn_writer(
+    path: Option<PathBuf>,
+    reopen: Arc<AtomicBool>,
+) -> std::io::Result<SyncSender<String>> {
+    let (tx, rx) = sync_channel::<String>(QUEUE);
+    std::thread::Builder::new()
+        .name("switchyard-access-log".into())
+        .spawn(move || writer(rx, path, reopen))?;
+    Ok(tx)
+}
+
+fn writer(rx: Receiver<String>, path: Option<PathBuf>, reopen: Arc<AtomicBool>) {
+    let mut out: Box<dyn Write> = match &path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => match open(p) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                tracing::error!(path = %p.display(), error = %e, "cannot open the access log");
+                return;
+            }
+        },
+    };
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                buf.extend_from_slice(line.as_bytes());
+                buf.push(b'\n');
+                while buf.len() < 60 * 1024 {
+                    let Ok(more) = rx.try_recv() else { break };
+                    buf.extend_from_slice(more.as_bytes());
+                    buf.push(b'\n');
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = out.write_all(&buf);
+                let _ = out.flush();
+                return;
+            }
+        }
+        if !buf.is_empty() {
+            if let Err(e) = out.write_all(&buf).and_then(|_| out.flush()) {
+                tracing::warn!(error = %e, "cannot write the access log");
+            }
+            buf.clear();
+        }
+        if reopen.swap(false, Ordering::AcqRel) {
+            if let Some(p) = &path {
+                match open(p) {
+                    Ok(f) => {
+                        out = Box::new(f);
+                        tracing::info!(path = %p.display(), "access log reopened");
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %p.display(), error = %e, "cannot reopen the access log; keeping the old file")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `[28/Nov/2026:06:33:10 +0000]`-style time (UTC), from the RFC 3339 rendering.
+fn time_local(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let s = humantime::format_rfc3339_seconds(t).to_string(); // 2026-11-28T06:33:10Z
+    let (y, rest) = s.split_at(4.min(s.len()));
+    let m: usize = rest.get(1..3).and_then(|m| m.parse().ok()).unwrap_or(1);
+    let d = rest.get(4..6).unwrap_or("01");
+    let hms = rest.get(7..15).unwrap_or("00:00:00");
+    format!(
+        "{d}/{}/{y}:{hms} +0000",
+        MONTHS.get(m.wrapping_sub(1)).copied().unwrap_or("Jan")
+    )
+}
+
+/// nginx-style escaping of a quoted field: `"` and `\` and non-printable bytes as `\xHH`.
+fn escape(s: &str, out: &mut String) {
+    for b in s.bytes() {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            out.push_str(&format!("\\x{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+}
+
+fn dash(v: Option<&str>) -> &str {
+    v.filter(|s| !s.is_empty()).unwrap_or("-")
+}
+
+/// Unquoted `key=value` fields must not contain spaces.
+fn token(v: Option<&str>) -> String {
+    dash(v).replace([' ', '"'], "_")
+}
+
+pub(crate) fn combined(e: &Entry<'_>) -> String {
+    let mut s = String::with_capacity(256);
+    s.push_str(
+        &e.client
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into()),
+    );
+    s.push_str(" - - [");
+    s.push_str(&time_local(e.time));
+    s.push_str("] \"");
+    escape(&format!("{} {} {}", e.method, e.target, e.version), &mut s);
+    s.push_str(&format!("\" {} {} \"", e.status, e.bytes));
+    escape(dash(e.referer), &mut s);
+    s.push_str("\" \"");
+    escape(dash(e.user_agent), &mut s);
+    s.push_str(&format!(
+        "\" rt={:.3} upstream={} pool={} instance={} error={}",
+        e.duration.as_secs_f64(),
+        token(e.upstream),
+        token(e.pool),
+        token(e.instance),
+        token(e.error)
+    ));
+    s
+}
+
+pub(crate) fn json(e: &Entry<'_>) -> String {
+    serde_json::json!({
+        "time": humantime::format_rfc3339_millis(e.time).to_string(),
+        "client": e.client.map(|c| c.to_string()),
+        "method": e.method,
+        "path": e.target,
+        "protocol": e.version,
+        "status": e.status,
+        "bytes": e.bytes,
+        "duration_ms": (e.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+        "host": e.host,
+        "referer": e.referer,
+        "user_agent": e.user_agent,
+        "upstream": e.upstream,
+        "pool": e.pool,
+        "instance": e.instance,
+        "error": e.error,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_847_590),
+            client: Some("127.0.0.1".parse().unwrap()),
+            method: "GET",
+            target: "/users?id=\"1\"",
+            version: "HTTP/1.1",
+            status: 200,
+            bytes: 41,
+            referer: None,
+            user_agent: Some("curl/8.0"),
+            host: Some("shop.example"),
+            duration: Duration::from_millis(2),
+            upstream: Some("app"),
+            pool: Some("blue"),
+            instance: Some("127.0.0.1:8081"),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn combined_is_nginx_compatible_with_fields_appended() {
+        let line = combined(&entry());
+        assert_eq!(
+            line,
+            r#"127.0.0.1 - - [28/Nov/2026:06:33:10 +0000] "GET /users?id=\x221\x22 HTTP/1.1" 200 41 "-" "curl/8.0" rt=0.002 upstream=app pool=blue instance=127.0.0.1:8081 error=-"#
+        );
+    }
+
+    #[test]
+    fn json_has_every_field() {
+        let v: serde_json::Value = serde_json::from_str(&json(&entry())).unwrap();
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["path"], "/users?id=\"1\"");
+        assert_eq!(v["pool"], "blue");
+        assert_eq!(v["duration_ms"], 2.0);
+        assert_eq!(v["time"], "2026-11-28T06:33:10.000Z");
+        assert!(v["error"].is_null());
+    }
+}
