@@ -411,6 +411,12 @@ impl ProxyHttp for Switchyard {
         ctx: &mut Self::CTX,
         client_reused: bool,
     ) -> Box<Error> {
+        if *e.esource() == ErrorSource::Downstream {
+            // The client went away (or broke its side): nothing to retry, and nothing to hold
+            // against the instance.
+            e.set_retry(false);
+            return e;
+        }
         ctx.cause = Some(describe(&e));
         if !client_reused {
             // A stale pooled connection says nothing about the instance.

@@ -263,6 +263,13 @@ async fn inflight_returns_to_zero_on_every_exit_path() {
         drop(s);
     }
     eventually(|| px.inflight("blue") == 0).await;
+    // A client abort is not retried and not held against the instance.
+    assert_eq!(up.hits(), 1);
+    let st = px.handle().status();
+    assert_eq!(
+        st.upstream("app").unwrap().pool("blue").unwrap().instances[0].passive_failures,
+        0
+    );
 
     // Upstream reset.
     // (The response can reach the client a moment before the request's context is dropped,
