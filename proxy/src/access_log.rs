@@ -173,7 +173,7 @@ fn writer(rx: Receiver<String>, path: Option<PathBuf>, reopen: Arc<AtomicBool>) 
     }
 }
 
-/// `[28/Nov/2026:06:33:10 +0000]`-style time (UTC), from the RFC 3339 rendering.
+/// `28/Nov/2026:06:33:10 +0000`-style time (UTC), from the RFC 3339 rendering.
 fn time_local(t: SystemTime) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -189,11 +189,39 @@ fn time_local(t: SystemTime) -> String {
     )
 }
 
+thread_local! {
+    /// The formatted time of the current second, per worker thread: formatting a date for
+    /// every request is most of a combined line's cost.
+    static TIME_CACHE: std::cell::RefCell<(u64, String, String)> =
+        const { std::cell::RefCell::new((u64::MAX, String::new(), String::new())) };
+}
+
+/// Append the second-resolution time of `t`: nginx style, or RFC 3339 (the cached part) with
+/// milliseconds added by the caller.
+fn push_time(t: SystemTime, nginx: bool, out: &mut String) {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    TIME_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            c.1 = time_local(whole);
+            let rfc = humantime::format_rfc3339_seconds(whole).to_string();
+            c.2 = rfc.trim_end_matches('Z').to_string();
+            c.0 = secs;
+        }
+        out.push_str(if nginx { &c.1 } else { &c.2 });
+    });
+}
+
 /// nginx-style escaping of a quoted field: `"` and `\` and non-printable bytes as `\xHH`.
 fn escape(s: &str, out: &mut String) {
+    use std::fmt::Write;
     for b in s.bytes() {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-            out.push_str(&format!("\\x{b:02X}"));
+            let _ = write!(out, "\\x{b:02X}");
         } else {
             out.push(b as char);
         }
@@ -204,56 +232,113 @@ fn dash(v: Option<&str>) -> &str {
     v.filter(|s| !s.is_empty()).unwrap_or("-")
 }
 
-/// Unquoted `key=value` fields must not contain spaces.
-fn token(v: Option<&str>) -> String {
-    dash(v).replace([' ', '"'], "_")
+/// Unquoted `key=value` fields must not contain spaces or quotes.
+fn token(v: Option<&str>, out: &mut String) {
+    for c in dash(v).chars() {
+        out.push(if c == ' ' || c == '"' { '_' } else { c });
+    }
 }
 
 pub(crate) fn combined(e: &Entry<'_>) -> String {
+    use std::fmt::Write;
     let mut s = String::with_capacity(256);
-    s.push_str(
-        &e.client
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "-".into()),
-    );
+    match e.client {
+        Some(c) => {
+            let _ = write!(s, "{c}");
+        }
+        None => s.push('-'),
+    }
     s.push_str(" - - [");
-    s.push_str(&time_local(e.time));
+    push_time(e.time, true, &mut s);
     s.push_str("] \"");
-    escape(&format!("{} {} {}", e.method, e.target, e.version), &mut s);
-    s.push_str(&format!("\" {} {} \"", e.status, e.bytes));
+    escape(e.method, &mut s);
+    s.push(' ');
+    escape(e.target, &mut s);
+    s.push(' ');
+    escape(e.version, &mut s);
+    let _ = write!(s, "\" {} {} \"", e.status, e.bytes);
     escape(dash(e.referer), &mut s);
     s.push_str("\" \"");
     escape(dash(e.user_agent), &mut s);
-    s.push_str(&format!(
-        "\" rt={:.3} upstream={} pool={} instance={} error={}",
-        e.duration.as_secs_f64(),
-        token(e.upstream),
-        token(e.pool),
-        token(e.instance),
-        token(e.error)
-    ));
+    let _ = write!(s, "\" rt={:.3} upstream=", e.duration.as_secs_f64());
+    token(e.upstream, &mut s);
+    s.push_str(" pool=");
+    token(e.pool, &mut s);
+    s.push_str(" instance=");
+    token(e.instance, &mut s);
+    s.push_str(" error=");
+    token(e.error, &mut s);
     s
 }
 
+/// A JSON string (or null), escaped per RFC 8259.
+fn json_str(v: Option<&str>, out: &mut String) {
+    use std::fmt::Write;
+    let Some(v) = v else {
+        out.push_str("null");
+        return;
+    };
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 pub(crate) fn json(e: &Entry<'_>) -> String {
-    serde_json::json!({
-        "time": humantime::format_rfc3339_millis(e.time).to_string(),
-        "client": e.client.map(|c| c.to_string()),
-        "method": e.method,
-        "path": e.target,
-        "protocol": e.version,
-        "status": e.status,
-        "bytes": e.bytes,
-        "duration_ms": (e.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-        "host": e.host,
-        "referer": e.referer,
-        "user_agent": e.user_agent,
-        "upstream": e.upstream,
-        "pool": e.pool,
-        "instance": e.instance,
-        "error": e.error,
-    })
-    .to_string()
+    use std::fmt::Write;
+    let mut s = String::with_capacity(320);
+    s.push_str("{\"time\":\"");
+    push_time(e.time, false, &mut s);
+    let millis = e
+        .time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_millis())
+        .unwrap_or(0);
+    let _ = write!(s, ".{millis:03}Z\",\"client\":");
+    match e.client {
+        Some(c) => {
+            let _ = write!(s, "\"{c}\"");
+        }
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"method\":");
+    json_str(Some(e.method), &mut s);
+    s.push_str(",\"path\":");
+    json_str(Some(e.target), &mut s);
+    s.push_str(",\"protocol\":");
+    json_str(Some(e.version), &mut s);
+    let _ = write!(
+        s,
+        ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"host\":",
+        e.status,
+        e.bytes,
+        e.duration.as_secs_f64() * 1000.0
+    );
+    json_str(e.host, &mut s);
+    for (k, v) in [
+        ("referer", e.referer),
+        ("user_agent", e.user_agent),
+        ("upstream", e.upstream),
+        ("pool", e.pool),
+        ("instance", e.instance),
+        ("error", e.error),
+    ] {
+        let _ = write!(s, ",\"{k}\":");
+        json_str(v, &mut s);
+    }
+    s.push('}');
+    s
 }
 
 #[cfg(test)]
@@ -291,12 +376,19 @@ mod tests {
 
     #[test]
     fn json_has_every_field() {
-        let v: serde_json::Value = serde_json::from_str(&json(&entry())).unwrap();
+        let line = json(&entry());
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
         assert_eq!(v["status"], 200);
         assert_eq!(v["path"], "/users?id=\"1\"");
         assert_eq!(v["pool"], "blue");
         assert_eq!(v["duration_ms"], 2.0);
         assert_eq!(v["time"], "2026-11-28T06:33:10.000Z");
         assert!(v["error"].is_null());
+        assert_eq!(v["host"], "shop.example");
+        let mut odd = entry();
+        odd.user_agent = Some("a\"b\\c\n\u{1}é");
+        let v: serde_json::Value = serde_json::from_str(&json(&odd)).unwrap();
+        assert_eq!(v["user_agent"], "a\"b\\c\n\u{1}é");
     }
 }

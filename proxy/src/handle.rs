@@ -145,7 +145,7 @@ pub fn preflight(config: &Config) -> Vec<switchyard_config::FieldError> {
         .enumerate()
         .filter_map(|(i, l)| {
             let t = l.tls.as_ref()?;
-            server::tls_acceptor(t, l.http2)
+            server::check_tls(t)
                 .err()
                 .map(|e| switchyard_config::FieldError {
                     path: root.index(i).key("tls"),
@@ -155,6 +155,9 @@ pub fn preflight(config: &Config) -> Vec<switchyard_config::FieldError> {
         .collect()
 }
 
+/// See the comment where it is used.
+const UPSTREAM_POOL_PER_THREAD: usize = 4096;
+
 /// Start a proxy from a validated config.
 pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     let listeners: Vec<BoundListener> = config
@@ -162,7 +165,10 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         .iter()
         .map(server::bind)
         .collect::<Result<_, _>>()?;
-    let addrs = listeners.iter().map(|l| l.addr).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
+    for a in &addrs {
+        tracing::info!(addr = %a, "listening");
+    }
     let admin_listener = match config.admin.listen {
         Some(addr) => {
             Some(crate::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?)
@@ -280,33 +286,66 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             threads: config.threads,
             // Our own retry accounting bounds attempts; this is only Pingora's outer ceiling.
             max_retries: 16,
+            // Idle upstream connections kept per worker thread. Pingora's default (128) makes
+            // every request beyond 128 concurrent ones open and close its own upstream
+            // connection: at 1k clients that tripled the CPU per request (BENCHMARKS.md).
+            upstream_keepalive_pool_size: UPSTREAM_POOL_PER_THREAD,
             ..Default::default()
         };
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let app = pingora::proxy::http_proxy(
             &Arc::new(conf),
             Switchyard {
+                active: active.clone(),
                 shared: shared.clone(),
                 events: events.clone(),
                 metrics: metrics.clone(),
                 access_log: access_log.clone(),
             },
         );
-        let app = Arc::new(app);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.threads)
-            .thread_name("switchyard-worker")
-            .enable_all()
-            .build()
-            .map_err(|source| StartError::Runtime {
-                what: "data-plane runtime",
-                source,
-            })?;
-        let grace = config.grace_period;
-        let shutdown = shutdown_rx.clone();
+        // One current-thread runtime per worker thread, each accepting on every listener and
+        // serving what it accepted (nginx's model; Pingora's "no steal" flavour): measured
+        // cheaper per request than tokio's work-stealing scheduler (docs/BENCHMARKS.md).
+        let app = Arc::new(server::App::new(app, shared.clone()));
+        let listeners = Arc::new(listeners);
+        let mut workers = Vec::new();
+        for i in 0..config.threads {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| StartError::Runtime {
+                    what: "data-plane runtime",
+                    source,
+                })?;
+            let sockets = listeners
+                .iter()
+                .map(|l| l.try_clone())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| StartError::Runtime {
+                    what: "listener clone",
+                    source,
+                })?;
+            let (app, shutdown, active) = (app.clone(), shutdown_rx.clone(), active.clone());
+            let grace = config.grace_period;
+            workers.push(spawn_thread(
+                &format!("switchyard-worker-{i}"),
+                move || {
+                    let report = rt.block_on(server::serve(app, sockets, shutdown, grace, active));
+                    // Whatever is still running after the grace period is cancelled here.
+                    rt.shutdown_timeout(Duration::from_secs(1));
+                    report
+                },
+            )?);
+        }
+        drop(listeners);
         threads.push(spawn_thread("switchyard-main", move || {
-            let report = rt.block_on(server::serve(app, listeners, shutdown, grace));
-            // Whatever is still running after the grace period is cancelled here.
-            rt.shutdown_timeout(Duration::from_secs(1));
+            let mut report = server::DrainReport::default();
+            for w in workers {
+                if let Ok(r) = w.join() {
+                    report.abandoned_requests = report.abandoned_requests.max(r.abandoned_requests);
+                    report.elapsed = report.elapsed.max(r.elapsed);
+                }
+            }
             let _ = data_stopped_tx.send(());
             let _ = done_tx.send(report);
         })?);
@@ -324,10 +363,10 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     })
 }
 
-fn spawn_thread(
+fn spawn_thread<T: Send + 'static>(
     name: &str,
-    f: impl FnOnce() + Send + 'static,
-) -> Result<std::thread::JoinHandle<()>, StartError> {
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, StartError> {
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(f)

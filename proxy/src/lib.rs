@@ -14,6 +14,7 @@
 //! # Layout
 //! - `handle`: [`start`], [`Handle`], [`StartOptions`], [`StartError`].
 //! - `server`: binding, the accept loop, graceful shutdown.
+//! - `coalesce`: write coalescing for accepted streams (one send per small response).
 //! - `service`: the `ProxyHttp` implementation (the request path).
 //! - `control`: the control operations (switch, weights, drain, pools, reload) behind both
 //!   the [`Handle`] and the control socket.
@@ -32,6 +33,7 @@
 
 mod access_log;
 mod admin;
+mod coalesce;
 mod control;
 mod events;
 mod handle;

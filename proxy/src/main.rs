@@ -1,6 +1,12 @@
 //! The `switchyard` binary: parse the command line, set up logging, load the config, run.
 
 use anyhow::Context;
+
+/// mimalloc instead of glibc malloc: Pingora allocates and frees many small buffers per
+/// request, and glibc's malloc/free were ~14% of the CPU per proxied request in the profile
+/// (docs/BENCHMARKS.md has the measured before/after).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;

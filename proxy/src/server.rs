@@ -1,37 +1,62 @@
-//! Listening sockets, the accept loop and graceful shutdown of the data plane.
+//! Listening sockets, the accept loop, and graceful shutdown of the data plane.
 //!
-//! switchyard drives Pingora's `HttpProxy` from its own accept loop instead of Pingora's
-//! `Server` (the pattern `pingora_proxy::http_proxy` documents for custom accept loops):
-//! - sockets are bound by `start()` itself, so a port conflict is an error returned to the
-//!   caller (Pingora only logs it from a service task, issues #667/#502), and port 0 works
-//!   with the real port reported back (Pingora cannot report it, #988);
-//! - graceful shutdown ends as soon as the last connection is done, bounded by
-//!   `grace_period` (Pingora always sleeps the whole grace period, then cancels tasks).
+//! switchyard drives Pingora's `HttpProxy` from its own accept loop (the pattern
+//! `pingora_proxy::http_proxy` documents for custom accept loops) instead of Pingora's
+//! `Server`/listening `Service`:
+//! - sockets are bound by `start()` itself, so a port conflict or an unreadable certificate is
+//!   an error returned to the caller (Pingora only logs a bind failure from a service task,
+//!   issues #667/#502), and port 0 works with the real port reported back (#988);
+//! - a connection waiting for its next request holds a few hundred bytes, not Pingora's whole
+//!   request state machine (~35 KiB): 10k idle keep-alive clients fit in well under 100 MiB
+//!   (see [`App`] and docs/BENCHMARKS.md);
+//! - graceful shutdown ends as soon as no request is in flight, bounded by `grace_period`
+//!   (Pingora's `Server` always sleeps the whole grace period, then cancels tasks).
 //!
-//! Each accepted connection is handed to Pingora's `ServerApp::process_new`, exactly what
-//! Pingora's own listening service does, so HTTP/1.1 keep-alive, h2 over TLS ALPN, upgrades
-//! and body streaming are Pingora's.
+//! Each request is processed by Pingora's own `HttpServerApp::process_new_http`, so HTTP/1.1
+//! keep-alive, h2 over TLS ALPN, upgrades and body streaming are Pingora's.
 
+use crate::coalesce::Coalesced;
 use crate::service::Switchyard;
+use crate::snapshot::Shared;
 use crate::StartError;
-use pingora::apps::ServerApp;
-use pingora::listeners::tls::Acceptor;
-use pingora::protocols::l4::listener::Listener as L4Listener;
-use pingora::protocols::Stream;
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_config::ListenConfig;
 use tokio::sync::watch;
-use tokio_util::task::TaskTracker;
 
 /// A bound listening socket, not yet accepting.
 pub(crate) struct BoundListener {
     /// The address actually bound (the real port when the config said 0).
     pub(crate) addr: SocketAddr,
     socket: std::net::TcpListener,
-    tls: Option<Arc<Acceptor>>,
+    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+}
+
+/// One worker's handle on a listener: a duplicate of the socket.
+pub(crate) struct WorkerSocket {
+    addr: SocketAddr,
+    socket: std::net::TcpListener,
+    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+}
+
+impl BoundListener {
+    /// A duplicate for one worker thread (every worker accepts on every listener).
+    pub(crate) fn try_clone(&self) -> std::io::Result<WorkerSocket> {
+        Ok(WorkerSocket {
+            addr: self.addr,
+            socket: self.socket.try_clone()?,
+            tls: self.tls.clone(),
+        })
+    }
 }
 
 impl std::fmt::Debug for BoundListener {
@@ -67,17 +92,16 @@ pub(crate) fn bind(cfg: &ListenConfig) -> Result<BoundListener, StartError> {
     let socket: std::net::TcpListener = socket.into();
     let addr = socket.local_addr().map_err(err)?;
     let tls = match &cfg.tls {
-        Some(t) => Some(Arc::new(tls_acceptor(t, cfg.http2)?)),
+        Some(t) => Some(Arc::new(tls_settings(t, cfg.http2)?.build())),
         None => None,
     };
     Ok(BoundListener { addr, socket, tls })
 }
 
-/// Build a rustls acceptor, returning an error (Pingora's `TlsSettings::build` panics).
-pub(crate) fn tls_acceptor(
+/// Load a certificate chain and key into rustls' form, with errors instead of panics.
+fn load_cert(
     t: &switchyard_config::TlsConfig,
-    http2: bool,
-) -> Result<Acceptor, StartError> {
+) -> Result<Arc<pingora::tls::sign::CertifiedKey>, StartError> {
     use pingora::tls;
     tls::install_default_crypto_provider();
     let bad = |why: String| StartError::Tls {
@@ -94,94 +118,203 @@ pub(crate) fn tls_acceptor(
         tls::load_certs_and_key_files(&t.cert.to_string_lossy(), &t.key.to_string_lossy())
             .map_err(|e| bad(e.to_string()))?
             .ok_or_else(|| bad("no certificate or no private key found in the PEM files".into()))?;
-    let mut config = tls::ServerConfig::builder_with_protocol_versions(&[
-        &tls::version::TLS12,
-        &tls::version::TLS13,
-    ])
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| bad(e.to_string()))?;
-    config.alpn_protocols = if http2 {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-    } else {
-        vec![b"http/1.1".to_vec()]
-    };
-    Ok(Acceptor::from_server_config(Arc::new(config)))
+    let provider = tls::CryptoProvider::get_default()
+        .ok_or_else(|| bad("no TLS crypto provider installed".into()))?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| bad(e.to_string()))?;
+    let ck = tls::sign::CertifiedKey::new(certs, signing);
+    ck.keys_match()
+        .map_err(|e| bad(format!("certificate and key do not match: {e}")))?;
+    Ok(Arc::new(ck))
+}
+
+/// Serves the one certificate of a listener (the resolver route lets Pingora's TLS settings
+/// be built without it re-reading — and panicking on — the PEM files).
+#[derive(Debug)]
+struct OneCert(Arc<pingora::tls::sign::CertifiedKey>);
+
+impl pingora::tls::ResolvesServerCert for OneCert {
+    fn resolve(
+        &self,
+        _hello: pingora::tls::ClientHello<'_>,
+    ) -> Option<Arc<pingora::tls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Pingora TLS settings for a listener, or a start error.
+pub(crate) fn tls_settings(
+    t: &switchyard_config::TlsConfig,
+    http2: bool,
+) -> Result<TlsSettings, StartError> {
+    let cert = load_cert(t)?;
+    let mut s = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls {
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+        why: e.to_string(),
+    })?;
+    s.set_cert_resolver(Arc::new(OneCert(cert)));
+    if http2 {
+        s.enable_h2();
+    }
+    Ok(s)
+}
+
+/// Check a TLS listener's files (for `switchyard check` and reloads).
+pub(crate) fn check_tls(t: &switchyard_config::TlsConfig) -> Result<(), StartError> {
+    load_cert(t).map(|_| ())
+}
+
+/// How long a new connection may take to send its first byte (Pingora's default header read
+/// timeout).
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The connection handler: Pingora's HTTP/1 keep-alive loop, except that a connection waiting
+/// for its next request waits in a small future of its own. Pingora's per-connection future
+/// (the whole proxy state machine) is about 35 KiB and lives as long as the connection; here it
+/// is boxed for the duration of one request only, so 10k idle keep-alive clients cost their
+/// sockets and buffers, not 10k request state machines (BENCHMARKS.md: RSS with 10k idle
+/// connections). h2 connections (TLS + ALPN) are handed to Pingora's own handling.
+pub(crate) struct App {
+    proxy: Arc<HttpProxy<Switchyard>>,
+    shared: Arc<Shared>,
+}
+
+impl App {
+    pub(crate) fn new(proxy: HttpProxy<Switchyard>, shared: Arc<Shared>) -> Self {
+        App {
+            proxy: Arc::new(proxy),
+            shared,
+        }
+    }
+}
+
+/// Wait until the client sends something, the connection closes, `limit` passes or shutdown
+/// begins. True when there is something to read (or the stream cannot tell, as TLS).
+async fn wait_for_data(stream: &mut Stream, limit: Duration, shutdown: &ShutdownWatch) -> bool {
+    let mut byte = [0u8; 1];
+    let mut sd = shutdown.clone();
+    tokio::select! {
+        r = stream.try_peek(&mut byte) => r.is_ok(),
+        _ = tokio::time::sleep(limit) => false,
+        _ = sd.wait_for(|s| *s) => false,
+    }
+}
+
+#[async_trait]
+impl ServerApp for App {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.proxy.process_new(stream, shutdown).await;
+        }
+        let mut wait = FIRST_REQUEST_TIMEOUT;
+        let mut settings = None;
+        loop {
+            if !wait_for_data(&mut stream, wait, shutdown).await {
+                return None;
+            }
+            let mut session = ServerSession::new_http1(stream);
+            // Pingora's default; request_filter sets the configured keepalive_timeout.
+            session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+            if let Some(s) = settings.take() {
+                pingora::apps::HttpPersistentSettings::apply_to_session(s, &mut session);
+            }
+            let reused = Box::pin(self.proxy.process_new_http(session, shutdown)).await?;
+            let (next, persistent) = reused.consume();
+            stream = next;
+            settings = persistent;
+            let ka = self.shared.load().config.keepalive_timeout;
+            if ka.is_zero() {
+                return None;
+            }
+            wait = ka;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
 }
 
 /// How the data plane ended.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DrainReport {
-    /// Connections still open when the grace period ran out (0 = clean drain).
-    pub abandoned_connections: usize,
+    /// Requests still in flight when the grace period ran out (0 = clean drain).
+    pub abandoned_requests: usize,
     /// How long the drain took.
     pub elapsed: Duration,
 }
 
-/// Accept and serve until `shutdown` becomes true, then stop accepting, let open connections
-/// finish (idle keep-alive ones are closed at once, busy ones after their current request),
-/// and return when none is left or `grace` has passed.
+/// Accept and serve until `shutdown` becomes true, then stop accepting, let in-flight
+/// requests finish (idle keep-alive connections are closed at once, busy ones after their
+/// current response), and return when none is left or `grace` has passed.
 pub(crate) async fn serve(
-    app: Arc<HttpProxy<Switchyard>>,
-    listeners: Vec<BoundListener>,
+    app: Arc<App>,
+    listeners: Vec<WorkerSocket>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
+    active: Arc<AtomicUsize>,
 ) -> DrainReport {
-    let tracker = TaskTracker::new();
-    let mut accept_loops = Vec::new();
+    use pingora::protocols::l4::listener::Listener as L4Listener;
+    let mut loops = Vec::new();
     for l in listeners {
-        let tokio_listener = match tokio::net::TcpListener::from_std(l.socket) {
-            Ok(t) => t,
+        let listener = match tokio::net::TcpListener::from_std(l.socket) {
+            Ok(t) => L4Listener::from(t),
             Err(e) => {
                 tracing::error!(addr = %l.addr, error = %e, "cannot register listener");
                 continue;
             }
         };
-        accept_loops.push(tokio::spawn(accept_loop(
-            L4Listener::from(tokio_listener),
+        let tls = l.tls;
+        tracing::debug!(addr = %l.addr, tls = tls.is_some(), "accepting");
+        loops.push(tokio::spawn(accept_loop(
+            listener,
             l.addr,
-            l.tls,
+            tls,
             app.clone(),
-            tracker.clone(),
             shutdown.clone(),
         )));
     }
-    for a in accept_loops {
-        let _ = a.await;
+    for l in loops {
+        let _ = l.await;
     }
-    let start = tokio::time::Instant::now();
-    // Wake idle keep-alive connections so they close now instead of at their timeout.
+    // Wake connections waiting inside Pingora so they close now.
     app.cleanup().await;
-    tracker.close();
-    let open = tracker.len();
+    let start = tokio::time::Instant::now();
+    let deadline = start + grace;
+    let open = active.load(Ordering::Acquire);
     if open > 0 {
-        tracing::info!(connections = open, grace = ?grace, "draining connections");
+        tracing::info!(requests = open, grace = ?grace, "draining in-flight requests");
     }
-    let abandoned = match tokio::time::timeout(grace, tracker.wait()).await {
-        Ok(()) => 0,
-        Err(_) => tracker.len(),
-    };
+    while active.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let abandoned = active.load(Ordering::Acquire);
     if abandoned > 0 {
         tracing::warn!(
-            connections = abandoned,
-            "grace period over; closing connections still open"
+            requests = abandoned,
+            "grace period over; cutting requests still in flight"
         );
     }
     DrainReport {
-        abandoned_connections: abandoned,
+        abandoned_requests: abandoned,
         elapsed: start.elapsed(),
     }
 }
 
 async fn accept_loop(
-    listener: L4Listener,
+    listener: pingora::protocols::l4::listener::Listener,
     addr: SocketAddr,
-    tls: Option<Arc<Acceptor>>,
-    app: Arc<HttpProxy<Switchyard>>,
-    tracker: TaskTracker,
+    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+    app: Arc<App>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    tracing::info!(%addr, tls = tls.is_some(), "listening");
     loop {
         if *shutdown.borrow() {
             break;
@@ -207,16 +340,16 @@ async fn accept_loop(
         let app = app.clone();
         let tls = tls.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
+        tokio::spawn(async move {
             let stream: Stream = match tls {
-                None => Box::new(stream),
+                None => Box::new(Coalesced::new(stream)),
                 Some(acceptor) => {
-                    match tokio::time::timeout(
-                        Duration::from_secs(60),
+                    // Boxed: the handshake's state must not stay in every connection's task.
+                    let hs = Box::pin(tokio::time::timeout(
+                        TLS_HANDSHAKE_TIMEOUT,
                         acceptor.tls_handshake(stream),
-                    )
-                    .await
-                    {
+                    ));
+                    match hs.await {
                         Ok(Ok(s)) => Box::new(s),
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
@@ -229,11 +362,11 @@ async fn accept_loop(
                     }
                 }
             };
-            let mut next = app.process_new(stream, &shutdown).await;
-            while let Some(s) = next {
-                next = app.process_new(s, &shutdown).await;
-            }
+            let _ = app.process_new(stream, &shutdown).await;
         });
     }
-    tracing::info!(%addr, "stopped listening");
+    tracing::debug!(%addr, "stopped accepting");
 }
+
+/// Bound on a TLS handshake (Pingora's value).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);

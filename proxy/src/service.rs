@@ -26,6 +26,8 @@ use std::sync::Arc;
 /// The proxy logic, shared by every worker thread.
 #[derive(Debug)]
 pub(crate) struct Switchyard {
+    /// Requests being processed (the shutdown drain waits for 0).
+    pub(crate) active: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) events: Arc<EventLog>,
     pub(crate) metrics: Arc<Metrics>,
@@ -55,9 +57,21 @@ impl Drop for InflightGuard {
     }
 }
 
+/// Counts a request in `Switchyard::active` while it exists.
+#[derive(Debug)]
+pub(crate) struct ActiveGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Per-request state.
 #[derive(Debug, Default)]
 pub(crate) struct RequestCtx {
+    /// Keeps the request counted as active.
+    _active: Option<ActiveGuard>,
     /// When the request head had been read.
     started: Option<std::time::Instant>,
     /// The snapshot this request is routed by (loaded once).
@@ -216,7 +230,9 @@ impl ProxyHttp for Switchyard {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
+        self.active.fetch_add(1, Ordering::AcqRel);
         RequestCtx {
+            _active: Some(ActiveGuard(self.active.clone())),
             started: Some(std::time::Instant::now()),
             ..Default::default()
         }

@@ -70,7 +70,7 @@ async fn shutdown_finishes_in_flight_requests_then_returns_early() {
     let r = slow.await.unwrap().expect("in-flight request completes");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["color"], "blue");
-    assert_eq!(report.abandoned_connections, 0);
+    assert_eq!(report.abandoned_requests, 0);
     assert!(
         report.elapsed < Duration::from_secs(30),
         "shutdown waited for the whole grace period: {report:?}"
@@ -92,7 +92,7 @@ async fn shutdown_is_bounded_by_the_grace_period() {
     let hung = tokio::spawn(async move { request(addr, "GET", "/", &[], Bytes::new()).await });
     eventually(|| up.hits() == 1).await;
     let report = px.shutdown().await;
-    assert_eq!(report.abandoned_connections, 1);
+    assert_eq!(report.abandoned_requests, 1);
     assert!(
         hung.await.unwrap().is_err(),
         "the hung request is cut at the deadline"

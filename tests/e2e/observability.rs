@@ -60,6 +60,15 @@ async fn counters_are_exact_and_gauges_follow_a_switch() {
         assert_eq!(px.get("/status/503").await.status, 503);
     }
 
+    // Counted in the logging phase, a moment after each response reached the client.
+    eventually(|| {
+        parse(&px.handle().metrics_text()).samples.iter().any(|x| {
+            x.metric == "switchyard_http_requests_total"
+                && x.labels.get("status") == Some("503")
+                && matches!(x.value, prometheus_parse::Value::Counter(v) if v == 4.0)
+        })
+    })
+    .await;
     let r = admin_get(&px, "/metrics").await;
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -185,6 +194,16 @@ async fn metric_types_are_the_contract_and_labels_stay_bounded() {
     for i in 0..10_000 {
         c.get(&format!("/item/{i}?q={i}")).await.unwrap();
     }
+    // The last response reaches the client a moment before its logging phase counts it.
+    eventually(|| {
+        let s = parse(&px.handle().metrics_text());
+        value(
+            &s,
+            "switchyard_http_requests_total",
+            &[("pool", "blue"), ("status", "200")],
+        ) == Some(10_000.0)
+    })
+    .await;
     let text = px.handle().metrics_text();
     let s = parse(&text);
     let types: BTreeMap<&str, &str> = text
