@@ -1,12 +1,17 @@
-//! Criterion micro-benchmarks of per-request work: route matching and the deny check.
+//! Criterion micro-benchmarks of per-request work: route matching, the deny check, instance
+//! selection (1, 10, 1000 instances), weighted pool selection, and the routing-snapshot load
+//! while another thread swaps the snapshot 1000 times a second.
 //!
 //! Run: `cargo bench -p switchyard-benches --bench hot_path`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 use switchyard_config::{DenyConfig, RouteConfig};
-use switchyard_proxy::bench::{DenyList, RouteTable};
+use switchyard_proxy::bench::{DenyList, RouteTable, Routing, Upstream};
 
 fn routes(n: usize) -> RouteTable {
     let mut cfg: Vec<RouteConfig> = (0..n)
@@ -66,5 +71,65 @@ fn deny_check(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_matching, deny_check);
+fn selection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("select_instance");
+    for n in [1usize, 10, 1000] {
+        for balance in ["round_robin", "least_requests"] {
+            let up = Upstream::new(&[("blue", n)], balance);
+            g.bench_function(format!("{balance}_{n}"), |b| {
+                b.iter(|| black_box(up.pick_instance()))
+            });
+        }
+    }
+    g.finish();
+    let mut g = c.benchmark_group("select_pool");
+    let single = Upstream::new(&[("blue", 2), ("green", 2)], "round_robin");
+    g.bench_function("100_0", |b| b.iter(|| black_box(single.pick_pool())));
+    let split = Upstream::new(&[("blue", 2), ("green", 2)], "round_robin")
+        .with_weights(&[("blue", 95), ("green", 5)]);
+    g.bench_function("95_5", |b| b.iter(|| black_box(split.pick_pool())));
+    g.finish();
+}
+
+fn snapshot_load(c: &mut Criterion) {
+    let routing = Arc::new(Routing::new());
+    let mut g = c.benchmark_group("snapshot_load");
+    g.bench_function("quiet", |b| b.iter(|| black_box(routing.load_generation())));
+    // Two more threads load continuously while a third swaps 1000 times a second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        let (r, stop) = (routing.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                black_box(r.load_generation());
+            }
+        }));
+    }
+    {
+        let (r, stop) = (routing.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                r.swap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }));
+    }
+    g.bench_function("2_loaders_1000_swaps_per_s", |b| {
+        b.iter(|| black_box(routing.load_generation()))
+    });
+    g.finish();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+criterion_group!(
+    benches,
+    route_matching,
+    deny_check,
+    selection,
+    snapshot_load
+);
 criterion_main!(benches);

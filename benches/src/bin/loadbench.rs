@@ -622,7 +622,10 @@ fn switch_haproxy(socket: &Path, to_green: bool) -> Result<()> {
         ("blue", "green")
     };
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    writeln!(s, "set server be/{on} state ready; set server be/{off} state maint")?;
+    writeln!(
+        s,
+        "set server be/{on} state ready; set server be/{off} state maint"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     if out.trim().is_empty() {

@@ -8,6 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use switchyard_config::Balance;
 
+/// Pools larger than this use "power of two choices" for least requests instead of a scan.
+const P2C_ABOVE: usize = 16;
+
 /// The outcome of looking for an instance.
 #[derive(Debug)]
 pub(crate) enum Candidates<'a> {
@@ -57,6 +60,61 @@ impl PoolState {
 
     /// The instance to use among resolved, untried ones accepted by `ok`.
     fn scan(
+        &self,
+        balance: Balance,
+        tried: &[u64],
+        start: usize,
+        ok: impl Fn(&Instance) -> bool,
+    ) -> Option<&Arc<Instance>> {
+        if balance == Balance::LeastRequests && self.instances.len() > P2C_ABOVE {
+            if let Some(i) = self.two_choices(tried, start, &ok) {
+                return Some(i);
+            }
+        }
+        self.scan_all(balance, tried, start, ok)
+    }
+
+    /// Least requests for big pools: the less loaded of two instances drawn at random ("power of
+    /// two choices"), O(1) instead of a scan of every instance, and nearly as well balanced.
+    /// `None` when the draws found fewer than two eligible instances (the caller scans).
+    fn two_choices(
+        &self,
+        tried: &[u64],
+        start: usize,
+        ok: &impl Fn(&Instance) -> bool,
+    ) -> Option<&Arc<Instance>> {
+        let n = self.instances.len();
+        let mut picked: [Option<&Arc<Instance>>; 2] = [None, None];
+        let mut found = 0;
+        // A few draws: enough unless most of the pool is unusable.
+        for k in 0..8usize {
+            let i = &self.instances[start.wrapping_mul(0x9E37_79B9).wrapping_add(k * 7919) % n];
+            if i.current_addr().is_none() || tried.contains(&i.id) || !ok(i) {
+                continue;
+            }
+            if picked[0].is_some_and(|p| p.id == i.id) {
+                continue;
+            }
+            picked[found] = Some(i);
+            found += 1;
+            if found == 2 {
+                break;
+            }
+        }
+        match picked {
+            [Some(a), Some(b)] => Some(
+                if b.inflight.load(Ordering::Relaxed) < a.inflight.load(Ordering::Relaxed) {
+                    b
+                } else {
+                    a
+                },
+            ),
+            _ => None,
+        }
+    }
+
+    /// Every instance in turn from `start`.
+    fn scan_all(
         &self,
         balance: Balance,
         tried: &[u64],
@@ -159,6 +217,27 @@ mod tests {
                 "127.0.0.1:2"
             );
         }
+    }
+
+    #[test]
+    fn least_requests_on_a_big_pool_avoids_busy_instances() {
+        let addrs: Vec<String> = (1..=100).map(|p| format!("127.0.0.1:{p}")).collect();
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let p = pool(&refs);
+        // Half the pool is busy: two choices must rarely land there.
+        for i in &p.instances[..50] {
+            i.inflight.store(10, Ordering::Relaxed);
+        }
+        let mut busy = 0;
+        for _ in 0..1000 {
+            let (label, _) = found(p.pick(Balance::LeastRequests, &[], now_ms()));
+            let port: usize = label.rsplit(':').next().unwrap().parse().unwrap();
+            if port <= 50 {
+                busy += 1;
+            }
+        }
+        // Both draws busy: 25% expected; a scan would give 0%, random 50%.
+        assert!(busy < 400, "{busy} of 1000 picks went to a busy instance");
     }
 
     #[test]
