@@ -517,6 +517,11 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        // The response is complete (or failed): stop counting the request as in flight now,
+        // not when Pingora finally drops the context after closing or recycling the
+        // connection — least_requests and drains see the instance as free a little sooner.
+        // (The context's drop still releases it on the paths that skip this hook.)
+        drop(ctx.guard.take());
         // Nothing sent: the client went away first (nginx's 499).
         let status = session
             .response_written()

@@ -8,15 +8,7 @@ use switchyard_control::{ErrorCode, Event, HealthState, Request};
 use switchyard_tests::*;
 
 fn switch(pool: &str, wait_ms: Option<u64>) -> Request {
-    Request::Switch {
-        upstream: None,
-        pool: pool.into(),
-        drain: false,
-        drain_ms: None,
-        min_healthy: Default::default(),
-        wait_healthy_ms: wait_ms,
-        force: false,
-    }
+    switch_req(pool, wait_ms)
 }
 
 /// Clients that keep sending requests until stopped; they record every failure.

@@ -431,15 +431,7 @@ async fn events_list_a_switch_with_uid_and_generation_and_follow_streams_new_one
         "",
     ))
     .await;
-    let switch = |pool: &str| Request::Switch {
-        upstream: None,
-        pool: pool.into(),
-        drain: false,
-        drain_ms: None,
-        min_healthy: Default::default(),
-        wait_healthy_ms: None,
-        force: false,
-    };
+    let switch = |pool: &str| switch_req(pool, None);
     assert!(px.ctl_call(switch("green")).await.ok);
     let r = px
         .ctl_call(Request::Events {

@@ -9,15 +9,7 @@ use switchyard_control::{ErrorCode, Request, Weights};
 use switchyard_tests::*;
 
 fn switch(pool: &str) -> Request {
-    Request::Switch {
-        upstream: None,
-        pool: pool.into(),
-        drain: false,
-        drain_ms: None,
-        min_healthy: Default::default(),
-        wait_healthy_ms: None,
-        force: false,
-    }
+    switch_req(pool, None)
 }
 
 fn color(r: &Reply) -> String {
@@ -151,18 +143,7 @@ async fn a_slow_request_on_blue_finishes_after_the_switch_and_drain_waits_for_it
     let mut ctl = px.ctl().await;
     let mut events = Vec::new();
     let reply = ctl
-        .call(
-            &Request::Switch {
-                upstream: None,
-                pool: "green".into(),
-                drain: true,
-                drain_ms: Some(1000),
-                min_healthy: Default::default(),
-                wait_healthy_ms: None,
-                force: false,
-            },
-            |e| events.push(e.clone()),
-        )
+        .call(&switch_drain_req("green", 1000), |e| events.push(e.clone()))
         .await
         .unwrap();
     let e = reply.error.expect("drain times out");
@@ -210,15 +191,7 @@ async fn a_slow_request_on_blue_finishes_after_the_switch_and_drain_waits_for_it
         tokio::spawn(async move { request(addr, "GET", "/slow?ms=1500", &[], Bytes::new()).await });
     eventually(|| px.inflight("green") == 1).await;
     let reply = ctl
-        .request(&Request::Switch {
-            upstream: None,
-            pool: "blue".into(),
-            drain: true,
-            drain_ms: Some(10_000),
-            min_healthy: Default::default(),
-            wait_healthy_ms: None,
-            force: false,
-        })
+        .request(&switch_drain_req("blue", 10_000))
         .await
         .unwrap();
     assert!(reply.ok, "{reply:?}");
@@ -391,14 +364,8 @@ async fn weighted_split_is_within_bounds_and_rollback_restores() {
         "",
     ))
     .await;
-    let w: Weights = [("blue".to_string(), 95), ("green".to_string(), 5)].into();
     let reply = px
-        .ctl_call(Request::Weights {
-            upstream: None,
-            weights: w,
-            min_healthy: Default::default(),
-            force: false,
-        })
+        .ctl_call(weights_req(&[("blue", 95), ("green", 5)]))
         .await;
     assert!(reply.ok, "{reply:?}");
     let n = 20_000u64;
@@ -607,14 +574,9 @@ async fn acknowledged_changes_survive_a_restart_and_a_corrupt_file_is_moved_asid
     let px = TestProxy::start(&yaml).await;
     let w: Weights = [("blue".to_string(), 90), ("green".to_string(), 10)].into();
     assert!(
-        px.ctl_call(Request::Weights {
-            upstream: None,
-            weights: w.clone(),
-            min_healthy: Default::default(),
-            force: false,
-        })
-        .await
-        .ok
+        px.ctl_call(weights_req(&[("blue", 90), ("green", 10)]))
+            .await
+            .ok
     );
     assert!(
         px.ctl_call(Request::PoolSet {

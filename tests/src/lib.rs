@@ -332,6 +332,42 @@ impl Conn {
     }
 }
 
+/// `switch POOL`, with `--wait-healthy` when `wait_ms` is given (no drain, default gate).
+pub fn switch_req(pool: &str, wait_ms: Option<u64>) -> switchyard_control::Request {
+    switchyard_control::Request::Switch {
+        upstream: None,
+        pool: pool.into(),
+        drain: false,
+        drain_ms: None,
+        min_healthy: Default::default(),
+        wait_healthy_ms: wait_ms,
+        force: false,
+    }
+}
+
+/// `switch POOL --drain` with a drain bound.
+pub fn switch_drain_req(pool: &str, drain_ms: u64) -> switchyard_control::Request {
+    switchyard_control::Request::Switch {
+        upstream: None,
+        pool: pool.into(),
+        drain: true,
+        drain_ms: Some(drain_ms),
+        min_healthy: Default::default(),
+        wait_healthy_ms: None,
+        force: false,
+    }
+}
+
+/// `weights a=N b=M` with the default health gate.
+pub fn weights_req(weights: &[(&str, u32)]) -> switchyard_control::Request {
+    switchyard_control::Request::Weights {
+        upstream: None,
+        weights: weights.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        min_healthy: Default::default(),
+        force: false,
+    }
+}
+
 /// A resolver whose answers the test changes at run time.
 #[derive(Debug, Default)]
 pub struct MapResolver {

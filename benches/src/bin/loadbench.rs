@@ -469,6 +469,23 @@ fn main() -> Result<()> {
         .iter()
         .filter_map(|t| t.proc_.as_ref().map(|p| (t.name.to_string(), p.rss_mib())))
         .collect();
+    // Memory with many open, idle keep-alive clients (each made one request), measured before
+    // any load so earlier allocations don't blur it.
+    let idle_conns = 10_000.min(nofile.saturating_sub(500) as usize);
+    let mut idle_open_rss = Vec::new();
+    for t in targets.iter().filter(|t| t.proc_.is_some()) {
+        eprintln!("[{idle_conns} idle connections] {}", t.name);
+        match open_idle(t.port, idle_conns) {
+            Ok(conns) => {
+                std::thread::sleep(Duration::from_secs(1));
+                let rss = t.proc_.as_ref().map(|p| p.rss_mib()).unwrap_or(0.0);
+                idle_open_rss.push((t.name.to_string(), conns.len(), rss));
+            }
+            Err(e) => eprintln!("  failed: {e:#}"),
+        }
+        // Connections close here; give the proxy a moment to notice.
+        std::thread::sleep(Duration::from_secs(2));
+    }
 
     let scenarios = [
         Scenario {
@@ -560,7 +577,15 @@ fn main() -> Result<()> {
         switch_rows.push((t.name, done, requests, rps, errors));
     }
 
-    let report = render(&o, &targets, &scenarios, &results, &switch_rows, &idle_rss);
+    let report = render(
+        &o,
+        &targets,
+        &scenarios,
+        &results,
+        &switch_rows,
+        &idle_rss,
+        &idle_open_rss,
+    );
     println!("{report}");
     if let Some(parent) = o.out.parent() {
         std::fs::create_dir_all(parent).ok();
@@ -568,6 +593,28 @@ fn main() -> Result<()> {
     std::fs::write(&o.out, &report).with_context(|| format!("writing {}", o.out.display()))?;
     eprintln!("written to {}", o.out.display());
     Ok(())
+}
+
+/// Open `n` keep-alive connections, each sending one request and reading its answer.
+fn open_idle(port: u16, n: usize) -> Result<Vec<std::net::TcpStream>> {
+    use std::io::{Read, Write};
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /hello HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut buf = [0u8; 512];
+        let mut got = Vec::new();
+        while !got.ends_with(b"hello") {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                bail!("connection closed");
+            }
+            got.extend_from_slice(&buf[..k]);
+        }
+        conns.push(s);
+    }
+    Ok(conns)
 }
 
 fn switch_switchyard(socket: &Path, pool: &str) -> Result<()> {
@@ -650,6 +697,7 @@ fn render(
     results: &[Vec<Vec<Run>>],
     switch_rows: &[(&str, usize, f64, f64, u64)],
     idle_rss: &[(String, f64)],
+    idle_open: &[(String, usize, f64)],
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# switchyard benchmarks\n");
@@ -750,14 +798,22 @@ fn render(
             "| {name} | {how} | {done} | {requests:.0} | {rps:.0} | {errors} |"
         );
     }
+    let _ = writeln!(s, "\n## Memory\n");
     let _ = writeln!(
         s,
-        "\nIdle RSS at start (MiB): {}.\n",
-        idle_rss
-            .iter()
-            .map(|(n, r)| format!("{n} {r:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "| target | RSS at start MiB | RSS with open idle keep-alive clients MiB | clients |"
     );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for (name, rss) in idle_rss {
+        let open = idle_open.iter().find(|(n, _, _)| n == name);
+        let _ = writeln!(
+            s,
+            "| {name} | {rss:.1} | {} | {} |",
+            open.map(|o| format!("{:.1}", o.2))
+                .unwrap_or_else(|| "-".into()),
+            open.map(|o| o.1.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    let _ = writeln!(s, "\nPeak RSS in the tables above is under load: with 10k busy clients every proxy also holds up to 10k upstream connections and 10k requests in progress.\n");
     s
 }
