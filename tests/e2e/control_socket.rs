@@ -37,14 +37,7 @@ async fn raw_lines(px: &TestProxy, input: &[u8], replies: usize) -> Vec<Reply> {
 #[tokio::test]
 async fn bad_input_gets_error_lines_and_the_proxy_keeps_its_state() {
     trace_init();
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "",
-    ))
-    .await;
+    let (_blue, _green, px) = blue_green(true, "").await;
     px.handle().set_weight(None, "green", 10).unwrap();
 
     // Garbage, half-written JSON, wrong fields, unknown command: one error line each, and the

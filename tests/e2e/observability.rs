@@ -423,14 +423,7 @@ async fn json_access_log() {
 #[tokio::test]
 async fn events_list_a_switch_with_uid_and_generation_and_follow_streams_new_ones() {
     trace_init();
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "",
-    ))
-    .await;
+    let (_blue, _green, px) = blue_green(true, "").await;
     let switch = |pool: &str| switch_req(pool, None);
     assert!(px.ctl_call(switch("green")).await.ok);
     let r = px

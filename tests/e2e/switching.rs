@@ -23,22 +23,7 @@ fn color(r: &Reply) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_switches_under_keepalive_load_fail_nothing_and_are_atomic() {
     trace_init();
-    let blue = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let green = FakeUpstream::builder("green")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "",
-    ))
-    .await;
+    let (blue, green, px) = blue_green(false, "").await;
     let stop = Arc::new(AtomicBool::new(false));
     // (started, color, path, finished) per request.
     type Log = Vec<(Instant, String, String, Instant)>;
@@ -126,14 +111,7 @@ async fn sixty_switches_under_keepalive_load_fail_nothing_and_are_atomic() {
 #[tokio::test]
 async fn a_slow_request_on_blue_finishes_after_the_switch_and_drain_waits_for_it() {
     trace_init();
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "",
-    ))
-    .await;
+    let (_blue, _green, px) = blue_green(true, "").await;
     let addr = px.addr;
     let slow =
         tokio::spawn(async move { request(addr, "GET", "/slow?ms=3000", &[], Bytes::new()).await });
@@ -272,14 +250,7 @@ async fn inflight_returns_to_zero_on_every_exit_path() {
 async fn a_websocket_counts_in_flight_until_it_closes() {
     trace_init();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "",
-    ))
-    .await;
+    let (_blue, _green, px) = blue_green(true, "").await;
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .await
@@ -313,14 +284,7 @@ async fn a_websocket_counts_in_flight_until_it_closes() {
 #[tokio::test]
 async fn idle_keepalive_connections_to_the_old_pool_are_not_reused() {
     trace_init();
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "    idle_timeout: 60s\n",
-    ))
-    .await;
+    let (blue, _green, px) = blue_green(true, "    idle_timeout: 60s\n").await;
     let mut c = Conn::open(px.addr).await.unwrap();
     for _ in 0..5 {
         assert_eq!(color(&c.get("/").await.unwrap()), "blue");
@@ -348,22 +312,7 @@ async fn idle_keepalive_connections_to_the_old_pool_are_not_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_is_within_bounds_and_rollback_restores() {
     trace_init();
-    let blue = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let green = FakeUpstream::builder("green")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "",
-    ))
-    .await;
+    let (blue, green, px) = blue_green(false, "").await;
     let reply = px
         .ctl_call(weights_req(&[("blue", 95), ("green", 5)]))
         .await;
@@ -700,22 +649,7 @@ async fn reload_applies_a_good_file_and_keeps_the_old_config_on_errors() {
 #[tokio::test]
 async fn split_counts_match_weights_on_a_keepalive_connection() {
     trace_init();
-    let blue = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let green = FakeUpstream::builder("green")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let px = TestProxy::start(&app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
-        "",
-    ))
-    .await;
+    let (_blue, _green, px) = blue_green(false, "").await;
     px.handle().set_weight(None, "green", 30).unwrap();
     let mut c = Conn::open(px.addr).await.unwrap();
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();

@@ -89,6 +89,28 @@ pub fn app_yaml_pools(pools: &str, active: &str, extra: &str) -> String {
     )
 }
 
+/// Two fake upstreams, `blue` and `green`, and a settled proxy in front of them with blue
+/// active (`extra` as for [`app_yaml`]). `record`: whether the upstreams log requests.
+pub async fn blue_green(record: bool, extra: &str) -> (FakeUpstream, FakeUpstream, TestProxy) {
+    let blue = FakeUpstream::builder("blue")
+        .record(record)
+        .start()
+        .await
+        .unwrap();
+    let green = FakeUpstream::builder("green")
+        .record(record)
+        .start()
+        .await
+        .unwrap();
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
+        "blue",
+        extra,
+    ))
+    .await;
+    (blue, green, px)
+}
+
 /// A proxy running in this process.
 pub struct TestProxy {
     handle: Option<Handle>,
