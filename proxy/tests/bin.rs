@@ -113,27 +113,9 @@ impl ProxyProcess {
 
     /// `pools` are the YAML lines under `upstreams.app.pools` (blue is active).
     fn start_pools(pools: &str, grace: &str) -> ProxyProcess {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let dir = tempfile::tempdir().unwrap();
-            let cfg = dir.path().join("switchyard.yaml");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nthreads: 2\ngrace_period: {grace}\ncontrol: {{socket: \"{d}/c.sock\"}}\nstate_file: \"{d}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: blue\n    health: {{interval: 100ms, timeout: 100ms}}\nroutes: [{{path_prefix: /, upstream: app}}]\n",
-                    d = dir.path().display()
-                ),
-            )
-            .unwrap();
-            if let Some(p) = Self::spawn(dir, port) {
-                return p;
-            }
-        }
-        panic!("could not start the proxy on a free port");
+        Self::start_yaml(&format!(
+            "listen: [{{addr: \"127.0.0.1:{{port}}\"}}]\nthreads: 2\ngrace_period: {grace}\ncontrol: {{socket: \"{{dir}}/c.sock\"}}\nstate_file: \"{{dir}}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: blue\n    health: {{interval: 100ms, timeout: 100ms}}\nroutes: [{{path_prefix: /, upstream: app}}]\n"
+        ))
     }
 
     /// Start from a config template with `{port}` and `{dir}` placeholders.

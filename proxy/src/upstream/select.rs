@@ -8,6 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use switchyard_config::Balance;
 
+/// Whether this request may use `inst`: it has an address, was not tried, and passes `ok`.
+fn eligible(inst: &Instance, tried: &[u64], ok: &impl Fn(&Instance) -> bool) -> bool {
+    inst.current_addr().is_some() && !tried.contains(&inst.id) && ok(inst)
+}
+
 /// Pools larger than this use "power of two choices" for least requests instead of a scan.
 const P2C_ABOVE: usize = 16;
 
@@ -89,7 +94,7 @@ impl PoolState {
         // A few draws: enough unless most of the pool is unusable.
         for k in 0..8usize {
             let i = &self.instances[start.wrapping_mul(0x9E37_79B9).wrapping_add(k * 7919) % n];
-            if i.current_addr().is_none() || tried.contains(&i.id) || !ok(i) {
+            if !eligible(i, tried, ok) {
                 continue;
             }
             if picked[0].is_some_and(|p| p.id == i.id) {
@@ -125,7 +130,7 @@ impl PoolState {
         let mut best: Option<&Arc<Instance>> = None;
         for k in 0..n {
             let inst = &self.instances[(start + k) % n];
-            if inst.current_addr().is_none() || tried.contains(&inst.id) || !ok(inst) {
+            if !eligible(inst, tried, &ok) {
                 continue;
             }
             match balance {
