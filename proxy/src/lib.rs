@@ -12,49 +12,39 @@
 //! ```
 //!
 //! # Layout
-//! - `handle`: [`start`], [`Handle`], [`StartOptions`], [`StartError`].
-//! - `server`: binding, the accept loop, graceful shutdown.
-//! - `coalesce`: write coalescing for accepted streams (one send per small response).
-//! - `service`: the `ProxyHttp` implementation (the request path).
-//! - `control`: the control operations (switch, weights, drain, pools, reload) behind both
-//!   the [`Handle`] and the control socket.
-//! - `persist`: the state file.
-//! - `health`: active health checks (Spring Actuator aware), one task per instance.
-//! - `events`: the audit trail behind `proxyctl events`.
-//! - `metrics`: Prometheus metrics (SPEC §6), lock-free on the request path.
-//! - `access_log`: one line per request, combined or JSON, never blocking.
-//! - `admin`: the admin listener (`/metrics`, `/healthz`, `/status`).
-//! - `snapshot`: the `ArcSwap`ed routing snapshot and its single writer.
-//! - `upstream`: pools, instances, weights, instance selection.
-//! - `route`: route table and deny list.
-//! - `resolve`: DNS resolution off the request path ([`Resolve`]).
-//! - [`fake_upstream`]: a Spring-like origin used by the demo, the tests and the benchmarks.
-//! - [`demo`]: `switchyard demo`.
+//! Dependencies go one way: surfaces -> ops -> state -> routing/upstream; the request path
+//! (`proxy`) reads state; telemetry reads upstream and state, never the reverse.
+//!
+//! - `runtime`: [`start`], [`Handle`], [`StartOptions`], [`StartError`]: threads and wiring.
+//! - `listen`: binding (TLS), the accept loop, the shutdown drain, write coalescing.
+//! - `proxy`: the Pingora `ProxyHttp` hooks (the request path).
+//! - `routing`: pure decisions: route table, deny list, the per-request pool decision.
+//! - `upstream`: pools, instances, health atomics, instance selection, request counters.
+//! - `state`: the `ArcSwap`ed routing snapshot, its single writer, the state file.
+//! - `ops`: the operations (switch, weights, rollback, pools, drain, reload, status).
+//! - `checks`: active health checks and DNS resolution ([`Resolve`]).
+//! - `telemetry`: metrics, access log, audit trail.
+//! - `surfaces`: the admin listener and the control-socket handler.
+//! - [`demo`]: `switchyard demo` and the Spring-like demo app.
 
-mod access_log;
-mod admin;
-mod coalesce;
-mod control;
-mod events;
-mod handle;
-mod health;
-mod metrics;
-mod persist;
-mod resolve;
-mod route;
-mod server;
-mod service;
-mod snapshot;
+mod checks;
+mod listen;
+mod ops;
+mod proxy;
+mod routing;
+mod runtime;
+mod state;
+mod surfaces;
+mod telemetry;
 mod upstream;
 
 pub mod demo;
-pub mod fake_upstream;
 
 /// Hot-path pieces exposed for the criterion benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]
 pub mod bench {
-    pub use crate::route::{DenyList, Route, RouteTable};
-    use crate::snapshot::{Shared, Snapshot};
+    pub use crate::routing::{DenyList, Route, RouteTable};
+    use crate::state::{Shared, Snapshot};
     use crate::upstream::{Candidates, UpstreamState};
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -175,6 +165,6 @@ pub mod bench {
     }
 }
 
-pub use handle::{preflight, start, Handle, StartError, StartOptions};
-pub use resolve::{Resolve, SystemResolver};
-pub use server::DrainReport;
+pub use checks::{Resolve, SystemResolver};
+pub use listen::{preflight, DrainReport, ListenError};
+pub use runtime::{start, Handle, StartError, StartOptions};

@@ -218,7 +218,7 @@ fn fake_upstream(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let up = switchyard_proxy::fake_upstream::FakeUpstream::builder(name)
+        let up = switchyard_proxy::demo::upstream::FakeUpstream::builder(name)
             .addr(listen)
             .record(false)
             .start()
@@ -227,7 +227,7 @@ fn fake_upstream(
         println!("fake upstream {name} listening on {}", up.addr());
         let up = std::sync::Arc::new(up);
         if let Some(boot) = boot {
-            use switchyard_proxy::fake_upstream::HealthReply;
+            use switchyard_proxy::demo::upstream::HealthReply;
             up.set_health(HealthReply::down());
             let booting = up.clone();
             tokio::spawn(async move {

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use switchyard_proxy::fake_upstream::{pattern_byte, FakeUpstream};
+use switchyard_proxy::demo::upstream::{pattern_byte, FakeUpstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 

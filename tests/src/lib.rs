@@ -25,7 +25,7 @@ use std::sync::{Arc, Once};
 use std::time::Duration;
 use switchyard_proxy::{Handle, StartOptions};
 
-pub use switchyard_proxy::fake_upstream::{FakeUpstream, HealthReply, Mode};
+pub use switchyard_proxy::demo::upstream::{FakeUpstream, HealthReply, Mode};
 
 /// Install a test log subscriber once (`RUST_LOG=debug cargo test` to see the proxy's logs).
 pub fn trace_init() {

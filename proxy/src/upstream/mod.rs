@@ -1,129 +1,33 @@
-//! Per-upstream routing state: pools, their weights and instances, and the generation.
+//! Upstreams as the request path sees them: pools, their weights and instances, and the
+//! generation, in one immutable [`UpstreamState`] per snapshot (SPEC §4).
 //!
-//! `UpstreamState` is an immutable snapshot (SPEC §4): a request loads it once and uses it to
-//! the end, retries included; a change builds a new one and swaps it in. What must survive a
-//! swap — in-flight counters, round-robin position, resolved addresses, health — lives in the
-//! long-lived `Pool` and `Instance` objects, which successive snapshots share by `Arc`.
+//! A request loads a snapshot once and uses it to the end, retries included; a change builds a
+//! new `UpstreamState` and swaps it in. What must survive a swap — in-flight counters,
+//! round-robin position, request counters, resolved addresses, health — lives in the
+//! long-lived [`Pool`] and [`Instance`] objects, which successive snapshots share by `Arc`.
+//!
+//! - `instance`: one backend ([`Instance`]).
+//! - `pool`: [`Pool`] (long-lived) and [`PoolState`] (per snapshot).
+//! - `select`: choosing an instance within a pool.
+//! - `health`: an instance's health as two atomics.
+//! - `stats`: a pool's request counters.
 
 pub(crate) mod health;
+mod instance;
+mod pool;
 mod select;
+pub(crate) mod stats;
 
+pub(crate) use instance::{Instance, Resolved};
+pub(crate) use pool::{Pool, PoolState};
 pub(crate) use select::Candidates;
 
-use arc_swap::ArcSwap;
+use crate::routing::decide::Split;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use switchyard_config::{InstanceAddr, UpstreamConfig};
 
 pub(crate) use switchyard_control::Weights;
-
-/// Source of unique instance ids (part of the connection-reuse key).
-static NEXT_INSTANCE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// The addresses a configured `host:port` currently resolves to.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Resolved {
-    /// Current addresses (first one is used); empty while unresolved.
-    pub(crate) addrs: Vec<SocketAddr>,
-    /// The last resolution error, if the last attempt failed.
-    pub(crate) error: Option<String>,
-}
-
-/// One backend instance. Shared by every snapshot that lists it, so its counters and resolved
-/// address persist across switches; removed and re-added means a new `Instance`.
-#[derive(Debug)]
-pub(crate) struct Instance {
-    /// As configured.
-    pub(crate) addr: InstanceAddr,
-    /// `addr` as text, for status and logs.
-    pub(crate) label: String,
-    /// Unique id, mixed into the connection-reuse key: a re-added instance (say, a restarted
-    /// container on the same port) never gets connections pooled for its predecessor.
-    pub(crate) id: u64,
-    /// Current resolution (fixed for IP literals, refreshed by the resolver for names).
-    pub(crate) resolved: ArcSwap<Resolved>,
-    /// Requests in flight on this instance.
-    pub(crate) inflight: AtomicI64,
-    /// Active and passive health.
-    pub(crate) health: health::Health,
-}
-
-impl Instance {
-    pub(crate) fn new(addr: InstanceAddr) -> Self {
-        let resolved = match addr.socket_addr() {
-            Some(sa) => Resolved {
-                addrs: vec![sa],
-                error: None,
-            },
-            None => Resolved {
-                addrs: vec![],
-                error: Some("not resolved yet".into()),
-            },
-        };
-        Instance {
-            label: addr.to_string(),
-            addr,
-            id: NEXT_INSTANCE_ID.fetch_add(1, Ordering::Relaxed),
-            resolved: ArcSwap::from_pointee(resolved),
-            inflight: AtomicI64::new(0),
-            health: health::Health::default(),
-        }
-    }
-
-    /// The address to connect to now, if resolved.
-    pub(crate) fn current_addr(&self) -> Option<SocketAddr> {
-        self.resolved.load().addrs.first().copied()
-    }
-}
-
-/// A named pool's long-lived counters.
-#[derive(Debug)]
-pub(crate) struct Pool {
-    pub(crate) name: String,
-    /// The upstream it belongs to (metric labels).
-    pub(crate) upstream: String,
-    /// Metric handles, created on the first request.
-    metrics: std::sync::OnceLock<crate::metrics::PoolMetrics>,
-    /// Requests (and upgraded connections) in flight on this pool.
-    pub(crate) inflight: AtomicI64,
-    /// Round-robin position.
-    pub(crate) rr: AtomicUsize,
-    /// Whether the last pick found no usable instance and tried them all (logged once per
-    /// transition, not per request).
-    pub(crate) fail_open: std::sync::atomic::AtomicBool,
-}
-
-impl Pool {
-    pub(crate) fn new(upstream: &str, name: &str) -> Self {
-        Pool {
-            name: name.to_string(),
-            upstream: upstream.to_string(),
-            metrics: std::sync::OnceLock::new(),
-            inflight: AtomicI64::new(0),
-            rr: AtomicUsize::new(0),
-            fail_open: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    /// This pool's metric handles.
-    pub(crate) fn metrics(&self, m: &crate::metrics::Metrics) -> &crate::metrics::PoolMetrics {
-        self.metrics
-            .get_or_init(|| m.pool(&self.upstream, &self.name))
-    }
-}
-
-/// A pool as seen by one snapshot.
-#[derive(Debug, Clone)]
-pub(crate) struct PoolState {
-    pub(crate) pool: Arc<Pool>,
-    pub(crate) weight: u32,
-    /// Bumped whenever the pool loses all its weight. It is part of the connection-reuse key,
-    /// so idle keep-alive connections opened before can never be handed out again (SPEC §4.3).
-    pub(crate) epoch: u64,
-    pub(crate) instances: Vec<Arc<Instance>>,
-}
 
 /// One upstream's routing snapshot.
 #[derive(Debug)]
@@ -138,11 +42,8 @@ pub(crate) struct UpstreamState {
     pub(crate) main: usize,
     /// Weights before the last weight change, for `rollback`.
     pub(crate) previous: Option<Weights>,
-    /// 100 slots holding pool indices in proportion to the weights, interleaved (smooth
-    /// weighted round robin, as nginx does), so every 100 consecutive requests split exactly.
-    slots: Vec<u8>,
-    /// Position in `slots`.
-    counter: AtomicUsize,
+    /// The weights compiled for the per-request decision.
+    split: Split,
 }
 
 impl UpstreamState {
@@ -172,7 +73,7 @@ impl UpstreamState {
                 PoolState {
                     pool: old_pool
                         .map(|op| op.pool.clone())
-                        .unwrap_or_else(|| Arc::new(Pool::new(&config.name, &p.name))),
+                        .unwrap_or_else(|| Arc::new(Pool::new(&p.name))),
                     weight,
                     epoch,
                     instances: addrs
@@ -187,17 +88,17 @@ impl UpstreamState {
                 }
             })
             .collect();
-        let old_main = old.map(|o| o.pools[o.main].pool.name.as_str());
-        let main = main_pool(&pools, old_main);
-        let slots = weighted_slots(&pools);
+        let old_main = old
+            .map(|o| o.pools[o.main].pool.name.as_str())
+            .and_then(|name| pools.iter().position(|p| p.pool.name == name));
+        let split = Split::new(pools.iter().map(|p| p.weight).collect(), old_main);
         UpstreamState {
             config,
             generation,
+            main: split.main(),
             pools,
-            main,
             previous,
-            slots,
-            counter: AtomicUsize::new(0),
+            split,
         }
     }
 
@@ -261,55 +162,16 @@ impl UpstreamState {
             .collect()
     }
 
-    /// The pool for the next request by weight. Exact over every 100 consecutive calls.
+    /// The pool for the next request (see [`crate::routing::decide`]).
     pub(crate) fn pick_pool(&self) -> usize {
-        if self.pools[self.main].weight == 100 {
-            return self.main;
-        }
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        usize::from(self.slots[n % self.slots.len()])
+        self.split.pick()
     }
-}
-
-/// Largest weight wins; on a tie, the previous main pool stays main.
-fn main_pool(pools: &[PoolState], old_main: Option<&str>) -> usize {
-    let max = pools.iter().map(|p| p.weight).max().unwrap_or(0);
-    pools
-        .iter()
-        .position(|p| p.weight == max && Some(p.pool.name.as_str()) == old_main)
-        .or_else(|| pools.iter().position(|p| p.weight == max))
-        .unwrap_or(0)
-}
-
-/// 100 pool indices in proportion to the weights, spread out by smooth weighted round robin.
-fn weighted_slots(pools: &[PoolState]) -> Vec<u8> {
-    let total: i64 = pools.iter().map(|p| i64::from(p.weight)).sum();
-    if total == 0 {
-        return vec![0];
-    }
-    let mut current = vec![0i64; pools.len()];
-    let mut slots = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        for (c, p) in current.iter_mut().zip(pools) {
-            *c += i64::from(p.weight);
-        }
-        let best = current
-            .iter()
-            .enumerate()
-            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
-            .map(|(i, _)| i)
-            .unwrap_or(0);
-        current[best] -= total;
-        // At most 255 pools can be addressed by a slot; the config cannot realistically hold
-        // more, and a larger index falls back to pool 0 rather than panicking.
-        slots.push(u8::try_from(best).unwrap_or(0));
-    }
-    slots
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use switchyard_config::parse;
 
     fn state(weights: &[(&str, u32)]) -> UpstreamState {
@@ -323,7 +185,7 @@ mod tests {
     }
 
     #[test]
-    fn weighted_split_is_exact_per_hundred() {
+    fn weights_split_the_picks() {
         let s = state(&[("blue", 95), ("green", 5)]);
         let mut counts = BTreeMap::new();
         for _ in 0..1000 {
@@ -334,16 +196,7 @@ mod tests {
         assert_eq!(counts["blue"], 950);
         assert_eq!(counts["green"], 50);
         assert_eq!(s.pools[s.main].pool.name, "blue");
-        // Spread out: the 5 green slots are not adjacent.
-        let green = s.pool_index("green").unwrap() as u8;
-        let pos: Vec<usize> = s
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| **p == green)
-            .map(|(i, _)| i)
-            .collect();
-        assert!(pos.windows(2).all(|w| w[1] - w[0] >= 10), "{pos:?}");
+        assert_eq!(s.pool_index("green"), Some(2), "pools in name order");
     }
 
     #[test]

@@ -157,7 +157,7 @@ mod tests {
 
     fn pool(addrs: &[&str]) -> PoolState {
         let p = PoolState {
-            pool: Arc::new(Pool::new("app", "blue")),
+            pool: Arc::new(Pool::new("blue")),
             weight: 100,
             epoch: 0,
             instances: addrs

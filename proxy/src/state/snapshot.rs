@@ -1,16 +1,11 @@
-//! The routing snapshot and its single writer.
-//!
-//! `Snapshot` is everything a request needs to be routed: the config-derived settings, the
-//! route table, the deny list and each upstream's `UpstreamState`. It lives in one `ArcSwap`:
-//! a request loads it once (one atomic load, no lock), a change builds a new snapshot and
-//! stores it. Changes are serialized by `write`, so two concurrent commands cannot both build
-//! on the same old state and lose one of the updates.
+//! The routing snapshot: everything a request is routed by — the config-derived settings, the
+//! route table, the deny list and each upstream's `UpstreamState` — built from a config, the
+//! state file or the previous snapshot.
 
-use crate::route::{DenyList, RouteTable};
+use crate::routing::{DenyList, RouteTable};
 use crate::upstream::{UpstreamState, Weights};
-use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use switchyard_config::{Config, InstanceAddr};
 
 /// Everything a request is routed by.
@@ -115,7 +110,7 @@ impl Snapshot {
     }
 
     /// A copy with one upstream replaced.
-    fn with_upstream(&self, state: Arc<UpstreamState>) -> Snapshot {
+    pub(super) fn with_upstream(&self, state: Arc<UpstreamState>) -> Snapshot {
         Snapshot {
             config: self.config.clone(),
             routes: self.routes.clone(),
@@ -143,70 +138,5 @@ fn keep_weights(old: &Weights, initial: &Weights) -> Weights {
         old.clone()
     } else {
         initial.clone()
-    }
-}
-
-/// The snapshot cell plus the writer lock.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    current: ArcSwap<Snapshot>,
-    write: Mutex<()>,
-    /// Wakes the health supervisor (new instances) and health waiters.
-    changes: tokio::sync::Notify,
-    /// Wakes `--wait-healthy` waiters on any health transition.
-    health: tokio::sync::Notify,
-}
-
-impl Shared {
-    pub(crate) fn new(snapshot: Snapshot) -> Self {
-        Shared {
-            current: ArcSwap::from_pointee(snapshot),
-            write: Mutex::new(()),
-            changes: tokio::sync::Notify::new(),
-            health: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// The current snapshot (one atomic load).
-    pub(crate) fn load(&self) -> Arc<Snapshot> {
-        self.current.load_full()
-    }
-
-    /// Take the writer lock. Hold it across build + persist + store so changes are serialized.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, ()> {
-        // A panic while holding the lock cannot leave the snapshot half-written (the store is
-        // one atomic swap), so a poisoned lock is safe to take over.
-        self.write.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The snapshot that would result from replacing one upstream's state. Caller holds
-    /// `lock()`, persists the result, then [`Self::store`]s it.
-    pub(crate) fn with_upstream(
-        &self,
-        _guard: &MutexGuard<'_, ()>,
-        state: Arc<UpstreamState>,
-    ) -> Snapshot {
-        self.load().with_upstream(state)
-    }
-
-    /// Make `snapshot` current. Caller holds `lock()`.
-    pub(crate) fn store(&self, _guard: &MutexGuard<'_, ()>, snapshot: Snapshot) {
-        self.current.store(Arc::new(snapshot));
-        self.changes.notify_waiters();
-    }
-
-    /// Resolves at the next snapshot change (create it before loading the snapshot).
-    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.changes.notified()
-    }
-
-    /// Announce a health transition.
-    pub(crate) fn notify_health(&self) {
-        self.health.notify_waiters();
-    }
-
-    /// Resolves at the next health transition.
-    pub(crate) fn health_changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.health.notified()
     }
 }

@@ -10,7 +10,7 @@
 //! at that time: on restart the saved list wins unless the config's list was edited since (then
 //! the operator's newer intent, the file, wins).
 
-use crate::snapshot::{Restored, Snapshot};
+use super::{Restored, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -6,7 +6,7 @@
 //! request path only reads the last answer. A failed lookup keeps the previous addresses (a
 //! DNS blip must not take an instance away) and is reported in the instance's status.
 
-use crate::snapshot::Shared;
+use crate::state::Shared;
 use async_trait::async_trait;
 use std::collections::HashSet;
 use std::io;

@@ -1,27 +1,18 @@
-//! Listening sockets, the accept loop, and graceful shutdown of the data plane.
-//!
-//! switchyard drives Pingora's `HttpProxy` from its own accept loop (the pattern
-//! `pingora_proxy::http_proxy` documents for custom accept loops) instead of Pingora's
-//! `Server`/listening `Service`:
-//! - sockets are bound by `start()` itself, so a port conflict or an unreadable certificate is
-//!   an error returned to the caller (Pingora only logs a bind failure from a service task,
-//!   issues #667/#502), and port 0 works with the real port reported back (#988);
-//! - a connection waiting for its next request holds a few hundred bytes, not Pingora's whole
-//!   request state machine (~35 KiB): 10k idle keep-alive clients fit in well under 100 MiB
-//!   (see [`App`] and docs/BENCHMARKS.md);
-//! - graceful shutdown ends as soon as no request is in flight, bounded by `grace_period`
-//!   (Pingora's `Server` always sleeps the whole grace period, then cancels tasks).
+//! The accept loop, the per-connection keep-alive loop, and the graceful drain of a worker.
 //!
 //! Each request is processed by Pingora's own `HttpServerApp::process_new_http`, so HTTP/1.1
-//! keep-alive, h2 over TLS ALPN, upgrades and body streaming are Pingora's.
+//! keep-alive, h2 over TLS ALPN, upgrades and body streaming are Pingora's. Between requests
+//! a connection waits in a small future of its own ([`App`]): 10k idle keep-alive clients fit
+//! in well under 100 MiB (docs/BENCHMARKS.md). The drain ends as soon as no request is in
+//! flight, bounded by `grace_period` (Pingora's `Server` always sleeps the whole grace period,
+//! then cancels tasks).
 
-use crate::coalesce::Coalesced;
-use crate::service::Switchyard;
-use crate::snapshot::Shared;
-use crate::StartError;
+use super::coalesce::Coalesced;
+use super::WorkerSocket;
+use crate::proxy::Switchyard;
+use crate::state::Shared;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
-use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::HttpProxy;
@@ -30,142 +21,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_config::ListenConfig;
 use tokio::sync::watch;
-
-/// A bound listening socket, not yet accepting.
-pub(crate) struct BoundListener {
-    /// The address actually bound (the real port when the config said 0).
-    pub(crate) addr: SocketAddr,
-    socket: std::net::TcpListener,
-    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
-}
-
-/// One worker's handle on a listener: a duplicate of the socket.
-pub(crate) struct WorkerSocket {
-    addr: SocketAddr,
-    socket: std::net::TcpListener,
-    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
-}
-
-impl BoundListener {
-    /// A duplicate for one worker thread (every worker accepts on every listener).
-    pub(crate) fn try_clone(&self) -> std::io::Result<WorkerSocket> {
-        Ok(WorkerSocket {
-            addr: self.addr,
-            socket: self.socket.try_clone()?,
-            tls: self.tls.clone(),
-        })
-    }
-}
-
-impl std::fmt::Debug for BoundListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundListener")
-            .field("addr", &self.addr)
-            .field("tls", &self.tls.is_some())
-            .finish()
-    }
-}
-
-/// Listen backlog: above the kernel default of 4096 is pointless (somaxconn caps it), and
-/// nginx's 511 is too small for a burst of 10k connections.
-const BACKLOG: i32 = 4096;
-
-/// Bind one configured listener (and load its TLS certificate).
-pub(crate) fn bind(cfg: &ListenConfig) -> Result<BoundListener, StartError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let err = |source: std::io::Error| StartError::Bind {
-        addr: cfg.addr,
-        source,
-    };
-    let socket = Socket::new(
-        Domain::for_address(cfg.addr),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )
-    .map_err(err)?;
-    socket.set_reuse_address(true).map_err(err)?;
-    socket.set_nonblocking(true).map_err(err)?;
-    socket.bind(&cfg.addr.into()).map_err(err)?;
-    socket.listen(BACKLOG).map_err(err)?;
-    let socket: std::net::TcpListener = socket.into();
-    let addr = socket.local_addr().map_err(err)?;
-    let tls = match &cfg.tls {
-        Some(t) => Some(Arc::new(tls_settings(t, cfg.http2)?.build())),
-        None => None,
-    };
-    Ok(BoundListener { addr, socket, tls })
-}
-
-/// Load a certificate chain and key into rustls' form, with errors instead of panics.
-fn load_cert(
-    t: &switchyard_config::TlsConfig,
-) -> Result<Arc<pingora::tls::sign::CertifiedKey>, StartError> {
-    use pingora::tls;
-    tls::install_default_crypto_provider();
-    let bad = |why: String| StartError::Tls {
-        cert: t.cert.clone(),
-        key: t.key.clone(),
-        why,
-    };
-    for f in [&t.cert, &t.key] {
-        if let Err(e) = std::fs::File::open(f) {
-            return Err(bad(format!("cannot read {}: {e}", f.display())));
-        }
-    }
-    let (certs, key) =
-        tls::load_certs_and_key_files(&t.cert.to_string_lossy(), &t.key.to_string_lossy())
-            .map_err(|e| bad(e.to_string()))?
-            .ok_or_else(|| bad("no certificate or no private key found in the PEM files".into()))?;
-    let provider = tls::CryptoProvider::get_default()
-        .ok_or_else(|| bad("no TLS crypto provider installed".into()))?;
-    let signing = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| bad(e.to_string()))?;
-    let ck = tls::sign::CertifiedKey::new(certs, signing);
-    ck.keys_match()
-        .map_err(|e| bad(format!("certificate and key do not match: {e}")))?;
-    Ok(Arc::new(ck))
-}
-
-/// Serves the one certificate of a listener (the resolver route lets Pingora's TLS settings
-/// be built without it re-reading — and panicking on — the PEM files).
-#[derive(Debug)]
-struct OneCert(Arc<pingora::tls::sign::CertifiedKey>);
-
-impl pingora::tls::ResolvesServerCert for OneCert {
-    fn resolve(
-        &self,
-        _hello: pingora::tls::ClientHello<'_>,
-    ) -> Option<Arc<pingora::tls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-}
-
-/// Pingora TLS settings for a listener, or a start error.
-pub(crate) fn tls_settings(
-    t: &switchyard_config::TlsConfig,
-    http2: bool,
-) -> Result<TlsSettings, StartError> {
-    let cert = load_cert(t)?;
-    let mut s = TlsSettings::intermediate("", "").map_err(|e| StartError::Tls {
-        cert: t.cert.clone(),
-        key: t.key.clone(),
-        why: e.to_string(),
-    })?;
-    s.set_cert_resolver(Arc::new(OneCert(cert)));
-    if http2 {
-        s.enable_h2();
-    }
-    Ok(s)
-}
-
-/// Check a TLS listener's files (for `switchyard check` and reloads).
-pub(crate) fn check_tls(t: &switchyard_config::TlsConfig) -> Result<(), StartError> {
-    load_cert(t).map(|_| ())
-}
 
 /// How long a new connection may take to send its first byte (Pingora's default header read
 /// timeout).

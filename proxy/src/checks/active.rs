@@ -8,8 +8,8 @@
 //! one of those values (`{"status":"UP","components":{...}}`). At most 4 KiB of body is read.
 //! Checks never touch the request path: it only reads the atomics they set.
 
-use crate::events::{self, EventLog};
-use crate::snapshot::Shared;
+use crate::state::Shared;
+use crate::telemetry::events::{self, EventLog};
 use crate::upstream::Instance;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! It runs on the control runtime, never on the data-plane workers, so a slow scrape cannot
 //! delay requests.
 
-use crate::control::Controller;
+use crate::ops::Controller;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -87,7 +87,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            crate::metrics::render(&admin.registry),
+            crate::telemetry::metrics::render(&admin.registry),
         ),
         "/healthz" => {
             if *admin.shutdown.borrow() {

@@ -1,11 +1,9 @@
-//! Route table and deny list: which upstream a request goes to, and how its path is rewritten.
+//! The route table: which upstream a request goes to, and how its path is rewritten.
 //!
-//! Routes match by path prefix in file order, first match wins (SPEC §3). The deny list is
-//! checked first and answered by the proxy itself. Both are built once per config and live in
-//! the routing snapshot, so the request path does no allocation to match.
+//! Routes match by path prefix in file order, first match wins (SPEC §3). Built once per
+//! config and kept in the routing snapshot, so matching allocates nothing.
 
-use percent_encoding::percent_decode_str;
-use switchyard_config::{DenyConfig, RouteConfig};
+use switchyard_config::RouteConfig;
 
 /// One compiled route.
 #[derive(Debug, Clone)]
@@ -81,49 +79,6 @@ impl Route {
     }
 }
 
-/// Paths answered by the proxy with `status`.
-#[derive(Debug, Clone)]
-pub struct DenyList {
-    pub(crate) status: u16,
-    set: Option<regex::RegexSet>,
-}
-
-impl DenyList {
-    pub fn new(cfg: &DenyConfig) -> Self {
-        // The patterns compiled one by one during validation, so the set compiles too; if it
-        // somehow did not, deny nothing rather than panic, and say so.
-        let set = if cfg.paths.is_empty() {
-            None
-        } else {
-            match regex::RegexSet::new(cfg.paths.iter().map(|r| r.as_str())) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::error!(error = %e, "deny patterns failed to compile as a set; deny list disabled");
-                    None
-                }
-            }
-        };
-        DenyList {
-            status: cfg.status,
-            set,
-        }
-    }
-
-    /// Whether `path` (without query) is denied. The patterns are tried on the path as sent and
-    /// percent-decoded, so `/%61ctuator` is caught by a pattern for `/actuator`.
-    pub fn denies(&self, path: &str) -> bool {
-        let Some(set) = &self.set else { return false };
-        if set.is_match(path) {
-            return true;
-        }
-        if path.contains('%') {
-            let decoded = percent_decode_str(path).decode_utf8_lossy();
-            return set.is_match(&decoded);
-        }
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,25 +122,5 @@ mod tests {
         let t = table(&[("/backend/", "app", true)]);
         assert!(t.find(b"/other").is_none());
         assert!(t.find(b"/back").is_none());
-    }
-
-    #[test]
-    fn deny_is_case_insensitive_and_sees_through_percent_encoding() {
-        let d = DenyList::new(&DenyConfig {
-            status: 403,
-            paths: vec![regex::Regex::new("(?i)/(phpinfo|actuator|\\.aws)").unwrap()],
-        });
-        assert!(d.denies("/actuator/env"));
-        assert!(d.denies("/ACTUATOR/env"));
-        assert!(d.denies("/backend/actuator"));
-        assert!(d.denies("/%61ctuator/env"));
-        assert!(d.denies("/x/.aws/credentials"));
-        assert!(!d.denies("/users"));
-        assert!(!d.denies("/actuat%"));
-        let none = DenyList::new(&DenyConfig {
-            status: 403,
-            paths: vec![],
-        });
-        assert!(!none.denies("/actuator"));
     }
 }

@@ -1,13 +1,15 @@
 //! `switchyard demo` (SPEC §8): the whole idea on one machine with nothing else installed.
 //!
-//! Starts two built-in upstreams (blue and green, [`crate::fake_upstream`]) on loopback, a
+//! Starts two built-in upstreams (blue and green, [`upstream`]) on loopback, a
 //! proxy in front of them, and prints a walkthrough. Everything runs in this process; Ctrl-C
 //! stops it.
 
-use crate::fake_upstream::FakeUpstream;
+pub mod upstream;
+
 use crate::{start, Handle, StartOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use upstream::FakeUpstream;
 
 /// What the demo started.
 #[derive(Debug)]

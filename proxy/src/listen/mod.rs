@@ -1,0 +1,118 @@
+//! Listening sockets: binding (with TLS), and the accept loop that feeds accepted connections
+//! to the proxy.
+//!
+//! switchyard drives Pingora's `HttpProxy` from its own accept loop (the pattern
+//! `pingora_proxy::http_proxy` documents for custom accept loops) instead of Pingora's
+//! `Server`/listening `Service`:
+//! - sockets are bound by `start()` itself, so a port conflict or an unreadable certificate is
+//!   an error returned to the caller (Pingora only logs a bind failure from a service task,
+//!   issues #667/#502), and port 0 works with the real port reported back (#988);
+//! - a connection waiting for its next request holds a few hundred bytes, not Pingora's whole
+//!   request state machine (~35 KiB) (see `accept`);
+//! - graceful shutdown ends as soon as no request is in flight, bounded by `grace_period`.
+//!
+//! - `tls`: certificates and Pingora TLS settings; [`preflight`] for `switchyard check`.
+//! - `accept`: the accept loop, the per-connection keep-alive loop, the shutdown drain.
+//! - `coalesce`: write coalescing and read-ahead for accepted plain-TCP streams.
+
+mod accept;
+mod coalesce;
+mod tls;
+
+pub use accept::DrainReport;
+pub(crate) use accept::{serve, App};
+pub use tls::preflight;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use switchyard_config::ListenConfig;
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// The socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A TLS certificate or key could not be loaded.
+    #[error("cannot load TLS certificate {} / key {}: {why}", cert.display(), key.display())]
+    Tls {
+        /// Certificate file.
+        cert: PathBuf,
+        /// Key file.
+        key: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+/// A bound listening socket, not yet accepting.
+pub(crate) struct BoundListener {
+    /// The address actually bound (the real port when the config said 0).
+    pub(crate) addr: SocketAddr,
+    socket: std::net::TcpListener,
+    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+}
+
+/// One worker's handle on a listener: a duplicate of the socket.
+pub(crate) struct WorkerSocket {
+    addr: SocketAddr,
+    socket: std::net::TcpListener,
+    tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+}
+
+impl BoundListener {
+    /// A duplicate for one worker thread (every worker accepts on every listener).
+    pub(crate) fn try_clone(&self) -> std::io::Result<WorkerSocket> {
+        Ok(WorkerSocket {
+            addr: self.addr,
+            socket: self.socket.try_clone()?,
+            tls: self.tls.clone(),
+        })
+    }
+}
+
+impl std::fmt::Debug for BoundListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundListener")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// Listen backlog: above the kernel default of 4096 is pointless (somaxconn caps it), and
+/// nginx's 511 is too small for a burst of 10k connections.
+const BACKLOG: i32 = 4096;
+
+/// Bind one configured listener (and load its TLS certificate).
+pub(crate) fn bind(cfg: &ListenConfig) -> Result<BoundListener, ListenError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source: std::io::Error| ListenError::Bind {
+        addr: cfg.addr,
+        source,
+    };
+    let socket = Socket::new(
+        Domain::for_address(cfg.addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&cfg.addr.into()).map_err(err)?;
+    socket.listen(BACKLOG).map_err(err)?;
+    let socket: std::net::TcpListener = socket.into();
+    let addr = socket.local_addr().map_err(err)?;
+    let tls = match &cfg.tls {
+        Some(t) => Some(Arc::new(tls::tls_settings(t, cfg.http2)?.build())),
+        None => None,
+    };
+    Ok(BoundListener { addr, socket, tls })
+}

@@ -1,0 +1,249 @@
+//! The operations on a running proxy (SPEC §5): where a change is decided and applied. Both the
+//! library `Handle` and the control socket (`surfaces::control`) call into [`Controller`].
+//!
+//! Every change follows one path, [`Controller::apply_gated`]: take the writer lock, build the
+//! new upstream state from the current one, write the state file, store the new snapshot (one
+//! atomic swap — from here on every new request is routed by it), log who did it, and only then
+//! acknowledge. Waiting (drains, health) happens outside the lock; cancelling a wait never
+//! undoes the change.
+//!
+//! - `weights`: switch, weight, weights, rollback.
+//! - `gate`: the health gate and `--wait-healthy`.
+//! - `pools`: pool set/add/remove.
+//! - `drain`: waiting for pools to drain.
+//! - `reload`: re-reading the config file.
+//! - `status`: the status document.
+
+use crate::checks::dns::Resolve;
+use crate::state::{persist, Shared, Snapshot};
+use crate::telemetry::events::{self, EventLog};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::{UpstreamState, Weights};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use switchyard_control::protocol::{Change, ControlError, ErrorCode};
+use switchyard_control::{MinHealthy, Peer};
+
+mod drain;
+mod gate;
+mod pools;
+mod reload;
+mod status;
+mod weights;
+
+pub(crate) use drain::drain_timeout_error;
+
+/// Who asked for a change (for the audit log).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Actor {
+    /// A control socket client.
+    Socket(Peer),
+    /// A call through the library `Handle`.
+    Library,
+    /// A signal (SIGHUP reload).
+    Signal,
+}
+
+impl Actor {
+    pub(crate) fn uid(&self) -> Option<u32> {
+        match self {
+            Actor::Socket(p) => Some(p.uid),
+            _ => None,
+        }
+    }
+    pub(crate) fn pid(&self) -> Option<i32> {
+        match self {
+            Actor::Socket(p) => p.pid,
+            _ => None,
+        }
+    }
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Actor::Socket(_) => "socket",
+            Actor::Library => "library",
+            Actor::Signal => "signal",
+        }
+    }
+}
+
+/// Health gate of a change: how many instances must be healthy, or skip it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Gate {
+    pub(crate) min_healthy: MinHealthy,
+    pub(crate) force: bool,
+}
+
+/// The control side of a running proxy.
+#[derive(Debug)]
+pub(crate) struct Controller {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) state_file: PathBuf,
+    pub(crate) control_socket: PathBuf,
+    pub(crate) config_path: Option<PathBuf>,
+    pub(crate) resolver: Arc<dyn Resolve>,
+    pub(crate) events: Arc<EventLog>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) started: Instant,
+}
+
+pub(crate) fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
+    ControlError::new(code, msg)
+}
+
+pub(crate) fn fmt_weights(w: &Weights) -> String {
+    w.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Controller {
+    /// The upstream a request means: named, or the only one.
+    pub(crate) fn upstream(
+        snap: &Snapshot,
+        name: Option<&str>,
+    ) -> Result<Arc<UpstreamState>, ControlError> {
+        let known = || {
+            snap.upstreams
+                .iter()
+                .map(|u| u.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match name {
+            Some(n) => snap.upstream(n).cloned().ok_or_else(|| {
+                err(
+                    ErrorCode::UnknownUpstream,
+                    format!("unknown upstream {n:?} (known: {})", known()),
+                )
+            }),
+            None if snap.upstreams.len() == 1 => Ok(snap.upstreams[0].clone()),
+            None => Err(err(
+                ErrorCode::UnknownUpstream,
+                format!("several upstreams ({}): name one with --upstream", known()),
+            )),
+        }
+    }
+
+    pub(crate) fn check_pool(u: &UpstreamState, pool: &str) -> Result<(), ControlError> {
+        if u.pool(pool).is_some() {
+            return Ok(());
+        }
+        let known: Vec<&str> = u.pools.iter().map(|p| p.pool.name.as_str()).collect();
+        Err(err(
+            ErrorCode::UnknownPool,
+            format!(
+                "upstream {} has no pool {pool:?} (pools: {})",
+                u.name(),
+                known.join(", ")
+            ),
+        ))
+    }
+
+    /// The one path every change takes: lock, build, persist, store, log.
+    pub(crate) fn apply(
+        &self,
+        upstream: Option<&str>,
+        actor: Actor,
+        cmd: &str,
+        build: impl FnOnce(&UpstreamState) -> Result<Option<UpstreamState>, ControlError>,
+    ) -> Result<Change, ControlError> {
+        self.apply_gated(upstream, actor, cmd, |u, _| build(u))
+    }
+
+    /// `apply`, where `build` may set the flag when it skipped a failed health gate.
+    pub(crate) fn apply_gated(
+        &self,
+        upstream: Option<&str>,
+        actor: Actor,
+        cmd: &str,
+        build: impl FnOnce(&UpstreamState, &mut bool) -> Result<Option<UpstreamState>, ControlError>,
+    ) -> Result<Change, ControlError> {
+        let mut forced = false;
+        let guard = self.shared.lock();
+        let snap = self.shared.load();
+        let cur = Self::upstream(&snap, upstream)?;
+        let old_weights = cur.weights();
+        let Some(next) = build(&cur, &mut forced)? else {
+            // Nothing to change (e.g. switch to the pool that already has 100%).
+            return Ok(Change {
+                upstream: cur.name().to_string(),
+                generation: cur.generation,
+                old_weights: old_weights.clone(),
+                new_weights: old_weights,
+                changed: false,
+                forced: false,
+                instances: None,
+                drain: None,
+            });
+        };
+        let next = Arc::new(next);
+        let new_snap = self.shared.with_upstream(&guard, next.clone());
+        persist::save(&self.state_file, &new_snap).map_err(|e| {
+            err(
+                ErrorCode::Internal,
+                format!(
+                    "not applied: cannot write the state file {}: {e}",
+                    self.state_file.display()
+                ),
+            )
+        })?;
+        self.shared.store(&guard, new_snap);
+        drop(guard);
+        let new_weights = next.weights();
+        tracing::info!(
+            target: "switchyard::audit",
+            cmd,
+            upstream = %next.name(),
+            actor = actor.kind(),
+            uid = ?actor.uid(),
+            pid = ?actor.pid(),
+            old = %fmt_weights(&old_weights),
+            new = %fmt_weights(&new_weights),
+            generation = next.generation,
+            forced,
+            "routing changed"
+        );
+        let mut r = events::record(
+            cmd,
+            actor.kind(),
+            format!(
+                "{}: {} -> {}",
+                next.name(),
+                fmt_weights(&old_weights),
+                fmt_weights(&new_weights)
+            ),
+        );
+        r.upstream = Some(next.name().to_string());
+        r.uid = actor.uid();
+        r.pid = actor.pid();
+        r.generation = Some(next.generation);
+        r.old_weights = Some(old_weights.clone());
+        r.new_weights = Some(new_weights.clone());
+        r.forced = forced;
+        self.events.record(r);
+        if old_weights != new_weights {
+            self.metrics
+                .switches
+                .with_label_values(&[next.name()])
+                .inc();
+            if cmd == "rollback" {
+                self.metrics
+                    .rollbacks
+                    .with_label_values(&[next.name(), "manual"])
+                    .inc();
+            }
+        }
+        Ok(Change {
+            upstream: next.name().to_string(),
+            generation: next.generation,
+            old_weights,
+            new_weights,
+            changed: true,
+            forced,
+            instances: None,
+            drain: None,
+        })
+    }
+}

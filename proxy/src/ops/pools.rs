@@ -1,0 +1,86 @@
+//! Pool membership changes: `pool set`, `pool add`, `pool remove`. A new DNS-named instance
+//! is resolved before the change is acknowledged, so it is usable at once.
+
+use super::{err, Actor, Controller};
+use crate::checks::dns;
+use std::time::Duration;
+use switchyard_config::InstanceAddr;
+use switchyard_control::protocol::{Change, ControlError, ErrorCode};
+
+impl Controller {
+    /// Parse instance addresses given on the wire.
+    pub(crate) fn parse_addrs(list: &[String]) -> Result<Vec<InstanceAddr>, ControlError> {
+        let mut out: Vec<InstanceAddr> = Vec::new();
+        for s in list {
+            let a: InstanceAddr = s.parse().map_err(|e: switchyard_config::AddrParseError| {
+                err(ErrorCode::Invalid, e.to_string())
+            })?;
+            if out.contains(&a) {
+                return Err(err(ErrorCode::Invalid, format!("{s:?} is listed twice")));
+            }
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// Replace a pool's instances; `edit` computes the new list from the current one.
+    pub(crate) async fn pool_change(
+        &self,
+        upstream: Option<&str>,
+        pool: &str,
+        actor: Actor,
+        cmd: &str,
+        edit: impl FnOnce(&[InstanceAddr]) -> Result<Vec<InstanceAddr>, ControlError>,
+    ) -> Result<Change, ControlError> {
+        let mut change = self.apply(upstream, actor, cmd, |u| {
+            Self::check_pool(u, pool)?;
+            let p = u
+                .pool(pool)
+                .ok_or_else(|| err(ErrorCode::UnknownPool, pool))?;
+            let current: Vec<InstanceAddr> = p.instances.iter().map(|i| i.addr.clone()).collect();
+            let next = edit(&current)?;
+            if next.is_empty() && p.weight > 0 {
+                return Err(err(
+                    ErrorCode::Invalid,
+                    format!(
+                        "pool {pool} has weight {} and would be left without instances",
+                        p.weight
+                    ),
+                ));
+            }
+            if next == current {
+                return Ok(None);
+            }
+            Ok(Some(u.with_changes(None, Some((pool, next)))))
+        })?;
+        // New DNS-named instances get their first address now, not at the next refresh.
+        let snap = self.shared.load();
+        if let Some(u) = snap.upstream(&change.upstream) {
+            let fresh: Vec<_> = u
+                .pools
+                .iter()
+                .filter(|p| p.pool.name == pool)
+                .flat_map(|p| p.instances.iter())
+                .filter(|i| i.current_addr().is_none())
+                .cloned()
+                .collect();
+            for i in fresh {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(3), dns::refresh(&*self.resolver, &i))
+                        .await;
+            }
+            change.instances = Some(
+                u.pools
+                    .iter()
+                    .map(|p| {
+                        (
+                            p.pool.name.clone(),
+                            p.instances.iter().map(|i| i.label.clone()).collect(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        Ok(change)
+    }
+}

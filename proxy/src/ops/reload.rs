@@ -1,0 +1,135 @@
+//! `reload` (and SIGHUP): re-read the config file, validate all of it, and swap it in under the
+//! writer lock; on any problem the running config stays and every problem is returned.
+
+use super::{err, Actor, Controller};
+use crate::checks::dns;
+use crate::state::{persist, Snapshot};
+use crate::telemetry::events;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use switchyard_control::protocol::{ControlError, ErrorCode, ReloadResult};
+
+impl Controller {
+    /// `reload`: re-read the config file; keep the running config on any problem.
+    pub(crate) async fn reload(&self, actor: Actor) -> Result<ReloadResult, ControlError> {
+        let Some(path) = self.config_path.clone() else {
+            return Err(err(
+                ErrorCode::Invalid,
+                "this proxy was started without a config file; nothing to reload",
+            ));
+        };
+        let result = self.reload_from(&path, actor).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.reloads.with_label_values(&[label]).inc();
+        if let Err(e) = &result {
+            let mut r = events::record(
+                "reload",
+                actor.kind(),
+                format!(
+                    "reload refused, the running config stays: {}",
+                    e.message.lines().next().unwrap_or("")
+                ),
+            );
+            r.uid = actor.uid();
+            r.pid = actor.pid();
+            self.events.record(r);
+        }
+        result
+    }
+
+    pub(crate) async fn reload_from(
+        &self,
+        path: &std::path::Path,
+        actor: Actor,
+    ) -> Result<ReloadResult, ControlError> {
+        let config = match switchyard_config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                let problems = e.field_errors();
+                tracing::warn!(path = %path.display(), problems = problems.len(), "reload refused; the running config stays");
+                return Err(err(
+                    ErrorCode::Invalid,
+                    format!(
+                        "{} has {} problem(s); the running config stays:\n{}",
+                        path.display(),
+                        problems.len(),
+                        problems
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    ),
+                )
+                .with_details(serde_json::to_value(&problems).unwrap_or_default()));
+            }
+        };
+        let problems = crate::listen::preflight(&config);
+        if !problems.is_empty() {
+            return Err(err(
+                ErrorCode::Invalid,
+                problems
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+            .with_details(serde_json::to_value(&problems).unwrap_or_default()));
+        }
+        let summary = config.summary();
+        let needs_restart = self.install_config(config)?;
+        dns::refresh_all(&self.shared, &*self.resolver).await;
+        let mut r = events::record(
+            "reload",
+            actor.kind(),
+            format!("config reloaded from {}: {summary}", path.display()),
+        );
+        r.uid = actor.uid();
+        r.pid = actor.pid();
+        self.events.record(r);
+        tracing::info!(
+            target: "switchyard::audit",
+            cmd = "reload",
+            actor = actor.kind(),
+            uid = ?actor.uid(),
+            pid = ?actor.pid(),
+            path = %path.display(),
+            ?needs_restart,
+            "config reloaded"
+        );
+        Ok(ReloadResult {
+            summary,
+            needs_restart,
+        })
+    }
+
+    /// Swap in a new config (under the writer lock, persisted). Returns the settings that
+    /// changed but only take effect after a restart.
+    pub(crate) fn install_config(
+        &self,
+        config: switchyard_config::Config,
+    ) -> Result<Vec<String>, ControlError> {
+        let guard = self.shared.lock();
+        let old = self.shared.load();
+        let o = &old.config;
+        let needs_restart: Vec<String> = [
+            ("listen", o.listen != config.listen),
+            ("threads", o.threads != config.threads),
+            ("control", o.control != config.control),
+            ("admin", o.admin != config.admin),
+            ("state_file", o.state_file != config.state_file),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(k, _)| k.to_string())
+        .collect();
+        let new_snap = Snapshot::build(Arc::new(config), &BTreeMap::new(), Some(&old));
+        persist::save(&self.state_file, &new_snap).map_err(|e| {
+            err(
+                ErrorCode::Internal,
+                format!("not applied: cannot write the state file: {e}"),
+            )
+        })?;
+        self.shared.store(&guard, new_snap);
+        Ok(needs_restart)
+    }
+}

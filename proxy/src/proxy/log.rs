@@ -1,0 +1,79 @@
+//! The end of a request (Pingora's `logging` hook, which runs on every exit path): stop
+//! counting it in flight, count it in its pool's stats, write its access-log line.
+
+use super::ctx::RequestCtx;
+use super::reply::describe;
+use crate::telemetry::access_log::{AccessLog, Entry};
+use crate::upstream::stats::PoolStats;
+use http::header;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora::ErrorSource;
+
+/// Account for a finished request. `unrouted` counts requests no pool took.
+pub(crate) fn finish(
+    session: &Session,
+    e: Option<&Error>,
+    ctx: &mut RequestCtx,
+    unrouted: &PoolStats,
+    access_log: &AccessLog,
+) {
+    // The response is complete (or failed): stop counting the request as in flight now,
+    // not when Pingora finally drops the context after closing or recycling the
+    // connection — least_requests and drains see the instance as free a little sooner.
+    // (The context's drop still releases it on the paths that skip this hook.)
+    drop(ctx.guard.take());
+    // Nothing sent: the client went away first (nginx's 499).
+    let status = session
+        .response_written()
+        .map(|r| r.status.as_u16())
+        .filter(|s| *s > 0)
+        .unwrap_or(499);
+    let elapsed = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
+    let pool = ctx
+        .upstream
+        .as_ref()
+        .zip(ctx.pool)
+        .map(|(u, pi)| &u.pools[pi]);
+    match pool {
+        Some(p) => &p.pool.stats,
+        None => unrouted,
+    }
+    .observe(status, elapsed);
+    if !access_log.enabled() {
+        return;
+    }
+    let req = session.req_header();
+    let header =
+        |name: http::header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+    let target = std::str::from_utf8(req.raw_path()).unwrap_or("-");
+    let error = e.map(|e| match e.esource() {
+        ErrorSource::Downstream => "client_error".to_string(),
+        _ => ctx.cause.unwrap_or_else(|| describe(e)).replace(' ', "_"),
+    });
+    let instance = ctx.instance.as_ref().map(|i| i.label.as_str());
+    access_log.log(&Entry {
+        time: std::time::SystemTime::now(),
+        client: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+        method: req.method.as_str(),
+        target,
+        version: match req.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            _ => "HTTP/1.1",
+        },
+        status,
+        bytes: session.as_ref().body_bytes_sent(),
+        referer: header(header::REFERER),
+        user_agent: header(header::USER_AGENT),
+        host: header(header::HOST),
+        duration: elapsed,
+        upstream: ctx.upstream.as_ref().map(|u| u.name()),
+        pool: pool.map(|p| p.pool.name.as_str()),
+        instance,
+        error: error.as_deref(),
+    });
+}

@@ -1,0 +1,234 @@
+//! The request path: switchyard's Pingora `ProxyHttp` implementation.
+//!
+//! Per request: `request_filter` loads the routing snapshot once, answers denied paths and
+//! unrouted requests itself, and binds the request to a pool (the decision is
+//! `routing::decide`). `upstream_peer` picks an instance of that pool (called again on each
+//! retry, with the same snapshot and pool) and counts the request in flight on it until the
+//! request ends — on every exit path, client aborts included. `upstream_request_filter`
+//! rewrites the path and sets the forwarding headers. The hooks below only sequence the work;
+//! each concern has its own module:
+//!
+//! - `ctx`: per-request state and the in-flight guards.
+//! - `forward`: path rewrite and forwarding headers.
+//! - `retry`: what may be retried.
+//! - `passive`: passive ejection and fail-open notices.
+//! - `reply`: answers the proxy writes itself, and failure statuses.
+//! - `log`: the end of a request (stats, access log).
+
+mod ctx;
+mod forward;
+mod log;
+mod passive;
+mod reply;
+mod retry;
+
+use crate::state::Shared;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::events::EventLog;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::health::now_ms;
+use crate::upstream::Candidates;
+use async_trait::async_trait;
+use ctx::{ActiveGuard, InflightGuard, RequestCtx};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorSource;
+use reply::{describe, err_status};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+/// The proxy logic, shared by every worker thread.
+#[derive(Debug)]
+pub(crate) struct Switchyard {
+    /// Requests being processed (the shutdown drain waits for 0).
+    pub(crate) active: Arc<AtomicUsize>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) events: Arc<EventLog>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) access_log: Arc<AccessLog>,
+}
+
+#[async_trait]
+impl ProxyHttp for Switchyard {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            _active: Some(ActiveGuard::new(&self.active)),
+            started: Some(std::time::Instant::now()),
+            ..Default::default()
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let snap = self.shared.load();
+        let ka = snap.config.keepalive_timeout;
+        session.set_keepalive((!ka.is_zero()).then(|| ka.as_secs().max(1)));
+
+        let path = session.req_header().uri.path();
+        if snap.deny.denies(path) {
+            let status = snap.deny.status;
+            let text = format!("{status} {}", reply::reason(status));
+            reply::respond(session, status, &text).await?;
+            return Ok(true);
+        }
+        let Some((route_idx, route)) = snap.routes.find(path.as_bytes()) else {
+            reply::respond(session, 404, "404 Not Found: no route for this path").await?;
+            return Ok(true);
+        };
+        let upstream = snap.upstreams[route.upstream].clone();
+        ctx.pool = Some(upstream.pick_pool());
+        ctx.route = Some(route_idx);
+        ctx.upstream = Some(upstream);
+        ctx.snapshot = Some(snap);
+
+        if session.is_upgrade_req() {
+            // An upgraded (WebSocket) connection may be quiet for long; it ends when either
+            // side closes, not after the HTTP read timeout.
+            session.set_read_timeout(None);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let (Some(up), Some(pool_idx)) = (ctx.upstream.clone(), ctx.pool) else {
+            return Err(err_status(500, "request was not routed"));
+        };
+        let pool = &up.pools[pool_idx];
+        let inst = match pool.pick(up.config.balance, &ctx.tried, now_ms()) {
+            Candidates::Found { inst, fail_open } => {
+                passive::note_fail_open(&self.events, &up, pool, fail_open);
+                inst.clone()
+            }
+            Candidates::Exhausted => {
+                return Err(err_status(
+                    502,
+                    ctx.cause.unwrap_or("no instance reachable"),
+                ))
+            }
+            Candidates::Unresolved => {
+                ctx.cause = Some("upstream address could not be resolved");
+                return Err(err_status(502, "upstream address could not be resolved"));
+            }
+            Candidates::Empty => {
+                ctx.cause = Some("no instances configured");
+                return Err(err_status(502, "pool has no instances"));
+            }
+        };
+        let Some(addr) = inst.current_addr() else {
+            ctx.cause = Some("upstream address could not be resolved");
+            return Err(err_status(502, "upstream address could not be resolved"));
+        };
+        ctx.attempts += 1;
+        ctx.tried.push(inst.id);
+        ctx.guard = Some(InflightGuard::new(pool.pool.clone(), inst.clone()));
+        ctx.instance = Some(inst.clone());
+
+        let cfg = &up.config;
+        let mut peer = Box::new(HttpPeer::new(addr, false, String::new()));
+        // Connection-reuse key: the pool's epoch (bumped when it loses all weight) and the
+        // instance's identity, so connections opened before a drain are never reused.
+        peer.group_key = pool.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ inst.id;
+        let o = &mut peer.options;
+        o.connection_timeout = Some(cfg.connect_timeout);
+        o.idle_timeout = Some(cfg.idle_timeout);
+        if session.is_upgrade_req() {
+            o.read_timeout = None;
+            o.write_timeout = None;
+        } else {
+            o.read_timeout = Some(cfg.read_timeout);
+            o.write_timeout = Some(cfg.read_timeout);
+        }
+        Ok(peer)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        forward::upstream_request(session, req, ctx)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        passive::response(&self.events, ctx, resp.status.as_u16());
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.cause = Some(describe(&e));
+        passive::failure(&self.events, ctx);
+        e.set_retry(retry::after_connect_failure(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        _peer: &HttpPeer,
+        session: &mut Session,
+        mut e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if *e.esource() == ErrorSource::Downstream {
+            // The client went away (or broke its side): nothing to retry, and nothing to hold
+            // against the instance.
+            e.set_retry(false);
+            return e;
+        }
+        ctx.cause = Some(describe(&e));
+        if !client_reused {
+            // A stale pooled connection says nothing about the instance.
+            passive::failure(&self.events, ctx);
+        }
+        let retry = retry::after_proxy_error(session, &e, ctx, client_reused);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
+        let code = reply::failure_status(e);
+        if code > 0 && session.response_written().is_none() {
+            let text = reply::failure_text(code, ctx.cause.unwrap_or_else(|| describe(e)));
+            if let Err(we) = reply::respond(session, code, &text).await {
+                tracing::debug!(error = %we, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        log::finish(session, e, ctx, &self.metrics.unrouted, &self.access_log);
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
+        // Client disconnects are routine; upstream failures are logged (with the upstream
+        // address, which only the operator sees) at warn by Pingora.
+        *error.esource() == ErrorSource::Downstream
+    }
+}

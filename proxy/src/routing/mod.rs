@@ -1,0 +1,15 @@
+//! Routing decisions, as pure code (no tokio, no Pingora, no I/O): which route and upstream a
+//! path belongs to, whether the proxy answers it itself, and which pool of the upstream a
+//! request goes to. Everything here is built once per configuration or weight change and
+//! only read on the request path.
+//!
+//! - [`routes`]: the route table (path prefix -> upstream, prefix stripping).
+//! - [`deny`]: the deny list.
+//! - [`decide`]: the per-request pool decision ([`decide::Split`]).
+
+pub(crate) mod decide;
+pub(crate) mod deny;
+pub(crate) mod routes;
+
+pub use deny::DenyList;
+pub use routes::{Route, RouteTable};

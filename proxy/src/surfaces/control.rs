@@ -1,0 +1,239 @@
+//! The control socket's handler: one protocol request (SPEC §5) carried out by the
+//! [`Controller`], with the socket peer as the actor. [`execute`] is also what
+//! `Handle::execute` calls, so the library and the socket behave identically.
+//!
+//! Commands: `status`, `switch` (with `--wait-healthy` and `--drain`), `rollback`, `weight`,
+//! `weights`, `drain`, `pool_set`, `pool_add`, `pool_remove`, `reload`, `events`.
+
+use crate::ops::{drain_timeout_error, Actor, Controller, Gate};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_control::protocol::{ControlError, ErrorCode, Event, Reply, Request};
+use switchyard_control::{EventSender, Peer};
+
+fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
+    ControlError::new(code, msg)
+}
+
+/// Carry out one protocol request (the socket's and `Handle::execute`'s entry point).
+pub(crate) async fn execute(
+    this: &Controller,
+    req: Request,
+    actor: Actor,
+    events: &EventSender,
+) -> Reply {
+    fn reply<T: serde::Serialize>(r: Result<T, ControlError>) -> Reply {
+        match r {
+            Ok(v) => Reply::ok(v),
+            Err(e) => Reply::err(e),
+        }
+    }
+    let ms = Duration::from_millis;
+    match req {
+        Request::Status => Reply::ok(this.status()),
+        Request::Switch {
+            upstream,
+            pool,
+            drain,
+            drain_ms,
+            min_healthy,
+            wait_healthy_ms,
+            force,
+        } => {
+            if let (Some(ms), false) = (wait_healthy_ms, force) {
+                if let Err(e) = this
+                    .wait_healthy(
+                        upstream.as_deref(),
+                        &pool,
+                        min_healthy,
+                        Duration::from_millis(ms),
+                        events,
+                    )
+                    .await
+                {
+                    return Reply::err(e);
+                }
+            }
+            let gate = Gate { min_healthy, force };
+            let change = match this.switch(upstream.as_deref(), &pool, gate, actor) {
+                Ok(c) => c,
+                Err(e) => return Reply::err(e),
+            };
+            if !drain && drain_ms.is_none() {
+                return Reply::ok(change);
+            }
+            events
+                .send(Event::Applied {
+                    change: change.clone(),
+                })
+                .await;
+            let lost: Vec<String> = change
+                .old_weights
+                .iter()
+                .filter(|(p, w)| **w > 0 && change.new_weights.get(*p) == Some(&0))
+                .map(|(p, _)| p.clone())
+                .collect();
+            let timeout = drain_ms.map(ms).unwrap_or_else(|| {
+                Controller::upstream(&this.shared.load(), Some(&change.upstream))
+                    .map(|u| u.config.drain_timeout)
+                    .unwrap_or(Duration::from_secs(30))
+            });
+            let r = this
+                .wait_drained(&change.upstream, &lost, timeout, events)
+                .await;
+            let mut change = change;
+            change.drain = Some(r.clone());
+            if r.drained {
+                Reply::ok(change)
+            } else {
+                Reply::err(drain_timeout_error(&r, timeout, Some(&change)))
+            }
+        }
+        Request::Rollback { upstream } => reply(this.rollback(upstream.as_deref(), actor)),
+        Request::Weight {
+            upstream,
+            pool,
+            weight,
+            min_healthy,
+            force,
+        } => reply(this.set_weight(
+            upstream.as_deref(),
+            &pool,
+            weight,
+            Gate { min_healthy, force },
+            actor,
+        )),
+        Request::Weights {
+            upstream,
+            weights,
+            min_healthy,
+            force,
+        } => reply(this.set_weights(
+            upstream.as_deref(),
+            &weights,
+            Gate { min_healthy, force },
+            actor,
+        )),
+        Request::Drain {
+            upstream,
+            pool,
+            timeout_ms,
+        } => reply(
+            this.drain(upstream.as_deref(), &pool, timeout_ms.map(ms), events)
+                .await,
+        ),
+        Request::PoolSet {
+            upstream,
+            pool,
+            instances,
+        } => {
+            let list = match Controller::parse_addrs(&instances) {
+                Ok(l) => l,
+                Err(e) => return Reply::err(e),
+            };
+            if list.is_empty() {
+                return Reply::err(err(
+                    ErrorCode::Invalid,
+                    "pool set needs at least one instance",
+                ));
+            }
+            reply(
+                this.pool_change(upstream.as_deref(), &pool, actor, "pool_set", |_| Ok(list))
+                    .await,
+            )
+        }
+        Request::PoolAdd {
+            upstream,
+            pool,
+            instance,
+        } => {
+            let add = match Controller::parse_addrs(std::slice::from_ref(&instance)) {
+                Ok(mut l) => l.remove(0),
+                Err(e) => return Reply::err(e),
+            };
+            reply(
+                this.pool_change(upstream.as_deref(), &pool, actor, "pool_add", |cur| {
+                    if cur.contains(&add) {
+                        return Err(err(
+                            ErrorCode::Invalid,
+                            format!("{add} is already in pool {pool}"),
+                        ));
+                    }
+                    let mut next = cur.to_vec();
+                    next.push(add.clone());
+                    Ok(next)
+                })
+                .await,
+            )
+        }
+        Request::PoolRemove {
+            upstream,
+            pool,
+            instance,
+        } => {
+            let gone = match Controller::parse_addrs(std::slice::from_ref(&instance)) {
+                Ok(mut l) => l.remove(0),
+                Err(e) => return Reply::err(e),
+            };
+            reply(
+                this.pool_change(upstream.as_deref(), &pool, actor, "pool_remove", |cur| {
+                    if !cur.contains(&gone) {
+                        return Err(err(
+                            ErrorCode::Invalid,
+                            format!("{gone} is not in pool {pool}"),
+                        ));
+                    }
+                    Ok(cur.iter().filter(|a| **a != gone).cloned().collect())
+                })
+                .await,
+            )
+        }
+        Request::Reload => reply(this.reload(actor).await),
+        Request::Events { follow, limit } => {
+            // Subscribe first so nothing falls between the history and the stream.
+            let mut rx = this.events.subscribe();
+            let history = this.events.recent(limit.unwrap_or(100));
+            if !follow {
+                return Reply::ok(history);
+            }
+            for r in history {
+                if !events.send(Event::Record { record: r }).await {
+                    return Reply::ok(Vec::<()>::new());
+                }
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(r) => {
+                        if !events.send(Event::Record { record: r }).await {
+                            return Reply::ok(Vec::<()>::new());
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Reply::ok(Vec::<()>::new())
+                    }
+                }
+            }
+        }
+        _ => Reply::err(err(
+            ErrorCode::BadRequest,
+            "command not supported by this proxy",
+        )),
+    }
+}
+
+/// The control socket's handler: the controller, with the peer as the actor.
+#[derive(Debug)]
+pub(crate) struct SocketHandler(pub(crate) Arc<Controller>);
+
+#[async_trait::async_trait]
+impl switchyard_control::ControlHandler for SocketHandler {
+    async fn handle(&self, req: Request, peer: Peer, events: EventSender) -> Reply {
+        let name = req.name();
+        let reply = execute(&self.0, req, Actor::Socket(peer), &events).await;
+        if let Some(e) = &reply.error {
+            tracing::info!(cmd = name, uid = peer.uid, pid = ?peer.pid, code = ?e.code, error = %e.message, "control request refused");
+        }
+        reply
+    }
+}
