@@ -351,8 +351,10 @@ pub enum ErrorCode {
     UnknownUpstream,
     /// No such pool.
     UnknownPool,
-    /// The request is well-formed but not acceptable (weights not summing to 100, ...).
+    /// The request is well-formed but not acceptable (a pool without instances, ...).
     Invalid,
+    /// Weights out of 0..=100, or not summing to 100.
+    InvalidWeights,
     /// The target pool is not healthy enough.
     Unhealthy,
     /// A wait (drain, health) ran out; the change itself, if any, was applied.
@@ -581,6 +583,10 @@ pub struct ReloadResult {
     pub summary: String,
     /// Settings that changed in the file but need a restart to take effect.
     pub needs_restart: Vec<String>,
+    /// What the reload changed that the operator did not ask for explicitly (e.g. run-time
+    /// weights that could not be kept because a pool with weight left the file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]

@@ -189,3 +189,43 @@ async fn control_mode_is_applied() {
     assert_eq!(mode, 0o660);
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn weights_that_would_wrap_are_refused_and_nothing_changes() {
+    trace_init();
+    let (_blue, _green, px) = blue_green(false, "").await;
+    let before = px.handle().status().upstream("app").unwrap().clone();
+    // Summed in u32 these wrap to exactly 100; the proxy must not build a 4-billion-slot
+    // schedule under its writer lock, nor persist them.
+    let replies = raw_lines(
+        &px,
+        b"{\"cmd\":\"weights\",\"weights\":{\"blue\":4294967295,\"green\":101},\"force\":true}\n{\"cmd\":\"weight\",\"pool\":\"green\",\"weight\":4294967295,\"force\":true}\n{\"cmd\":\"weights\",\"weights\":{\"blue\":60,\"green\":60}}\n{\"cmd\":\"status\"}\n",
+        4,
+    )
+    .await;
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    for r in &replies[..3] {
+        let e = r.error.as_ref().expect("refused");
+        assert_eq!(e.code, ErrorCode::InvalidWeights, "{e:?}");
+    }
+    assert!(replies[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("blue=4294967295 is above 100"));
+    assert!(replies[2]
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("sum to 120"));
+    assert!(replies[3].ok);
+    let after = px.handle().status().upstream("app").unwrap().clone();
+    assert_eq!(after.weights, before.weights);
+    assert_eq!(after.generation, before.generation);
+    let saved = std::fs::read_to_string(px.dir.path().join("state.json")).unwrap_or_default();
+    assert!(!saved.contains("4294967295"), "{saved}");
+    assert_eq!(px.get("/").await.status, 200);
+    px.shutdown().await;
+}

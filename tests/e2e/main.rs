@@ -7,6 +7,7 @@ mod health;
 mod lifecycle;
 mod load;
 mod observability;
+mod reload;
 mod routing;
 mod switching;
 mod tls;

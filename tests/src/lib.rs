@@ -170,9 +170,31 @@ impl TestProxy {
             .unwrap()
     }
 
+    /// Start from a config *file* (`{dir}/switchyard.yaml`), so `reload` and SIGHUP have a file
+    /// to re-read; [`Self::write_config`] changes it. Waits until instances are settled.
+    pub async fn start_from_file(yaml: &str) -> TestProxy {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchyard.yaml");
+        let opts = StartOptions::default().with_config_path(&path);
+        let px = Self::start_in(dir, yaml, opts);
+        px.write_config(yaml);
+        px.wait_settled().await;
+        px
+    }
+
+    /// Write the config file of a proxy started with [`Self::start_from_file`] (`{dir}` is
+    /// replaced).
+    pub fn write_config(&self, yaml: &str) {
+        let yaml = yaml.replace("{dir}", &self.dir.path().display().to_string());
+        std::fs::write(self.dir.path().join("switchyard.yaml"), yaml).unwrap();
+    }
+
     /// Start without waiting for health checks (instances stay `unknown` for a while).
     pub fn start_unsettled(yaml: &str, opts: StartOptions) -> TestProxy {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), yaml, opts)
+    }
+
+    fn start_in(dir: tempfile::TempDir, yaml: &str, opts: StartOptions) -> TestProxy {
         let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
         let config = switchyard_config::parse(&yaml)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n{yaml}"));

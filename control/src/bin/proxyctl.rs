@@ -499,6 +499,9 @@ fn print_result(cmd: &Cmd, reply: &Reply) {
         Cmd::Reload => {
             if let Ok(r) = serde_json::from_value::<ReloadResult>(v) {
                 println!("reloaded: {}", r.summary);
+                for w in &r.warnings {
+                    println!("warning: {w}");
+                }
                 if !r.needs_restart.is_empty() {
                     println!(
                         "changed but only applied after a restart: {}",

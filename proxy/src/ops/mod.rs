@@ -15,10 +15,11 @@
 //! - `status`: the status document.
 
 use crate::checks::dns::Resolve;
+use crate::routing::weights::fmt_weights;
 use crate::state::{persist, Shared, Snapshot};
 use crate::telemetry::events::{self, EventLog};
 use crate::telemetry::metrics::Metrics;
-use crate::upstream::{UpstreamState, Weights};
+use crate::upstream::UpstreamState;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,13 +90,6 @@ pub(crate) struct Controller {
 
 pub(crate) fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
     ControlError::new(code, msg)
-}
-
-pub(crate) fn fmt_weights(w: &Weights) -> String {
-    w.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 impl Controller {

@@ -3,6 +3,7 @@
 
 use super::{err, Actor, Controller};
 use crate::checks::dns;
+use crate::routing::weights::fmt_weights;
 use crate::state::{persist, Snapshot};
 use crate::telemetry::events;
 use std::collections::BTreeMap;
@@ -76,7 +77,7 @@ impl Controller {
             .with_details(serde_json::to_value(&problems).unwrap_or_default()));
         }
         let summary = config.summary();
-        let needs_restart = self.install_config(config)?;
+        let (needs_restart, warnings) = self.install_config(config)?;
         dns::refresh_all(&self.shared, &*self.resolver).await;
         let mut r = events::record(
             "reload",
@@ -94,20 +95,22 @@ impl Controller {
             pid = ?actor.pid(),
             path = %path.display(),
             ?needs_restart,
+            ?warnings,
             "config reloaded"
         );
         Ok(ReloadResult {
             summary,
             needs_restart,
+            warnings,
         })
     }
 
     /// Swap in a new config (under the writer lock, persisted). Returns the settings that
-    /// changed but only take effect after a restart.
+    /// changed but only take effect after a restart, and warnings.
     pub(crate) fn install_config(
         &self,
         config: switchyard_config::Config,
-    ) -> Result<Vec<String>, ControlError> {
+    ) -> Result<(Vec<String>, Vec<String>), ControlError> {
         let guard = self.shared.lock();
         let old = self.shared.load();
         let o = &old.config;
@@ -129,7 +132,35 @@ impl Controller {
                 format!("not applied: cannot write the state file: {e}"),
             )
         })?;
+        let warnings = reset_weights(&old, &new_snap);
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
         self.shared.store(&guard, new_snap);
-        Ok(needs_restart)
+        Ok((needs_restart, warnings))
     }
+}
+
+/// Upstreams whose run-time weights a reload could not keep (a pool with weight left the
+/// file), said in words: the reload moved their traffic.
+fn reset_weights(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    new.upstreams
+        .iter()
+        .filter_map(|u| {
+            let o = old.upstream(u.name())?;
+            let (before, after) = (o.weights(), u.weights());
+            let kept = before
+                .iter()
+                .filter(|(_, w)| **w > 0)
+                .all(|(p, w)| after.get(p) == Some(w));
+            (!kept).then(|| {
+                format!(
+                    "{}: run-time weights {} could not be kept (a pool with weight is no longer in the file); now {}",
+                    u.name(),
+                    fmt_weights(&before),
+                    fmt_weights(&after)
+                )
+            })
+        })
+        .collect()
 }

@@ -1,7 +1,8 @@
 //! Weight changes: `switch`, `weight`, `weights` and `rollback`. Each builds the new weights
 //! from the current upstream state and goes through [`Controller::apply_gated`].
 
-use super::{err, fmt_weights, Actor, Controller, Gate};
+use super::{err, Actor, Controller, Gate};
+use crate::routing::weights;
 use crate::upstream::{UpstreamState, Weights};
 use switchyard_control::protocol::{Change, ControlError, ErrorCode};
 
@@ -54,7 +55,10 @@ impl Controller {
         self.apply_gated(upstream, actor, "weight", |u, forced| {
             Self::check_pool(u, pool)?;
             if weight > 100 {
-                return Err(err(ErrorCode::Invalid, format!("weight {weight} is above 100")));
+                return Err(err(
+                    ErrorCode::InvalidWeights,
+                    format!("weight {pool}={weight} is above 100 (weights are 0..=100)"),
+                ));
             }
             let main = u.pools[u.main].pool.name.clone();
             let mut w = u.weights();
@@ -68,14 +72,19 @@ impl Controller {
                 ));
             }
             w.insert(pool.to_string(), weight);
-            let others: u32 = w.iter().filter(|(k, _)| **k != main).map(|(_, v)| *v).sum();
+            let others: u64 = w
+                .iter()
+                .filter(|(k, _)| **k != main)
+                .map(|(_, v)| u64::from(*v))
+                .sum();
             if others > 100 {
                 return Err(err(
-                    ErrorCode::Invalid,
-                    format!("the other pools already have {}; {pool}={weight} would leave the main pool {main} below 0", others - weight),
+                    ErrorCode::InvalidWeights,
+                    format!("the other pools already have {}; {pool}={weight} would leave the main pool {main} below 0", others - u64::from(weight)),
                 ));
             }
-            w.insert(main, 100 - others);
+            // `others` <= 100 here.
+            w.insert(main, 100 - others as u32);
             Self::check_targets(u, &w)?;
             if w == u.weights() {
                 return Ok(None);
@@ -97,16 +106,7 @@ impl Controller {
             for p in weights.keys() {
                 Self::check_pool(u, p)?;
             }
-            let sum: u32 = weights.values().sum();
-            if sum != 100 {
-                return Err(err(
-                    ErrorCode::Invalid,
-                    format!(
-                        "weights must sum to 100, these sum to {sum} ({})",
-                        fmt_weights(weights)
-                    ),
-                ));
-            }
+            weights::check(weights).map_err(|e| err(ErrorCode::InvalidWeights, e.to_string()))?;
             let mut w: Weights = u.pools.iter().map(|p| (p.pool.name.clone(), 0)).collect();
             w.extend(weights.iter().map(|(k, v)| (k.clone(), *v)));
             Self::check_targets(u, &w)?;

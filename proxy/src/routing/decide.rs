@@ -24,7 +24,7 @@ impl Split {
     /// Compile `weights` (one per pool index). `prev_main` keeps its role on a tie.
     pub(crate) fn new(weights: Vec<u32>, prev_main: Option<usize>) -> Split {
         let main = main_pool(&weights, prev_main);
-        let slots = weighted_slots(&weights);
+        let slots = weighted_slots(&weights, main);
         Split {
             weights,
             main,
@@ -69,10 +69,13 @@ fn main_pool(weights: &[u32], prev_main: Option<usize>) -> usize {
 }
 
 /// Pool indices in proportion to the weights, spread out by smooth weighted round robin.
-fn weighted_slots(weights: &[u32]) -> Vec<u8> {
+fn weighted_slots(weights: &[u32], main: usize) -> Vec<u8> {
     let total: i64 = weights.iter().map(|w| i64::from(*w)).sum();
-    if total == 0 {
-        return vec![0];
+    if !(1..=100).contains(&total) {
+        // Weights are checked before they get here (`routing::weights`); should anything
+        // else slip through, everything goes to the main pool instead of a schedule of
+        // billions of slots.
+        return vec![u8::try_from(main).unwrap_or(0)];
     }
     let mut current = vec![0i64; weights.len()];
     let mut slots = Vec::with_capacity(total as usize);
@@ -116,6 +119,14 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert!(pos.windows(2).all(|w| w[1] - w[0] >= 10), "{pos:?}");
+    }
+
+    #[test]
+    fn weights_that_do_not_sum_to_100_never_build_a_huge_schedule() {
+        let s = Split::new(vec![u32::MAX, 101], None);
+        assert_eq!(s.slots(), &[0]);
+        assert_eq!(s.pick(), 0);
+        assert_eq!(Split::new(vec![0, 0], None).slots(), &[0]);
     }
 
     #[test]

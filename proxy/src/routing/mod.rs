@@ -6,10 +6,12 @@
 //! - [`routes`]: the route table (path prefix -> upstream, prefix stripping).
 //! - [`deny`]: the deny list.
 //! - [`decide`]: the per-request pool decision ([`decide::Split`]).
+//! - [`weights`]: the rules every set of weights obeys.
 
 pub(crate) mod decide;
 pub(crate) mod deny;
 pub(crate) mod routes;
+pub(crate) mod weights;
 
 pub use deny::DenyList;
 pub use routes::{Route, RouteTable};

@@ -11,6 +11,7 @@
 //! the operator's newer intent, the file, wins).
 
 use super::{Restored, Snapshot};
+use crate::routing::weights;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -143,13 +144,15 @@ pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
             tracing::warn!(upstream = %name, "state file names an upstream the config no longer has; ignored");
             continue;
         };
-        let pools_match = rec.weights.keys().all(|p| uc.pool(p).is_some());
-        if !pools_match || rec.weights.values().sum::<u32>() != 100 {
-            tracing::warn!(upstream = %name, weights = ?rec.weights, "saved weights do not fit the config's pools; using the config's active pool");
+        let pools = || uc.pools.iter().map(|p| p.name.as_str());
+        let Some(weights) = weights::carry_over(&rec.weights, pools()) else {
+            let why = match weights::check(&rec.weights) {
+                Err(e) => e.to_string(),
+                Ok(()) => "a pool with weight is no longer in the config".to_string(),
+            };
+            tracing::warn!(upstream = %name, weights = %weights::fmt_weights(&rec.weights), %why, "saved weights do not fit the config; using the config's active pool");
             continue;
-        }
-        let mut weights: Weights = uc.pools.iter().map(|p| (p.name.clone(), 0)).collect();
-        weights.extend(rec.weights);
+        };
         let mut instances = BTreeMap::new();
         for pc in &uc.pools {
             let Some(pr) = rec.pools.get(&pc.name) else {
@@ -174,9 +177,7 @@ pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
                 }
             }
         }
-        let previous = rec
-            .previous
-            .filter(|p| p.keys().all(|k| uc.pool(k).is_some()) && p.values().sum::<u32>() == 100);
+        let previous = rec.previous.and_then(|p| weights::carry_over(&p, pools()));
         out.insert(
             name,
             Restored {
@@ -188,4 +189,68 @@ pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        switchyard_config::parse(&format!(
+            "listen: [{{addr: '127.0.0.1:0'}}]\nstate_file: {}/state.json\nupstreams:\n  app:\n    pools:\n      blue: ['127.0.0.1:1']\n      green: ['127.0.0.1:2']\n    active: blue\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+            dir.display()
+        ))
+        .unwrap()
+    }
+
+    fn write(path: &Path, weights: &str, previous: &str) {
+        std::fs::write(
+            path,
+            format!(
+                r#"{{"version":1,"upstreams":{{"app":{{"generation":7,"weights":{weights},"previous":{previous}}}}}}}"#
+            ),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn weights_that_wrap_a_u32_are_rejected_not_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        // 4294967295 + 101 wraps to 100 in u32 arithmetic.
+        write(
+            &cfg.state_file,
+            r#"{"blue":4294967295,"green":101}"#,
+            "null",
+        );
+        assert!(load(&cfg.state_file, &cfg).is_empty());
+    }
+
+    #[test]
+    fn valid_weights_are_restored_and_a_bad_rollback_target_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        write(
+            &cfg.state_file,
+            r#"{"blue":10,"green":90}"#,
+            r#"{"blue":4294967295,"green":101}"#,
+        );
+        let r = load(&cfg.state_file, &cfg);
+        let app = &r["app"];
+        assert_eq!(app.weights["green"], 90);
+        assert_eq!(app.generation, 7);
+        assert_eq!(app.previous, None);
+        // A pool without weight that left the config does not invalidate the file.
+        write(
+            &cfg.state_file,
+            r#"{"blue":100,"green":0,"gone":0}"#,
+            r#"{"blue":0,"gone":100}"#,
+        );
+        let r = load(&cfg.state_file, &cfg);
+        assert_eq!(r["app"].weights["blue"], 100);
+        assert_eq!(
+            r["app"].previous, None,
+            "its rollback target named a removed pool"
+        );
+    }
 }

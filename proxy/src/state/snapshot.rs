@@ -2,6 +2,7 @@
 //! route table, the deny list and each upstream's `UpstreamState` — built from a config, the
 //! state file or the previous snapshot.
 
+use crate::routing::weights;
 use crate::routing::{DenyList, RouteTable};
 use crate::upstream::{UpstreamState, Weights};
 use std::collections::BTreeMap;
@@ -57,7 +58,14 @@ impl Snapshot {
                         old_state.map(|a| &**a),
                     )
                 } else if let Some(o) = old_state {
-                    let weights = keep_weights(&o.weights(), &initial);
+                    // Run-time weights survive while the pools that have weight exist (new
+                    // pools get 0); a rollback target naming a removed pool is dropped.
+                    let pools = || uc.pools.iter().map(|p| p.name.as_str());
+                    let weights = weights::carry_over(&o.weights(), pools()).unwrap_or(initial);
+                    let previous = o
+                        .previous
+                        .as_ref()
+                        .and_then(|p| weights::carry_over(p, pools()));
                     // Keep run-time instance lists (`pool set`) for pools whose list the
                     // operator did not edit in the file; an edited list wins.
                     let instances: BTreeMap<String, Vec<InstanceAddr>> = uc
@@ -80,7 +88,7 @@ impl Snapshot {
                         &weights,
                         &instances,
                         o.generation + 1,
-                        o.previous.clone(),
+                        previous,
                         Some(o),
                     )
                 } else {
@@ -127,16 +135,5 @@ impl Snapshot {
                 })
                 .collect(),
         }
-    }
-}
-
-/// Keep run-time weights across a reload when they still describe the new pool set (same
-/// pools, summing to 100); otherwise start from the config's `active`.
-fn keep_weights(old: &Weights, initial: &Weights) -> Weights {
-    let same_pools = old.keys().eq(initial.keys());
-    if same_pools && old.values().sum::<u32>() == 100 {
-        old.clone()
-    } else {
-        initial.clone()
     }
 }

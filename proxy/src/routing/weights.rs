@@ -1,0 +1,124 @@
+//! The rules every set of weights obeys (SPEC §4): each weight is 0..=100 and together they
+//! sum to 100. Checked wherever weights come in — the control socket, the library, the state
+//! file, a reload — in 64-bit arithmetic, so `4294967295 + 101` cannot wrap to 100.
+
+use switchyard_control::Weights;
+
+/// Why a set of weights is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WeightsError {
+    /// A weight above 100.
+    Above100 { pool: String, weight: u32 },
+    /// Weights not summing to 100.
+    Sum { sum: u64, weights: String },
+}
+
+impl std::fmt::Display for WeightsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightsError::Above100 { pool, weight } => {
+                write!(
+                    f,
+                    "weight {pool}={weight} is above 100 (weights are 0..=100)"
+                )
+            }
+            WeightsError::Sum { sum, weights } => {
+                write!(f, "weights must sum to 100, these sum to {sum} ({weights})")
+            }
+        }
+    }
+}
+
+/// `blue=90 green=10`.
+pub(crate) fn fmt_weights(w: &Weights) -> String {
+    w.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Each weight 0..=100, summing to 100.
+pub(crate) fn check(w: &Weights) -> Result<(), WeightsError> {
+    if let Some((pool, weight)) = w.iter().find(|(_, v)| **v > 100) {
+        return Err(WeightsError::Above100 {
+            pool: pool.clone(),
+            weight: *weight,
+        });
+    }
+    let sum: u64 = w.values().map(|v| u64::from(*v)).sum();
+    if sum != 100 {
+        return Err(WeightsError::Sum {
+            sum,
+            weights: fmt_weights(w),
+        });
+    }
+    Ok(())
+}
+
+/// Run-time weights carried over to a new set of pools (a reload, a restart with an edited
+/// config): kept when they are valid and every pool that has weight still exists; pools that
+/// are new get 0. `None` when they cannot be kept.
+pub(crate) fn carry_over<'a>(
+    old: &Weights,
+    pools: impl IntoIterator<Item = &'a str>,
+) -> Option<Weights> {
+    check(old).ok()?;
+    let mut next: Weights = pools.into_iter().map(|p| (p.to_string(), 0)).collect();
+    for (pool, w) in old {
+        match next.get_mut(pool) {
+            Some(slot) => *slot = *w,
+            None if *w == 0 => {}
+            None => return None,
+        }
+    }
+    Some(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(list: &[(&str, u32)]) -> Weights {
+        list.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn weights_are_0_to_100_and_sum_to_100_without_wrapping() {
+        assert!(check(&w(&[("blue", 90), ("green", 10)])).is_ok());
+        assert_eq!(
+            check(&w(&[("blue", u32::MAX), ("green", 101)])),
+            Err(WeightsError::Above100 {
+                pool: "blue".into(),
+                weight: u32::MAX
+            })
+        );
+        // Each below 100 but a sum that would wrap a u32 twice over is still a wrong sum.
+        let many: Weights = (0..100).map(|i| (format!("p{i}"), 100)).collect();
+        assert!(matches!(
+            check(&many),
+            Err(WeightsError::Sum { sum: 10000, .. })
+        ));
+        assert!(matches!(
+            check(&w(&[("blue", 50)])),
+            Err(WeightsError::Sum { sum: 50, .. })
+        ));
+    }
+
+    #[test]
+    fn carry_over_keeps_weights_while_weighted_pools_exist() {
+        let old = w(&[("blue", 90), ("green", 10)]);
+        assert_eq!(
+            carry_over(&old, ["blue", "canary", "green"]),
+            Some(w(&[("blue", 90), ("canary", 0), ("green", 10)])),
+            "a new pool gets 0"
+        );
+        assert_eq!(carry_over(&old, ["blue"]), None, "green had weight");
+        let idle_gone = w(&[("blue", 100), ("green", 0)]);
+        assert_eq!(
+            carry_over(&idle_gone, ["blue", "canary"]),
+            Some(w(&[("blue", 100), ("canary", 0)])),
+            "a removed pool without weight does not matter"
+        );
+        assert_eq!(carry_over(&w(&[("blue", 200)]), ["blue"]), None);
+    }
+}
