@@ -35,7 +35,7 @@ impl Controller {
                         .iter()
                         .filter_map(|p| {
                             u.pool(p)
-                                .map(|ps| (p.clone(), ps.pool.inflight.load(Ordering::Acquire)))
+                                .map(|ps| (p.clone(), ps.pool.inflight.load(Ordering::SeqCst)))
                         })
                         .collect()
                 })

@@ -8,25 +8,38 @@ use crate::upstream::{Instance, Pool, UpstreamState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Counts one request on a pool and an instance while it exists.
+/// Counts one request on its pool from the moment the pool is chosen until the request ends.
+/// SeqCst: [`crate::state::Shared::bind`] relies on it.
 #[derive(Debug)]
-pub(crate) struct InflightGuard {
-    pool: Arc<Pool>,
-    instance: Arc<Instance>,
-}
+pub(crate) struct PoolGuard(Arc<Pool>);
 
-impl InflightGuard {
-    pub(crate) fn new(pool: Arc<Pool>, instance: Arc<Instance>) -> Self {
-        pool.inflight.fetch_add(1, Ordering::AcqRel);
-        instance.inflight.fetch_add(1, Ordering::AcqRel);
-        InflightGuard { pool, instance }
+impl PoolGuard {
+    pub(crate) fn new(pool: Arc<Pool>) -> Self {
+        pool.inflight.fetch_add(1, Ordering::SeqCst);
+        PoolGuard(pool)
     }
 }
 
-impl Drop for InflightGuard {
+impl Drop for PoolGuard {
     fn drop(&mut self) {
-        self.pool.inflight.fetch_sub(1, Ordering::AcqRel);
-        self.instance.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts one attempt on an instance (for least_requests and `status`).
+#[derive(Debug)]
+pub(crate) struct InstanceGuard(Arc<Instance>);
+
+impl InstanceGuard {
+    pub(crate) fn new(instance: Arc<Instance>) -> Self {
+        instance.inflight.fetch_add(1, Ordering::AcqRel);
+        InstanceGuard(instance)
+    }
+}
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -68,8 +81,10 @@ pub(crate) struct RequestCtx {
     pub(crate) attempts: u32,
     /// Retries caused by stale pooled connections (not counted in `attempts`).
     pub(crate) stale_retries: u32,
-    /// Counts this request as in flight on its pool/instance.
-    pub(crate) guard: Option<InflightGuard>,
+    /// Counts this request as in flight on its pool (from the moment the pool is chosen).
+    pub(crate) pool_guard: Option<PoolGuard>,
+    /// Counts the current attempt on its instance.
+    pub(crate) guard: Option<InstanceGuard>,
     /// The instance of the current attempt.
     pub(crate) instance: Option<Arc<Instance>>,
     /// Why the last attempt failed, in words a client may see (never an address).

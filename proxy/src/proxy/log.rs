@@ -23,6 +23,7 @@ pub(crate) fn finish(
     // connection — least_requests and drains see the instance as free a little sooner.
     // (The context's drop still releases it on the paths that skip this hook.)
     drop(ctx.guard.take());
+    drop(ctx.pool_guard.take());
     // Nothing sent: the client went away first (nginx's 499).
     let status = session
         .response_written()

@@ -2,9 +2,10 @@
 //!
 //! Per request: `request_filter` loads the routing snapshot once, answers denied paths and
 //! unrouted requests itself, and binds the request to a pool (the decision is
-//! `routing::decide`). `upstream_peer` picks an instance of that pool (called again on each
-//! retry, with the same snapshot and pool) and counts the request in flight on it until the
-//! request ends — on every exit path, client aborts included. `upstream_request_filter`
+//! `routing::decide`), counting it in flight on that pool from that moment until the request
+//! ends — on every exit path, client aborts included (`state::Shared::bind` closes the gap
+//! between loading the snapshot and counting). `upstream_peer` picks an instance of that pool
+//! (called again on each retry, with the same snapshot and pool). `upstream_request_filter`
 //! rewrites the path and sets the forwarding headers. The hooks below only sequence the work;
 //! each concern has its own module:
 //!
@@ -27,9 +28,9 @@ use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::EventLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::health::now_ms;
-use crate::upstream::Candidates;
+use crate::upstream::{Candidates, UpstreamState};
 use async_trait::async_trait;
-use ctx::{ActiveGuard, InflightGuard, RequestCtx};
+use ctx::{ActiveGuard, InstanceGuard, PoolGuard, RequestCtx};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -37,6 +38,21 @@ use pingora::ErrorSource;
 use reply::{describe, err_status};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+
+/// What `request_filter` decided for a request.
+enum Decision {
+    /// Denied: answer with this status.
+    Deny(u16),
+    /// No route matches.
+    NoRoute,
+    /// Routed, and counted on its pool.
+    Pool {
+        route: usize,
+        upstream: Arc<UpstreamState>,
+        pool: usize,
+        guard: PoolGuard,
+    },
+}
 
 /// The proxy logic, shared by every worker thread.
 #[derive(Debug)]
@@ -62,27 +78,49 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        let snap = self.shared.load();
+        let path = session.req_header().uri.path();
+        let (snap, decision) = self.shared.bind(|snap| {
+            if snap.deny.denies(path) {
+                return Decision::Deny(snap.deny.status);
+            }
+            let Some((route, r)) = snap.routes.find(path.as_bytes()) else {
+                return Decision::NoRoute;
+            };
+            let upstream = snap.upstreams[r.upstream].clone();
+            let pool = upstream.pick_pool();
+            let guard = PoolGuard::new(upstream.pools[pool].pool.clone());
+            Decision::Pool {
+                route,
+                upstream,
+                pool,
+                guard,
+            }
+        });
         let ka = snap.config.keepalive_timeout;
         session.set_keepalive((!ka.is_zero()).then(|| ka.as_secs().max(1)));
-
-        let path = session.req_header().uri.path();
-        if snap.deny.denies(path) {
-            let status = snap.deny.status;
-            let text = format!("{status} {}", reply::reason(status));
-            reply::respond(session, status, &text).await?;
-            return Ok(true);
+        match decision {
+            Decision::Deny(status) => {
+                let text = format!("{status} {}", reply::reason(status));
+                reply::respond(session, status, &text).await?;
+                return Ok(true);
+            }
+            Decision::NoRoute => {
+                reply::respond(session, 404, "404 Not Found: no route for this path").await?;
+                return Ok(true);
+            }
+            Decision::Pool {
+                route,
+                upstream,
+                pool,
+                guard,
+            } => {
+                ctx.pool = Some(pool);
+                ctx.pool_guard = Some(guard);
+                ctx.route = Some(route);
+                ctx.upstream = Some(upstream);
+                ctx.snapshot = Some(snap);
+            }
         }
-        let Some((route_idx, route)) = snap.routes.find(path.as_bytes()) else {
-            reply::respond(session, 404, "404 Not Found: no route for this path").await?;
-            return Ok(true);
-        };
-        let upstream = snap.upstreams[route.upstream].clone();
-        ctx.pool = Some(upstream.pick_pool());
-        ctx.route = Some(route_idx);
-        ctx.upstream = Some(upstream);
-        ctx.snapshot = Some(snap);
-
         if session.is_upgrade_req() {
             // An upgraded (WebSocket) connection may be quiet for long; it ends when either
             // side closes, not after the HTTP read timeout.
@@ -126,7 +164,7 @@ impl ProxyHttp for Switchyard {
         };
         ctx.attempts += 1;
         ctx.tried.push(inst.id);
-        ctx.guard = Some(InflightGuard::new(pool.pool.clone(), inst.clone()));
+        ctx.guard = Some(InstanceGuard::new(inst.clone()));
         ctx.instance = Some(inst.clone());
 
         let cfg = &up.config;

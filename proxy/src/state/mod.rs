@@ -17,12 +17,19 @@ pub(crate) use snapshot::{Restored, Snapshot};
 
 use crate::upstream::UpstreamState;
 use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Bound on how often one request decides again because changes keep arriving (a change
+/// takes a lock and an fsync, so more than one in a row is already rare).
+const MAX_REBINDS: u32 = 8;
 
 /// The snapshot cell plus the writer lock.
 #[derive(Debug)]
 pub(crate) struct Shared {
     current: ArcSwap<Snapshot>,
+    /// The version of the last stored snapshot, published after it is stored.
+    version: AtomicU64,
     write: Mutex<()>,
     /// Wakes the health supervisor (new instances) and health waiters.
     changes: tokio::sync::Notify,
@@ -31,9 +38,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(snapshot: Snapshot) -> Self {
+    pub(crate) fn new(mut snapshot: Snapshot) -> Self {
+        snapshot.version = 1;
         Shared {
             current: ArcSwap::from_pointee(snapshot),
+            version: AtomicU64::new(1),
             write: Mutex::new(()),
             changes: tokio::sync::Notify::new(),
             health: tokio::sync::Notify::new(),
@@ -63,9 +72,40 @@ impl Shared {
     }
 
     /// Make `snapshot` current. Caller holds `lock()`.
-    pub(crate) fn store(&self, _guard: &MutexGuard<'_, ()>, snapshot: Snapshot) {
+    pub(crate) fn store(&self, _guard: &MutexGuard<'_, ()>, mut snapshot: Snapshot) {
+        let version = self.version.load(Ordering::SeqCst) + 1;
+        snapshot.version = version;
         self.current.store(Arc::new(snapshot));
+        // Published after the store: a request that reads this version and loads again is
+        // sure to load this snapshot or a newer one.
+        self.version.store(version, Ordering::SeqCst);
         self.changes.notify_waiters();
+    }
+
+    /// Route a request: load the snapshot and let `decide` bind the request, counting it on
+    /// its pool (the guard it returns). A drain that starts after a change reads the old pool's
+    /// counter once; a request that loaded the old snapshot but was not counted yet at that
+    /// moment must not go on to the old pool. So after counting, the published version is
+    /// compared with the snapshot's: if a change was stored in between, the decision is
+    /// dropped (uncounting it) and made again on the new snapshot (SPEC §4 invariant 3).
+    ///
+    /// Why this suffices: the counter increment and the version load are SeqCst, as are the
+    /// version store and the drain's counter load. If the drain read the counter before the
+    /// increment, the version store precedes the version load, which then sees the new version.
+    pub(crate) fn bind<T>(
+        &self,
+        mut decide: impl FnMut(&Arc<Snapshot>) -> T,
+    ) -> (Arc<Snapshot>, T) {
+        let mut rebinds = 0;
+        loop {
+            let snap = self.load();
+            let decision = decide(&snap);
+            if rebinds == MAX_REBINDS || self.version.load(Ordering::SeqCst) == snap.version {
+                return (snap, decision);
+            }
+            drop(decision);
+            rebinds += 1;
+        }
     }
 
     /// Resolves at the next snapshot change (create it before loading the snapshot).
@@ -81,5 +121,124 @@ impl Shared {
     /// Resolves at the next health transition.
     pub(crate) fn health_changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.health.notified()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{Pool, Weights};
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicBool;
+
+    fn shared() -> Shared {
+        let cfg = switchyard_config::parse(
+            "listen: [{addr: '127.0.0.1:0'}]\nupstreams:\n  app:\n    pools:\n      blue: ['127.0.0.1:1']\n      green: ['127.0.0.1:2']\n    active: blue\nroutes: [{path_prefix: /, upstream: app}]\n",
+        )
+        .unwrap();
+        Shared::new(Snapshot::build(Arc::new(cfg), &BTreeMap::new(), None))
+    }
+
+    /// What a switch does: store `pool`=100 (pools: 0 blue, 1 green).
+    fn switch(s: &Shared, pool: &str) -> u64 {
+        let guard = s.lock();
+        let u = s.load().upstreams[0].clone();
+        let w: Weights = u
+            .pools
+            .iter()
+            .map(|p| (p.pool.name.clone(), u32::from(p.pool.name == pool) * 100))
+            .collect();
+        let snap = s.with_upstream(&guard, Arc::new(u.with_changes(Some(&w), None)));
+        s.store(&guard, snap);
+        s.load().version
+    }
+
+    /// A request's binding: pool chosen by weight and counted (the proxy's PoolGuard).
+    struct Counted(Arc<Pool>, usize);
+    impl Counted {
+        fn new(snap: &Snapshot) -> Self {
+            let u = &snap.upstreams[0];
+            let i = u.pick_pool();
+            let p = u.pools[i].pool.clone();
+            p.inflight.fetch_add(1, Ordering::SeqCst);
+            Counted(p, i)
+        }
+    }
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_change_between_loading_and_counting_makes_the_request_decide_again() {
+        let s = shared();
+        let blue = s.load().upstreams[0].pools[0].pool.clone();
+        let mut calls = 0;
+        let mut drain_saw = None;
+        let (snap, bound) = s.bind(|snap| {
+            calls += 1;
+            if calls == 1 {
+                // The worst interleaving: the request has loaded the old snapshot (blue=100);
+                // before it counts itself, a switch to green is stored and a drain of blue
+                // looks at blue's counter.
+                switch(&s, "green");
+                drain_saw = Some(blue.inflight.load(Ordering::SeqCst));
+            }
+            Counted::new(snap)
+        });
+        assert_eq!(drain_saw, Some(0), "the drain saw blue empty ...");
+        assert_eq!(calls, 2);
+        assert_eq!(
+            bound.1, 1,
+            "... so the request must not go to blue: it went to green"
+        );
+        assert_eq!(snap.version, 2);
+        assert_eq!(blue.inflight.load(Ordering::SeqCst), 0);
+        drop(bound);
+    }
+
+    #[test]
+    fn no_request_reaches_a_pool_after_its_drain_saw_it_empty() {
+        // A writer switches back and forth and, after each store, reads the counter of the
+        // pool that lost its weight (what `switch --drain` does); a reader keeps binding
+        // requests. A request holding a pool that a later drain saw at 0 would be the race.
+        let s = Arc::new(shared());
+        let stop = Arc::new(AtomicBool::new(false));
+        // Per pool: the highest snapshot version whose drain read 0.
+        let drained: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let writer = {
+            let (s, stop, drained) = (s.clone(), stop.clone(), drained.clone());
+            std::thread::spawn(move || {
+                for i in 0..4000 {
+                    let (to, from) = if i % 2 == 0 {
+                        ("green", 0)
+                    } else {
+                        ("blue", 1)
+                    };
+                    let v = switch(&s, to);
+                    let pool = s.load().upstreams[0].pools[from].pool.clone();
+                    if pool.inflight.load(Ordering::SeqCst) == 0 {
+                        drained[from].fetch_max(v, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+                stop.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut bound = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let (snap, c) = s.bind(|snap| Counted::new(snap));
+            let later_drain = drained[c.1].load(Ordering::SeqCst);
+            assert!(
+                later_drain <= snap.version,
+                "bound to pool {} by version {} while a drain at version {later_drain} saw it empty",
+                c.1,
+                snap.version
+            );
+            bound += 1;
+        }
+        writer.join().unwrap();
+        assert!(bound > 1000, "{bound} bindings");
     }
 }

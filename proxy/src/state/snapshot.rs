@@ -17,6 +17,8 @@ pub(crate) struct Snapshot {
     pub(crate) deny: DenyList,
     /// In the order of `config.upstreams`.
     pub(crate) upstreams: Vec<Arc<UpstreamState>>,
+    /// Set when the snapshot is stored: 1, 2, 3... (see [`super::Shared::bind`]).
+    pub(crate) version: u64,
 }
 
 /// Runtime state restored for one upstream (from the state file).
@@ -110,6 +112,7 @@ impl Snapshot {
             routes,
             deny,
             upstreams,
+            version: 0,
         }
     }
 
@@ -120,6 +123,7 @@ impl Snapshot {
     /// A copy with one upstream replaced.
     pub(super) fn with_upstream(&self, state: Arc<UpstreamState>) -> Snapshot {
         Snapshot {
+            version: 0,
             config: self.config.clone(),
             routes: self.routes.clone(),
             deny: self.deny.clone(),
