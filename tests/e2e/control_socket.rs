@@ -229,3 +229,101 @@ async fn weights_that_would_wrap_are_refused_and_nothing_changes() {
     assert_eq!(px.get("/").await.status, 200);
     px.shutdown().await;
 }
+
+fn mkfifo(path: &std::path::Path) {
+    let ok = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// While `stuck` is stuck: the health checker keeps checking (3 rounds, which also gives the
+/// stuck task ample time to reach its blocking call), and `status` over a fresh connection
+/// answers within 2 s.
+async fn control_plane_is_alive<T>(
+    px: &TestProxy,
+    blue: &FakeUpstream,
+    stuck: &tokio::task::JoinHandle<T>,
+) {
+    let checks = blue.health_hits();
+    eventually_within(Duration::from_secs(2), &mut || {
+        blue.health_hits() >= checks + 3
+    })
+    .await;
+    assert!(!stuck.is_finished(), "it should be stuck on the FIFO");
+    let status = tokio::time::timeout(Duration::from_secs(2), px.ctl_call(Request::Status))
+        .await
+        .expect("status answered while a change is stuck on the disk");
+    assert!(status.ok);
+    assert!(!stuck.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_stalls_neither_health_checks_nor_status() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let green = FakeUpstream::start("green").await.unwrap();
+    let yaml = app_yaml(
+        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
+        "blue",
+        "",
+    );
+    let px = TestProxy::start_from_file(&yaml).await;
+    let generation = px.handle().status().upstream("app").unwrap().generation;
+
+    // A state-file write that blocks: the temporary file the proxy creates is a FIFO nobody
+    // reads yet (the name is the proxy's: `.state.json.<pid>.tmp`).
+    let tmp = px
+        .dir
+        .path()
+        .join(format!(".state.json.{}.tmp", std::process::id()));
+    mkfifo(&tmp);
+    let sock = px.socket();
+    let switch = tokio::spawn(async move {
+        let mut c = switchyard_control::ControlClient::connect(&sock)
+            .await
+            .unwrap();
+        c.request(&switch_req("green", None)).await.unwrap()
+    });
+    control_plane_is_alive(&px, &blue, &switch).await;
+    // Unstick it: read what was written. A FIFO cannot be fsync-ed, so the change fails —
+    // and, persisted-before-acknowledged, nothing is applied.
+    let drained = tokio::task::spawn_blocking(move || std::fs::read(&tmp).unwrap().len());
+    let reply = tokio::time::timeout(Duration::from_secs(10), switch)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(drained.await.unwrap() > 0);
+    let e = reply.error.expect("refused");
+    assert_eq!(e.code, ErrorCode::Internal, "{e:?}");
+    assert!(e.message.contains("not applied"), "{}", e.message);
+    let st = px.handle().status();
+    assert_eq!(st.upstream("app").unwrap().generation, generation);
+    assert_eq!(px.get("/").await.json()["color"], "blue");
+
+    // A config read that blocks: reload from a FIFO nobody writes yet.
+    let file = px.dir.path().join("switchyard.yaml");
+    std::fs::remove_file(&file).unwrap();
+    mkfifo(&file);
+    let sock = px.socket();
+    let reload = tokio::spawn(async move {
+        let mut c = switchyard_control::ControlClient::connect(&sock)
+            .await
+            .unwrap();
+        c.request(&Request::Reload).await.unwrap()
+    });
+    control_plane_is_alive(&px, &blue, &reload).await;
+    let text = yaml
+        .replace("{dir}", &px.dir.path().display().to_string())
+        .replace("    active: blue\n", "    active: blue\n    retries: 0\n");
+    let writer = tokio::task::spawn_blocking(move || std::fs::write(&file, text).unwrap());
+    let reply = tokio::time::timeout(Duration::from_secs(10), reload)
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    assert!(reply.ok, "{reply:?}");
+    px.shutdown().await;
+}

@@ -93,6 +93,25 @@ pub(crate) fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
 }
 
 impl Controller {
+    /// Run `f` on tokio's blocking pool. A change writes and fsyncs the state file under the
+    /// writer lock, and a reload reads the config and certificate files; neither may stall
+    /// the control runtime, which also runs the health checks, DNS, the admin listener and the
+    /// control socket (a slow disk must not make a pool look unhealthy or `status` hang).
+    pub(crate) async fn off_runtime<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Controller) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .unwrap_or_else(|e| {
+                Err(err(
+                    ErrorCode::Internal,
+                    format!("the operation failed unexpectedly: {e}"),
+                ))
+            })
+    }
+
     /// The upstream a request means: named, or the only one.
     pub(crate) fn upstream(
         snap: &Snapshot,

@@ -3,6 +3,7 @@
 
 use super::{err, Actor, Controller};
 use crate::checks::dns;
+use std::sync::Arc;
 use std::time::Duration;
 use switchyard_config::InstanceAddr;
 use switchyard_control::protocol::{Change, ControlError, ErrorCode};
@@ -25,34 +26,18 @@ impl Controller {
 
     /// Replace a pool's instances; `edit` computes the new list from the current one.
     pub(crate) async fn pool_change(
-        &self,
-        upstream: Option<&str>,
-        pool: &str,
+        self: &Arc<Self>,
+        upstream: Option<String>,
+        pool: String,
         actor: Actor,
-        cmd: &str,
-        edit: impl FnOnce(&[InstanceAddr]) -> Result<Vec<InstanceAddr>, ControlError>,
+        cmd: &'static str,
+        edit: impl FnOnce(&[InstanceAddr]) -> Result<Vec<InstanceAddr>, ControlError> + Send + 'static,
     ) -> Result<Change, ControlError> {
-        let mut change = self.apply(upstream, actor, cmd, |u| {
-            Self::check_pool(u, pool)?;
-            let p = u
-                .pool(pool)
-                .ok_or_else(|| err(ErrorCode::UnknownPool, pool))?;
-            let current: Vec<InstanceAddr> = p.instances.iter().map(|i| i.addr.clone()).collect();
-            let next = edit(&current)?;
-            if next.is_empty() && p.weight > 0 {
-                return Err(err(
-                    ErrorCode::Invalid,
-                    format!(
-                        "pool {pool} has weight {} and would be left without instances",
-                        p.weight
-                    ),
-                ));
-            }
-            if next == current {
-                return Ok(None);
-            }
-            Ok(Some(u.with_changes(None, Some((pool, next)))))
-        })?;
+        let p2 = pool.clone();
+        let mut change = self
+            .off_runtime(move |c| c.edit_pool(upstream.as_deref(), &p2, actor, cmd, edit))
+            .await?;
+        let pool = pool.as_str();
         // New DNS-named instances get their first address now, not at the next refresh.
         let snap = self.shared.load();
         if let Some(u) = snap.upstream(&change.upstream) {
@@ -82,5 +67,37 @@ impl Controller {
             );
         }
         Ok(change)
+    }
+
+    /// The change itself (blocking: it persists).
+    fn edit_pool(
+        &self,
+        upstream: Option<&str>,
+        pool: &str,
+        actor: Actor,
+        cmd: &str,
+        edit: impl FnOnce(&[InstanceAddr]) -> Result<Vec<InstanceAddr>, ControlError>,
+    ) -> Result<Change, ControlError> {
+        self.apply(upstream, actor, cmd, |u| {
+            Self::check_pool(u, pool)?;
+            let p = u
+                .pool(pool)
+                .ok_or_else(|| err(ErrorCode::UnknownPool, pool))?;
+            let current: Vec<InstanceAddr> = p.instances.iter().map(|i| i.addr.clone()).collect();
+            let next = edit(&current)?;
+            if next.is_empty() && p.weight > 0 {
+                return Err(err(
+                    ErrorCode::Invalid,
+                    format!(
+                        "pool {pool} has weight {} and would be left without instances",
+                        p.weight
+                    ),
+                ));
+            }
+            if next == current {
+                return Ok(None);
+            }
+            Ok(Some(u.with_changes(None, Some((pool, next)))))
+        })
     }
 }

@@ -12,7 +12,10 @@ use switchyard_control::protocol::{ControlError, ErrorCode, ReloadResult};
 
 impl Controller {
     /// `reload`: re-read the config file; keep the running config on any problem.
-    pub(crate) async fn reload(&self, actor: Actor) -> Result<ReloadResult, ControlError> {
+    pub(crate) async fn reload(
+        self: &Arc<Self>,
+        actor: Actor,
+    ) -> Result<ReloadResult, ControlError> {
         let Some(path) = self.config_path.clone() else {
             return Err(err(
                 ErrorCode::Invalid,
@@ -38,46 +41,15 @@ impl Controller {
         result
     }
 
-    pub(crate) async fn reload_from(
-        &self,
+    async fn reload_from(
+        self: &Arc<Self>,
         path: &std::path::Path,
         actor: Actor,
     ) -> Result<ReloadResult, ControlError> {
-        let config = match switchyard_config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                let problems = e.field_errors();
-                tracing::warn!(path = %path.display(), problems = problems.len(), "reload refused; the running config stays");
-                return Err(err(
-                    ErrorCode::Invalid,
-                    format!(
-                        "{} has {} problem(s); the running config stays:\n{}",
-                        path.display(),
-                        problems.len(),
-                        problems
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    ),
-                )
-                .with_details(serde_json::to_value(&problems).unwrap_or_default()));
-            }
-        };
-        let problems = crate::listen::preflight(&config);
-        if !problems.is_empty() {
-            return Err(err(
-                ErrorCode::Invalid,
-                problems
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-            .with_details(serde_json::to_value(&problems).unwrap_or_default()));
-        }
+        let file = path.to_path_buf();
+        let config = self.off_runtime(move |_| load_checked(&file)).await?;
         let summary = config.summary();
-        let (needs_restart, warnings) = self.install_config(config)?;
+        let (needs_restart, warnings) = self.off_runtime(move |c| c.install_config(config)).await?;
         dns::refresh_all(&self.shared, &*self.resolver).await;
         let mut r = events::record(
             "reload",
@@ -163,4 +135,43 @@ fn reset_weights(old: &Snapshot, new: &Snapshot) -> Vec<String> {
             })
         })
         .collect()
+}
+
+/// Read, validate and preflight the config file (blocking: it reads files). Every problem is
+/// in the error.
+fn load_checked(path: &std::path::Path) -> Result<switchyard_config::Config, ControlError> {
+    let config = match switchyard_config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            let problems = e.field_errors();
+            tracing::warn!(path = %path.display(), problems = problems.len(), "reload refused; the running config stays");
+            return Err(err(
+                ErrorCode::Invalid,
+                format!(
+                    "{} has {} problem(s); the running config stays:\n{}",
+                    path.display(),
+                    problems.len(),
+                    problems
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            )
+            .with_details(serde_json::to_value(&problems).unwrap_or_default()));
+        }
+    };
+    let problems = crate::listen::preflight(&config);
+    if !problems.is_empty() {
+        return Err(err(
+            ErrorCode::Invalid,
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+        .with_details(serde_json::to_value(&problems).unwrap_or_default()));
+    }
+    Ok(config)
 }

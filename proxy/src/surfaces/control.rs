@@ -17,7 +17,7 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
 
 /// Carry out one protocol request (the socket's and `Handle::execute`'s entry point).
 pub(crate) async fn execute(
-    this: &Controller,
+    this: &Arc<Controller>,
     req: Request,
     actor: Actor,
     events: &EventSender,
@@ -55,7 +55,11 @@ pub(crate) async fn execute(
                 }
             }
             let gate = Gate { min_healthy, force };
-            let change = match this.switch(upstream.as_deref(), &pool, gate, actor) {
+            let (u, p) = (upstream.clone(), pool.clone());
+            let change = match this
+                .off_runtime(move |c| c.switch(u.as_deref(), &p, gate, actor))
+                .await
+            {
                 Ok(c) => c,
                 Err(e) => return Reply::err(e),
             };
@@ -89,31 +93,35 @@ pub(crate) async fn execute(
                 Reply::err(drain_timeout_error(&r, timeout, Some(&change)))
             }
         }
-        Request::Rollback { upstream } => reply(this.rollback(upstream.as_deref(), actor)),
+        Request::Rollback { upstream } => reply(
+            this.off_runtime(move |c| c.rollback(upstream.as_deref(), actor))
+                .await,
+        ),
         Request::Weight {
             upstream,
             pool,
             weight,
             min_healthy,
             force,
-        } => reply(this.set_weight(
-            upstream.as_deref(),
-            &pool,
-            weight,
-            Gate { min_healthy, force },
-            actor,
-        )),
+        } => reply(
+            this.off_runtime(move |c| {
+                let gate = Gate { min_healthy, force };
+                c.set_weight(upstream.as_deref(), &pool, weight, gate, actor)
+            })
+            .await,
+        ),
         Request::Weights {
             upstream,
             weights,
             min_healthy,
             force,
-        } => reply(this.set_weights(
-            upstream.as_deref(),
-            &weights,
-            Gate { min_healthy, force },
-            actor,
-        )),
+        } => reply(
+            this.off_runtime(move |c| {
+                let gate = Gate { min_healthy, force };
+                c.set_weights(upstream.as_deref(), &weights, gate, actor)
+            })
+            .await,
+        ),
         Request::Drain {
             upstream,
             pool,
@@ -138,7 +146,7 @@ pub(crate) async fn execute(
                 ));
             }
             reply(
-                this.pool_change(upstream.as_deref(), &pool, actor, "pool_set", |_| Ok(list))
+                this.pool_change(upstream, pool, actor, "pool_set", |_| Ok(list))
                     .await,
             )
         }
@@ -152,7 +160,7 @@ pub(crate) async fn execute(
                 Err(e) => return Reply::err(e),
             };
             reply(
-                this.pool_change(upstream.as_deref(), &pool, actor, "pool_add", |cur| {
+                this.pool_change(upstream, pool.clone(), actor, "pool_add", move |cur| {
                     if cur.contains(&add) {
                         return Err(err(
                             ErrorCode::Invalid,
@@ -176,7 +184,7 @@ pub(crate) async fn execute(
                 Err(e) => return Reply::err(e),
             };
             reply(
-                this.pool_change(upstream.as_deref(), &pool, actor, "pool_remove", |cur| {
+                this.pool_change(upstream, pool.clone(), actor, "pool_remove", move |cur| {
                     if !cur.contains(&gone) {
                         return Err(err(
                             ErrorCode::Invalid,
