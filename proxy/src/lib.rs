@@ -167,4 +167,4 @@ pub mod bench {
 
 pub use checks::{Resolve, SystemResolver};
 pub use listen::{preflight, DrainReport, ListenError};
-pub use runtime::{start, Handle, StartError, StartOptions};
+pub use runtime::{start, Handle, LogDropped, StartError, StartOptions};

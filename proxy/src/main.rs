@@ -66,25 +66,45 @@ enum Command {
     },
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+/// Application log lines queued for stderr before new ones are dropped (and counted).
+const LOG_QUEUE_LINES: usize = 16 * 1024;
+
+/// The application log. Lines go through a bounded queue to a writer thread: a stalled stderr
+/// (a full pipe nobody reads, a stuck journald) drops lines — counted in
+/// `switchyard_log_dropped_total` — instead of blocking the worker threads that log. The guard
+/// flushes the queue when dropped at exit.
+fn init_logging(
+    level: &str,
+    format: LogFormat,
+) -> (
+    tracing_appender::non_blocking::WorkerGuard,
+    tracing_appender::non_blocking::ErrorCounter,
+) {
     use tracing_subscriber::EnvFilter;
     // Pingora logs every failed proxy attempt at error level; keep its noise at warn unless
     // asked for.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn"))
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("switchyard-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
     }
+    (guard, dropped)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level, cli.log_format);
+    let (_log_guard, log_dropped) = init_logging(&cli.log_level, cli.log_format);
     let result = match cli.command {
         Some(Command::Check) => return check(&cli.config),
         Some(Command::Demo { listen }) => demo(listen),
@@ -94,7 +114,7 @@ fn main() -> ExitCode {
             threads,
             boot,
         }) => fake_upstream(listen, &name, threads, boot.map(Into::into)),
-        Some(Command::Run) | None => run(&cli.config),
+        Some(Command::Run) | None => run(&cli.config, log_dropped),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,7 +165,10 @@ async fn terminated() -> anyhow::Result<&'static str> {
     })
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
+fn run(
+    path: &std::path::Path,
+    log_dropped: tracing_appender::non_blocking::ErrorCounter,
+) -> anyhow::Result<()> {
     let cfg = match switchyard_config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -155,7 +178,9 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             anyhow::bail!("invalid config {}, not starting", path.display());
         }
     };
-    let opts = switchyard_proxy::StartOptions::default().with_config_path(path);
+    let opts = switchyard_proxy::StartOptions::default()
+        .with_config_path(path)
+        .with_log_dropped(move || log_dropped.dropped_lines() as u64);
     let handle = switchyard_proxy::start(cfg, opts)?;
     tracing::info!(listen = ?handle.listen_addrs(), control = %handle.control_socket().display(), "switchyard started");
     runtime()?.block_on(async {

@@ -103,6 +103,8 @@ fn refuses_to_start_on_an_invalid_config_and_says_why() {
 struct ProxyProcess {
     child: Child,
     addr: SocketAddr,
+    /// The admin port when the template asked for one (`{admin}`).
+    admin: u16,
     dir: tempfile::TempDir,
 }
 
@@ -118,20 +120,31 @@ impl ProxyProcess {
         ))
     }
 
-    /// Start from a config template with `{port}` and `{dir}` placeholders.
+    /// Start from a config template with `{port}`, `{admin}` (another free port) and `{dir}`
+    /// placeholders.
     fn start_yaml(template: &str) -> ProxyProcess {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_yaml_env(template, &[])
+    }
+
+    /// As [`Self::start_yaml`], with environment variables for the process.
+    fn start_yaml_env(template: &str, env: &[(&str, &str)]) -> ProxyProcess {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
-                .port();
+                .port()
+        };
+        for _ in 0..5 {
+            let (port, admin) = (free(), free());
             let dir = tempfile::tempdir().unwrap();
             let yaml = template
                 .replace("{port}", &port.to_string())
+                .replace("{admin}", &admin.to_string())
                 .replace("{dir}", &dir.path().display().to_string());
             std::fs::write(dir.path().join("switchyard.yaml"), yaml).unwrap();
-            if let Some(p) = Self::spawn(dir, port) {
+            if let Some(mut p) = Self::spawn(dir, port, env) {
+                p.admin = admin;
                 return p;
             }
         }
@@ -139,12 +152,14 @@ impl ProxyProcess {
     }
 
     /// Start the binary on `dir/switchyard.yaml`; `None` if the port was taken meanwhile.
-    fn spawn(dir: tempfile::TempDir, port: u16) -> Option<ProxyProcess> {
+    /// Its stderr is a pipe nobody reads (a stalled log consumer).
+    fn spawn(dir: tempfile::TempDir, port: u16, env: &[(&str, &str)]) -> Option<ProxyProcess> {
         let cfg = dir.path().join("switchyard.yaml");
         {
             let mut child = Command::new(BIN)
                 .arg("-c")
                 .arg(&cfg)
+                .envs(env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -160,7 +175,12 @@ impl ProxyProcess {
                 if std::os::unix::net::UnixStream::connect(dir.path().join("c.sock")).is_ok()
                     && std::net::TcpStream::connect(addr).is_ok()
                 {
-                    return Some(ProxyProcess { child, addr, dir });
+                    return Some(ProxyProcess {
+                        child,
+                        addr,
+                        admin: 0,
+                        dir,
+                    });
                 }
                 assert!(Instant::now() < deadline, "proxy did not start listening");
                 std::thread::sleep(Duration::from_millis(20));
@@ -411,7 +431,7 @@ async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
     );
 
     // Same directory, same port: the stale socket is replaced and the state resumes.
-    let px = ProxyProcess::spawn(dir, port).expect("restarts on the same port");
+    let px = ProxyProcess::spawn(dir, port, &[]).expect("restarts on the same port");
     let reply = px.ctl(switchyard_control::Request::Status).await;
     let status: switchyard_control::Status = serde_json::from_value(reply.result.unwrap()).unwrap();
     let app = status.upstream("app").unwrap();
@@ -518,4 +538,62 @@ fn demo_serves_blue_and_denies_actuator() {
         assert!(Instant::now() < deadline, "demo did not stop on Ctrl-C");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stderr_stalls_no_request_and_dropped_lines_are_counted() {
+    let up = FakeUpstream::builder("blue")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    // Trace logging writes many lines per request into a stderr pipe this test never reads:
+    // it is full after 64 KiB. Logging must then drop lines, not block the workers.
+    let px = ProxyProcess::start_yaml_env(
+        &format!(
+            "listen: [{{addr: \"127.0.0.1:{{port}}\"}}]\nthreads: 2\ncontrol: {{socket: \"{{dir}}/c.sock\"}}\nstate_file: \"{{dir}}/s.json\"\nadmin: {{listen: \"127.0.0.1:{{admin}}\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n      blue: [\"{}\"]\n    active: blue\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+            up.addr()
+        ),
+        &[("RUST_LOG", "trace")],
+    );
+    let mut s = connect(px.addr).await;
+    for i in 0..2000 {
+        let req = http::Request::get("/hello")
+            .header("host", "test")
+            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let sent = async {
+            s.ready().await?;
+            s.send_request(req).await
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .unwrap_or_else(|_| panic!("request {i} hung: logging blocked the worker"))
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    let admin: SocketAddr = format!("127.0.0.1:{}", px.admin).parse().unwrap();
+    let mut a = connect(admin).await;
+    let req = http::Request::get("/metrics")
+        .header("host", "test")
+        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let body = a
+        .send_request(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let dropped: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_log_dropped_total "))
+        .unwrap_or_else(|| panic!("no switchyard_log_dropped_total in\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(dropped > 0.0, "nothing dropped?");
 }

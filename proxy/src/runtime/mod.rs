@@ -72,6 +72,19 @@ pub struct StartOptions {
     pub config_path: Option<PathBuf>,
     /// Registry for the metrics. Default: a fresh one per proxy (no process globals).
     pub registry: Option<prometheus::Registry>,
+    /// Application log lines dropped so far (exported as `switchyard_log_dropped_total`);
+    /// the binary's non-blocking log writer counts them.
+    pub log_dropped: Option<LogDropped>,
+}
+
+/// Reads a count of dropped application log lines.
+#[derive(Clone)]
+pub struct LogDropped(pub(crate) Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl std::fmt::Debug for LogDropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LogDropped({})", (self.0)())
+    }
 }
 
 impl StartOptions {
@@ -84,6 +97,12 @@ impl StartOptions {
     /// Register the metrics on this registry.
     pub fn with_registry(mut self, registry: prometheus::Registry) -> Self {
         self.registry = Some(registry);
+        self
+    }
+
+    /// Export this count of dropped application log lines as `switchyard_log_dropped_total`.
+    pub fn with_log_dropped(mut self, count: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.log_dropped = Some(LogDropped(Arc::new(count)));
         self
     }
 
@@ -100,6 +119,7 @@ impl Default for StartOptions {
             resolver: Arc::new(SystemResolver),
             config_path: None,
             registry: None,
+            log_dropped: None,
         }
     }
 }
@@ -148,6 +168,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::register(
         &registry,
         shared.clone(),
+        opts.log_dropped.clone().map(|d| d.0),
     )?);
     for u in &config.upstreams {
         metrics.touch_upstream(&u.name);

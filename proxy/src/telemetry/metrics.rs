@@ -34,6 +34,7 @@ impl Metrics {
     pub(crate) fn register(
         registry: &Registry,
         shared: Arc<Shared>,
+        log_dropped: Option<LogDropped>,
     ) -> Result<Metrics, prometheus::Error> {
         let switches = IntCounterVec::new(
             Opts::new(
@@ -70,7 +71,11 @@ impl Metrics {
         registry.register(Box::new(rollbacks.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
-        registry.register(Box::new(StateCollector::new(shared, unrouted.clone())?))?;
+        registry.register(Box::new(StateCollector::new(
+            shared,
+            unrouted.clone(),
+            log_dropped,
+        )?))?;
         #[cfg(target_os = "linux")]
         {
             // Already registered when two proxies share a registry: not an error worth failing for.
@@ -139,17 +144,38 @@ const HEALTHY: Family = Family {
     kind: MetricType::GAUGE,
     labels: &["upstream", "pool", "instance"],
 };
-const FAMILIES: [&Family; 5] = [&REQUESTS, &DURATION, &INFLIGHT, &WEIGHT, &HEALTHY];
+const LOG_DROPPED: Family = Family {
+    name: "switchyard_log_dropped_total",
+    help: "Application log lines dropped because stderr did not keep up (logging never blocks requests)",
+    kind: MetricType::COUNTER,
+    labels: &[],
+};
+const FAMILIES: [&Family; 6] = [
+    &REQUESTS,
+    &DURATION,
+    &INFLIGHT,
+    &WEIGHT,
+    &HEALTHY,
+    &LOG_DROPPED,
+];
+
+/// Reads the count of dropped application log lines.
+type LogDropped = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Reads the pools' counters and the routing snapshot at scrape time.
 struct StateCollector {
     shared: Arc<Shared>,
     unrouted: Arc<PoolStats>,
+    log_dropped: Option<LogDropped>,
     descs: Vec<Desc>,
 }
 
 impl StateCollector {
-    fn new(shared: Arc<Shared>, unrouted: Arc<PoolStats>) -> Result<Self, prometheus::Error> {
+    fn new(
+        shared: Arc<Shared>,
+        unrouted: Arc<PoolStats>,
+        log_dropped: Option<LogDropped>,
+    ) -> Result<Self, prometheus::Error> {
         let descs = FAMILIES
             .iter()
             .map(|f| {
@@ -164,6 +190,7 @@ impl StateCollector {
         Ok(StateCollector {
             shared,
             unrouted,
+            log_dropped,
             descs,
         })
     }
@@ -283,12 +310,25 @@ impl Collector for StateCollector {
                 }
             }
         }
+        let log_dropped = self
+            .log_dropped
+            .as_ref()
+            .map(|count| {
+                let mut c = proto::Counter::default();
+                c.set_value(count() as f64);
+                let mut m = proto::Metric::default();
+                m.set_counter(c);
+                m
+            })
+            .into_iter()
+            .collect();
         [
             (&REQUESTS, requests),
             (&DURATION, duration),
             (&INFLIGHT, inflight),
             (&WEIGHT, weight),
             (&HEALTHY, healthy),
+            (&LOG_DROPPED, log_dropped),
         ]
         .into_iter()
         .filter(|(_, m)| !m.is_empty())
