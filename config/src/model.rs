@@ -20,6 +20,10 @@ pub struct Config {
     pub grace_period: Duration,
     /// Idle client keep-alive timeout (zero disables client keep-alive).
     pub keepalive_timeout: Duration,
+    /// Client connections open at once (per process).
+    pub max_connections: usize,
+    /// Deadline for a whole request head.
+    pub client_header_timeout: Duration,
     /// Control socket.
     pub control: ControlConfig,
     /// Admin listener.

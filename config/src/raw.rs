@@ -20,6 +20,14 @@ pub struct Config {
     pub grace_period: Option<String>,
     /// Idle client keep-alive connections are closed after this long. Default `75s` (nginx's).
     pub keepalive_timeout: Option<String>,
+    /// Client connections open at once, per process. Default 10000, range 1..=1000000. At the
+    /// limit new connections wait in the listen backlog until one closes.
+    pub max_connections: Option<usize>,
+    /// A client must send its whole request head (request line and headers) within this long
+    /// — one deadline, not per read (nginx's `client_header_timeout`). On a new connection it
+    /// counts from the accept (TLS handshake included); on a keep-alive connection from the
+    /// first byte of the next request. Default `10s`.
+    pub client_header_timeout: Option<String>,
     /// The Unix control socket `proxyctl` talks to.
     pub control: Option<Control>,
     /// The admin HTTP listener (`/metrics`, `/healthz`, `/status`).

@@ -42,6 +42,25 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         &mut errs,
     );
 
+    let max_connections = match raw.max_connections {
+        None => 10_000,
+        Some(n @ 1..=1_000_000) => n,
+        Some(n) => {
+            errs.push(
+                root.key("max_connections"),
+                format!("{n} is out of range 1..=1000000"),
+            );
+            10_000
+        }
+    };
+    let client_header_timeout = duration(
+        raw.client_header_timeout.as_deref(),
+        &root.key("client_header_timeout"),
+        Duration::from_secs(10),
+        false,
+        &mut errs,
+    );
+
     let control = control(raw.control.as_ref(), &root.key("control"), &mut errs);
     let admin = admin(raw.admin.as_ref(), &root.key("admin"), &mut errs);
 
@@ -137,6 +156,8 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         threads,
         grace_period,
         keepalive_timeout,
+        max_connections,
+        client_header_timeout,
         control,
         admin,
         state_file,

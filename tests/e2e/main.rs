@@ -5,6 +5,7 @@
 mod control_socket;
 mod health;
 mod lifecycle;
+mod limits;
 mod load;
 mod observability;
 mod reload;

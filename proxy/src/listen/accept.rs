@@ -1,100 +1,209 @@
 //! The accept loop, the per-connection keep-alive loop, and the graceful drain of a worker.
 //!
 //! Each request is processed by Pingora's own `HttpServerApp::process_new_http`, so HTTP/1.1
-//! keep-alive, h2 over TLS ALPN, upgrades and body streaming are Pingora's. Between requests
-//! a connection waits in a small future of its own ([`App`]): 10k idle keep-alive clients fit
-//! in well under 100 MiB (docs/BENCHMARKS.md). The drain ends as soon as no request is in
-//! flight, bounded by `grace_period` (Pingora's `Server` always sleeps the whole grace period,
-//! then cancels tasks).
+//! keep-alive, h2 over TLS ALPN, upgrades and body streaming are Pingora's. Around it:
+//! - connections are capped at `max_connections` per process: at the cap the accept loops stop
+//!   accepting and new connections wait in the listen backlog;
+//! - each request head must arrive whole within `client_header_timeout` (one deadline, not per
+//!   read): the loop reads it ahead into the connection's buffer before Pingora parses it,
+//!   closes the connection when the deadline passes, and answers 431 to a head over
+//!   [`HEAD_LIMIT`] — so a client trickling header bytes cannot hold a connection for long;
+//! - between requests a connection waits in a small future of its own, not in Pingora's
+//!   ~35 KiB request state machine: 10k idle keep-alive clients fit in well under 100 MiB
+//!   (docs/BENCHMARKS.md).
+//!
+//! The drain ends as soon as no request is in flight, bounded by `grace_period` (Pingora's
+//! `Server` always sleeps the whole grace period, then cancels tasks).
 
-use super::coalesce::Coalesced;
+use super::coalesce::{Coalesced, Head, HEAD_LIMIT};
 use super::WorkerSocket;
 use crate::proxy::Switchyard;
 use crate::state::Shared;
-use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use crate::upstream::stats::PoolStats;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::{Ssl, Stream, ALPN, IO};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
-/// How long a new connection may take to send its first byte (Pingora's default header read
-/// timeout).
-const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Client connections open in this process, against `max_connections`.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    open: AtomicUsize,
+    closed: Notify,
+}
 
-/// The connection handler: Pingora's HTTP/1 keep-alive loop, except that a connection waiting
-/// for its next request waits in a small future of its own. Pingora's per-connection future
-/// (the whole proxy state machine) is about 35 KiB and lives as long as the connection; here it
-/// is boxed for the duration of one request only, so 10k idle keep-alive clients cost their
-/// sockets and buffers, not 10k request state machines (BENCHMARKS.md: RSS with 10k idle
-/// connections). h2 connections (TLS + ALPN) are handed to Pingora's own handling.
+impl Connections {
+    /// Take a slot if fewer than `cap` connections are open.
+    fn try_reserve(&self, cap: usize) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.closed.notify_waiters();
+    }
+}
+
+/// Holds a connection slot until the connection ends.
+struct Slot(Arc<Connections>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// The connection handler shared by a worker's accept loops.
 pub(crate) struct App {
     proxy: Arc<HttpProxy<Switchyard>>,
     shared: Arc<Shared>,
+    /// Where requests the proxy refuses before parsing (431, 408) are counted.
+    unrouted: Arc<PoolStats>,
+    connections: Arc<Connections>,
 }
 
 impl App {
-    pub(crate) fn new(proxy: HttpProxy<Switchyard>, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        proxy: HttpProxy<Switchyard>,
+        shared: Arc<Shared>,
+        unrouted: Arc<PoolStats>,
+        connections: Arc<Connections>,
+    ) -> Self {
         App {
             proxy: Arc::new(proxy),
             shared,
+            unrouted,
+            connections,
         }
     }
-}
 
-/// Wait until the client sends something, the connection closes, `limit` passes or shutdown
-/// begins. True when there is something to read (or the stream cannot tell, as TLS).
-async fn wait_for_data(stream: &mut Stream, limit: Duration, shutdown: &ShutdownWatch) -> bool {
-    let mut byte = [0u8; 1];
-    let mut sd = shutdown.clone();
-    tokio::select! {
-        r = stream.try_peek(&mut byte) => r.is_ok(),
-        _ = tokio::time::sleep(limit) => false,
-        _ = sd.wait_for(|s| *s) => false,
-    }
-}
-
-#[async_trait]
-impl ServerApp for App {
-    async fn process_new(
+    /// Serve one accepted connection (after TLS, if any) until it closes.
+    async fn serve_connection<S: IO + 'static>(
         self: &Arc<Self>,
-        mut stream: Stream,
+        mut stream: Coalesced<S>,
+        accepted: Instant,
         shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.proxy.process_new(stream, shutdown).await;
-        }
-        let mut wait = FIRST_REQUEST_TIMEOUT;
-        let mut settings = None;
+    ) {
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut first = true;
         loop {
-            if !wait_for_data(&mut stream, wait, shutdown).await {
-                return None;
+            let cfg = self.shared.load().config.clone();
+            if !first && cfg.keepalive_timeout.is_zero() {
+                return;
             }
-            let mut session = ServerSession::new_http1(stream);
+            // The first request of a connection: its whole head within client_header_timeout
+            // of the accept. Later ones: the first byte within keepalive_timeout, then the
+            // rest of the head within client_header_timeout.
+            let head_deadline = if first {
+                accepted + cfg.client_header_timeout
+            } else {
+                let idle = tokio::time::timeout(cfg.keepalive_timeout, stream.first_byte());
+                if !matches!(until_shutdown(idle, shutdown).await, Some(Ok(true))) {
+                    return;
+                }
+                Instant::now() + cfg.client_header_timeout
+            };
+            let head = tokio::time::timeout_at(head_deadline, stream.fill_head());
+            match until_shutdown(head, shutdown).await {
+                Some(Ok(Ok(Head::Complete))) => {}
+                Some(Ok(Ok(Head::TooLarge))) => {
+                    self.refuse(
+                        &mut stream,
+                        431,
+                        "Request Header Fields Too Large",
+                        accepted,
+                    )
+                    .await;
+                    return;
+                }
+                Some(Err(_elapsed)) => {
+                    // nginx's client_header_timeout: the connection is closed (counted as a
+                    // 408, nothing is sent).
+                    if stream.buffered() > 0 {
+                        self.unrouted.observe(408, accepted.elapsed());
+                    }
+                    return;
+                }
+                // Closed or broken mid-head, or shutting down.
+                Some(Ok(Err(_))) | None => return,
+            }
+            first = false;
+            let mut session = ServerSession::new_http1(Box::new(stream));
             // Pingora's default; request_filter sets the configured keepalive_timeout.
             session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
             if let Some(s) = settings.take() {
-                pingora::apps::HttpPersistentSettings::apply_to_session(s, &mut session);
+                HttpPersistentSettings::apply_to_session(s, &mut session);
             }
-            let reused = Box::pin(self.proxy.process_new_http(session, shutdown)).await?;
+            let Some(reused) = Box::pin(self.proxy.process_new_http(session, shutdown)).await
+            else {
+                return;
+            };
             let (next, persistent) = reused.consume();
-            stream = next;
             settings = persistent;
-            let ka = self.shared.load().config.keepalive_timeout;
-            if ka.is_zero() {
-                return None;
+            // We boxed it ourselves: the downcast gives our stream back.
+            match next.into_any().downcast::<Coalesced<S>>() {
+                Ok(s) => stream = *s,
+                Err(_) => return,
             }
-            wait = ka;
         }
+    }
+
+    /// Answer a request the proxy will not parse, and close.
+    async fn refuse<S: IO>(
+        &self,
+        stream: &mut Coalesced<S>,
+        status: u16,
+        reason: &str,
+        accepted: Instant,
+    ) {
+        let body = format!(
+            "{status} {reason}: the request head is larger than {} KiB\n",
+            HEAD_LIMIT / 1024
+        );
+        let reply = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
+            body.len()
+        );
+        let write = async {
+            stream.write_all(reply.as_bytes()).await?;
+            stream.flush().await?;
+            stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+        self.unrouted.observe(status, accepted.elapsed());
+    }
+
+    /// Serve an h2 connection with Pingora's own handling.
+    async fn serve_h2(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
+        let _ = self.proxy.process_new(stream, shutdown).await;
     }
 
     async fn cleanup(&self) {
         self.proxy.http_cleanup().await;
+    }
+}
+
+/// `fut`, or `None` once shutdown has begun.
+async fn until_shutdown<T>(
+    fut: impl std::future::Future<Output = T>,
+    shutdown: &ShutdownWatch,
+) -> Option<T> {
+    let mut sd = shutdown.clone();
+    tokio::select! {
+        v = fut => Some(v),
+        _ = sd.wait_for(|s| *s) => None,
     }
 }
 
@@ -164,6 +273,26 @@ pub(crate) async fn serve(
     }
 }
 
+/// Wait for a free connection slot (`max_connections`, re-read from the config each time so a
+/// reload applies). `None` when shutdown began first.
+async fn reserve_slot(app: &App, shutdown: &mut watch::Receiver<bool>) -> Option<Slot> {
+    loop {
+        let cap = app.shared.load().config.max_connections;
+        let closed = app.connections.closed.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
+        if app.connections.try_reserve(cap) {
+            return Some(Slot(app.connections.clone()));
+        }
+        tokio::select! {
+            _ = closed => {}
+            _ = shutdown.wait_for(|s| *s) => return None,
+            // A reload may raise the cap while no connection closes.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 async fn accept_loop(
     listener: pingora::protocols::l4::listener::Listener,
     addr: SocketAddr,
@@ -175,6 +304,9 @@ async fn accept_loop(
         if *shutdown.borrow() {
             break;
         }
+        let Some(slot) = reserve_slot(&app, &mut shutdown).await else {
+            break;
+        };
         let accepted = tokio::select! {
             biased;
             _ = shutdown.changed() => continue,
@@ -190,6 +322,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        let at = Instant::now();
         if let Err(e) = stream.set_nodelay() {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
@@ -197,32 +330,37 @@ async fn accept_loop(
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let stream: Stream = match tls {
-                None => Box::new(Coalesced::new(stream)),
-                Some(acceptor) => {
-                    // Boxed: the handshake's state must not stay in every connection's task.
-                    let hs = Box::pin(tokio::time::timeout(
-                        TLS_HANDSHAKE_TIMEOUT,
-                        acceptor.tls_handshake(stream),
-                    ));
-                    match hs.await {
-                        Ok(Ok(s)) => Box::new(s),
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!("TLS handshake timed out");
-                            return;
-                        }
-                    }
+            let _slot = slot;
+            let Some(acceptor) = tls else {
+                app.serve_connection(Coalesced::new(stream), at, &shutdown)
+                    .await;
+                return;
+            };
+            // The handshake counts against client_header_timeout, as in nginx before 1.25.
+            // Boxed: its state must not stay in every connection's task.
+            let limit = app.shared.load().config.client_header_timeout;
+            let hs = Box::pin(tokio::time::timeout_at(
+                at + limit,
+                acceptor.tls_handshake(stream),
+            ));
+            let tls_stream = match hs.await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
                 }
             };
-            let _ = app.process_new(stream, &shutdown).await;
+            if matches!(tls_stream.selected_alpn_proto(), Some(ALPN::H2)) {
+                app.serve_h2(Box::new(tls_stream), &shutdown).await;
+            } else {
+                app.serve_connection(Coalesced::new(tls_stream), at, &shutdown)
+                    .await;
+            }
         });
     }
     tracing::debug!(%addr, "stopped accepting");
 }
-
-/// Bound on a TLS handshake (Pingora's value).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);

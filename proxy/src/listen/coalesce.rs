@@ -6,11 +6,13 @@
 //! crate-private, and its listener keeps a ~35 KiB future per connection (see `server`). This
 //! wrapper keeps writes in a small buffer until Pingora flushes, or the buffer would overflow.
 //!
-//! Waiting for the next request on a keep-alive connection is done with [`Peek`]; here a peek
-//! reads what has arrived (one `recv` of up to 1 KiB — usually the whole request head) into a
-//! buffer that the following reads drain, so waiting costs no extra system call. The buffer is
-//! freed once drained, so an idle connection holds none. Everything else Pingora asks of a
-//! stream (digests, peer address, ids) passes through.
+//! Reading is buffered ahead for the accept loop, which waits here for each request head
+//! ([`Coalesced::first_byte`], [`Coalesced::fill_head`]) before Pingora parses it: the whole
+//! head is then in the buffer, so the head arrives under one deadline of ours
+//! (`client_header_timeout`) instead of Pingora's per-read timeout, and waiting costs no extra
+//! system call (one `recv` usually brings the whole head). Pingora's reads drain the buffer
+//! first. The buffer is freed once drained, so an idle connection holds none. Everything else
+//! Pingora asks of a stream (digests, peer address, ids) passes through.
 
 use async_trait::async_trait;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -29,17 +31,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// ethernet, like Pingora's own default.
 const CAPACITY: usize = 1460;
 
-/// Bytes read ahead by a peek.
-const PEEK_READ: usize = 1024;
+/// Bytes asked for by one read-ahead `recv`.
+const READ_AHEAD: usize = 4096;
+
+/// The largest request head accepted (request line and headers): nginx's default
+/// `large_client_header_buffers` is 4 × 8 KiB; twice that is generous for cookies and tokens.
+pub(crate) const HEAD_LIMIT: usize = 64 * 1024;
+
+/// What [`Coalesced::fill_head`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Head {
+    /// A complete request head is buffered.
+    Complete,
+    /// [`HEAD_LIMIT`] bytes are buffered and the head has not ended.
+    TooLarge,
+}
 
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct Coalesced<S> {
     inner: S,
     buf: Vec<u8>,
-    /// Read ahead by `try_peek`, not yet consumed.
+    /// Read ahead, not yet consumed.
     rbuf: Vec<u8>,
     rpos: usize,
+    /// How far `fill_head` has looked for the end of the head (relative to `rpos`).
+    scanned: usize,
 }
 
 impl<S> Coalesced<S> {
@@ -49,6 +66,78 @@ impl<S> Coalesced<S> {
             buf: Vec::new(),
             rbuf: Vec::new(),
             rpos: 0,
+            scanned: 0,
+        }
+    }
+
+    /// Bytes read ahead and not consumed yet.
+    pub(crate) fn buffered(&self) -> usize {
+        self.rbuf.len() - self.rpos
+    }
+
+    /// Whether the buffered bytes hold a complete request head: an empty line after something
+    /// other than the empty lines a client may send before a request (RFC 9112 §2.2). Bare LF
+    /// line ends count too, as the parser accepts them. Scans each byte once.
+    fn head_complete(&mut self) -> bool {
+        let data = &self.rbuf[self.rpos..];
+        let Some(start) = data.iter().position(|b| *b != b'\r' && *b != b'\n') else {
+            return false;
+        };
+        let from = self.scanned.max(start);
+        for i in from..data.len() {
+            if data[i] == b'\n' {
+                match (data.get(i + 1), data.get(i + 2)) {
+                    (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => return true,
+                    _ => {}
+                }
+            }
+        }
+        self.scanned = data.len().saturating_sub(2).max(start);
+        false
+    }
+}
+
+impl<S: AsyncRead + Unpin> Coalesced<S> {
+    /// Append what the next `recv` brings (up to [`READ_AHEAD`] bytes); 0 at end of stream.
+    async fn read_ahead(&mut self) -> io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        if self.rpos > 0 {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        self.rbuf.reserve(READ_AHEAD);
+        let mut limited = (&mut self.inner).take(READ_AHEAD as u64);
+        limited.read_buf(&mut self.rbuf).await
+    }
+
+    /// Wait for the first byte of the next request. `false`: the peer closed (or reset) the
+    /// connection first.
+    pub(crate) async fn first_byte(&mut self) -> bool {
+        while self.buffered() == 0 {
+            match self.read_ahead().await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+        true
+    }
+
+    /// Read until a whole request head is buffered, or [`HEAD_LIMIT`] bytes are. An error when
+    /// the peer closes or breaks the connection before the head is complete.
+    pub(crate) async fn fill_head(&mut self) -> io::Result<Head> {
+        loop {
+            if self.head_complete() {
+                return Ok(Head::Complete);
+            }
+            if self.buffered() >= HEAD_LIMIT {
+                return Ok(Head::TooLarge);
+            }
+            if self.read_ahead().await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a request head",
+                ));
+            }
         }
     }
 }
@@ -86,6 +175,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
             let n = buf.remaining().min(this.rbuf.len() - this.rpos);
             buf.put_slice(&this.rbuf[this.rpos..this.rpos + n]);
             this.rpos += n;
+            this.scanned = 0;
             if this.rpos == this.rbuf.len() {
                 // Drained: free it, an idle connection should hold no buffer.
                 this.rbuf = Vec::new();
@@ -187,21 +277,13 @@ impl<S: IO> GetSocketDigest for Coalesced<S> {
 #[async_trait]
 impl<S: IO> Peek for Coalesced<S> {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        use tokio::io::AsyncReadExt;
-        if self.rpos >= self.rbuf.len() {
-            let mut ahead = vec![0u8; PEEK_READ];
-            let n = self.inner.read(&mut ahead).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed",
-                ));
-            }
-            ahead.truncate(n);
-            self.rbuf = ahead;
-            self.rpos = 0;
+        if !self.first_byte().await {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
-        let n = buf.len().min(self.rbuf.len() - self.rpos);
+        let n = buf.len().min(self.buffered());
         buf[..n].copy_from_slice(&self.rbuf[self.rpos..self.rpos + n]);
         Ok(true)
     }
@@ -254,5 +336,67 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(got[0], b'x');
         assert!(got[1..].iter().all(|v| *v == 7));
+    }
+
+    #[tokio::test]
+    async fn fill_head_waits_for_the_empty_line_however_the_head_is_split() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = Coalesced::new(a);
+        let writer = tokio::spawn(async move {
+            for part in [
+                &b"\r\n\r\nGET / HT"[..],
+                b"TP/1.1\r\nHost: x\r",
+                b"\n\r",
+                b"\nbody",
+            ] {
+                b.write_all(part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            b
+        });
+        assert_eq!(w.fill_head().await.unwrap(), Head::Complete);
+        drop(writer.await.unwrap());
+        let mut all = String::new();
+        w.read_to_string(&mut all).await.ok();
+        assert!(
+            all.starts_with("\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "{all:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn fill_head_accepts_bare_lf_and_refuses_endless_heads() {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = Coalesced::new(a);
+        b.write_all(b"GET / HTTP/1.1\nHost: x\n\n").await.unwrap();
+        assert_eq!(w.fill_head().await.unwrap(), Head::Complete);
+
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut w = Coalesced::new(a);
+        b.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let line = vec![b'x'; 1000];
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                if b.write_all(&line).await.is_err() {
+                    break;
+                }
+            }
+            b
+        });
+        assert_eq!(w.fill_head().await.unwrap(), Head::TooLarge);
+        assert!(w.buffered() >= HEAD_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_leaves_mid_head_is_an_error_and_an_idle_close_is_not() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = Coalesced::new(a);
+        b.write_all(b"GET / HT").await.unwrap();
+        drop(b);
+        assert!(w.first_byte().await);
+        assert!(w.fill_head().await.is_err());
+        let (a, b) = tokio::io::duplex(1024);
+        drop(b);
+        assert!(!Coalesced::new(a).first_byte().await);
     }
 }

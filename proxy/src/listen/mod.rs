@@ -20,7 +20,7 @@ mod coalesce;
 mod tls;
 
 pub use accept::DrainReport;
-pub(crate) use accept::{serve, App};
+pub(crate) use accept::{serve, App, Connections};
 pub use tls::preflight;
 
 use std::net::SocketAddr;

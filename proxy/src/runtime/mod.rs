@@ -280,7 +280,12 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         // One current-thread runtime per worker thread, each accepting on every listener and
         // serving what it accepted (nginx's model; Pingora's "no steal" flavour): measured
         // cheaper per request than tokio's work-stealing scheduler (docs/BENCHMARKS.md).
-        let app = Arc::new(listen::App::new(app, shared.clone()));
+        let app = Arc::new(listen::App::new(
+            app,
+            shared.clone(),
+            metrics.unrouted.clone(),
+            Arc::new(listen::Connections::default()),
+        ));
         let listeners = Arc::new(listeners);
         let mut workers = Vec::new();
         for i in 0..config.threads {
