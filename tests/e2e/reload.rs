@@ -134,3 +134,76 @@ async fn a_rollback_target_naming_a_removed_pool_is_dropped() {
     assert_eq!(px.get("/").await.json()["color"], "canary");
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reload_applies_the_access_log_its_format_and_the_grace_period() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let green = FakeUpstream::start("green").await.unwrap();
+    let yaml = two_pools(&blue, &green, "");
+    let px = TestProxy::start_from_file(&yaml).await;
+    let h = px.handle();
+    let log = px.dir.path().join("access.log");
+    assert_eq!(px.get("/before").await.status, 200);
+    assert!(!log.exists());
+
+    // access_log off -> a file, in JSON; grace_period 5s -> 300ms.
+    let json = yaml
+        .replace(
+            "access_log: \"off\"",
+            "access_log: \"{dir}/access.log\"\naccess_log_format: json",
+        )
+        .replace("grace_period: 5s", "grace_period: 300ms");
+    px.write_config(&json);
+    let r = h.reload().await.unwrap();
+    assert!(r.needs_restart.is_empty(), "{r:?}");
+    assert_eq!(px.get("/as-json").await.status, 200);
+    let line = |path: &'static str| {
+        let log = log.clone();
+        move || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains(path))
+        }
+    };
+    eventually(line("/as-json")).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(v["path"], "/as-json");
+    assert!(!text.contains("/before"));
+
+    // Same file, combined format.
+    px.write_config(&json.replace("access_log_format: json", "access_log_format: combined"));
+    h.reload().await.unwrap();
+    assert_eq!(px.get("/combined").await.status, 200);
+    eventually(line("/combined")).await;
+    let last = std::fs::read_to_string(&log).unwrap();
+    let last = last.lines().last().unwrap();
+    assert!(last.contains("\"GET /combined HTTP/1.1\" 200"), "{last}");
+
+    // A log file that cannot be opened is a reload error naming the key; nothing changes.
+    px.write_config(&json.replace("{dir}/access.log", "/nonexistent-dir/access.log"));
+    let e = h.reload().await.unwrap_err();
+    assert!(
+        e.message.contains("access_log: cannot open it"),
+        "{}",
+        e.message
+    );
+
+    // The reloaded grace period bounds the shutdown: a 5 s request is cut after ~300 ms.
+    let addr = px.addr;
+    let slow = tokio::spawn(async move {
+        request(addr, "GET", "/slow?ms=5000", &[], bytes::Bytes::new()).await
+    });
+    eventually(|| blue.hits() > 3).await;
+    let started = std::time::Instant::now();
+    let report = px.shutdown().await;
+    assert_eq!(report.abandoned_requests, 1);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = slow.await;
+}

@@ -218,12 +218,12 @@ pub struct DrainReport {
 
 /// Accept and serve until `shutdown` becomes true, then stop accepting, let in-flight
 /// requests finish (idle keep-alive connections are closed at once, busy ones after their
-/// current response), and return when none is left or `grace` has passed.
+/// current response), and return when none is left or `grace_period` (as configured at that
+/// moment: a reload applies) has passed.
 pub(crate) async fn serve(
     app: Arc<App>,
     listeners: Vec<WorkerSocket>,
     shutdown: watch::Receiver<bool>,
-    grace: Duration,
     active: Arc<AtomicUsize>,
 ) -> DrainReport {
     use pingora::protocols::l4::listener::Listener as L4Listener;
@@ -251,6 +251,7 @@ pub(crate) async fn serve(
     }
     // Wake connections waiting inside Pingora so they close now.
     app.cleanup().await;
+    let grace = app.shared.load().config.grace_period;
     let start = tokio::time::Instant::now();
     let deadline = start + grace;
     let open = active.load(Ordering::Acquire);

@@ -17,6 +17,7 @@
 use crate::checks::dns::Resolve;
 use crate::routing::weights::fmt_weights;
 use crate::state::{persist, Shared, Snapshot};
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::{self, EventLog};
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::UpstreamState;
@@ -85,6 +86,8 @@ pub(crate) struct Controller {
     pub(crate) resolver: Arc<dyn Resolve>,
     pub(crate) events: Arc<EventLog>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Reconfigured by a reload.
+    pub(crate) access_log: Arc<AccessLog>,
     pub(crate) started: Instant,
 }
 

@@ -50,6 +50,14 @@ impl Controller {
         let config = self.off_runtime(move |_| load_checked(&file)).await?;
         let summary = config.summary();
         let (needs_restart, warnings) = self.off_runtime(move |c| c.install_config(config)).await?;
+        let cfg = self.shared.load().config.clone();
+        if let Err(e) = self
+            .access_log
+            .reconfigure(&cfg.access_log, cfg.access_log_format)
+        {
+            // Checked before anything was applied; only a race with the file system ends here.
+            tracing::error!(error = %e, "the reloaded access_log cannot be opened; keeping the previous one");
+        }
         dns::refresh_all(&self.shared, &*self.resolver).await;
         let mut r = events::record(
             "reload",
@@ -161,7 +169,13 @@ fn load_checked(path: &std::path::Path) -> Result<switchyard_config::Config, Con
             .with_details(serde_json::to_value(&problems).unwrap_or_default()));
         }
     };
-    let problems = crate::listen::preflight(&config);
+    let mut problems = crate::listen::preflight(&config);
+    if let Err(e) = crate::telemetry::access_log::check(&config.access_log) {
+        problems.push(switchyard_config::FieldError {
+            path: switchyard_config::FieldPath::root().key("access_log"),
+            message: format!("cannot open it: {e}"),
+        });
+    }
     if !problems.is_empty() {
         return Err(err(
             ErrorCode::Invalid,

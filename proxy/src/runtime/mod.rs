@@ -193,6 +193,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         resolver: opts.resolver.clone(),
         events: events.clone(),
         metrics: metrics.clone(),
+        access_log: access_log.clone(),
         started: Instant::now(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -305,11 +306,10 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
                     source,
                 })?;
             let (app, shutdown, active) = (app.clone(), shutdown_rx.clone(), active.clone());
-            let grace = config.grace_period;
             workers.push(spawn_thread(
                 &format!("switchyard-worker-{i}"),
                 move || {
-                    let report = rt.block_on(listen::serve(app, sockets, shutdown, grace, active));
+                    let report = rt.block_on(listen::serve(app, sockets, shutdown, active));
                     // Whatever is still running after the grace period is cancelled here.
                     rt.shutdown_timeout(Duration::from_secs(1));
                     report

@@ -16,6 +16,7 @@
 //! (one line; `rt` in seconds; `upstream`/`pool`/`instance` are `-` for requests answered by
 //! the proxy itself; `error` names what went wrong upstream, e.g. `connection_refused`).
 
+use arc_swap::ArcSwap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,13 +48,41 @@ pub(crate) struct Entry<'a> {
     pub(crate) error: Option<&'a str>,
 }
 
-/// The request-path side of the access log.
+/// The request-path side of the access log. A reload may change the destination or the
+/// format: the sink is swapped atomically; the old writer thread ends once its queue drains.
 #[derive(Debug)]
 pub(crate) struct AccessLog {
+    sink: ArcSwap<Sink>,
+    dropped: prometheus::IntCounter,
+}
+
+/// One destination and format, with its writer thread.
+#[derive(Debug)]
+struct Sink {
+    dest: Destination,
     tx: Option<SyncSender<String>>,
     format: AccessLogFormat,
     reopen: Arc<AtomicBool>,
-    dropped: prometheus::IntCounter,
+}
+
+impl Sink {
+    fn start(dest: &Destination, format: AccessLogFormat) -> std::io::Result<Sink> {
+        let reopen = Arc::new(AtomicBool::new(false));
+        let tx = match dest {
+            Destination::Off => None,
+            Destination::Stdout => Some(spawn_writer(None, reopen.clone())?),
+            Destination::File(p) => {
+                open(p)?; // fail now, not at the first request
+                Some(spawn_writer(Some(p.clone()), reopen.clone())?)
+            }
+        };
+        Ok(Sink {
+            dest: dest.clone(),
+            tx,
+            format,
+            reopen,
+        })
+    }
 }
 
 impl AccessLog {
@@ -63,32 +92,47 @@ impl AccessLog {
         format: AccessLogFormat,
         dropped: prometheus::IntCounter,
     ) -> std::io::Result<AccessLog> {
-        let reopen = Arc::new(AtomicBool::new(false));
-        let tx = match dest {
-            Destination::Off => None,
-            Destination::Stdout => Some(spawn_writer(None, reopen.clone())?),
-            Destination::File(p) => {
-                open(p)?; // fail at start, not at the first request
-                Some(spawn_writer(Some(p.clone()), reopen.clone())?)
-            }
-        };
         Ok(AccessLog {
-            tx,
-            format,
-            reopen,
+            sink: ArcSwap::from_pointee(Sink::start(dest, format)?),
             dropped,
         })
     }
 
+    /// Switch to `dest` and `format` (a reload). A new destination gets a new writer thread;
+    /// an error (the file cannot be opened) leaves the current one in place.
+    pub(crate) fn reconfigure(
+        &self,
+        dest: &Destination,
+        format: AccessLogFormat,
+    ) -> std::io::Result<()> {
+        let cur = self.sink.load();
+        if cur.dest == *dest && cur.format == format {
+            return Ok(());
+        }
+        let next = if cur.dest == *dest {
+            Sink {
+                dest: dest.clone(),
+                tx: cur.tx.clone(),
+                format,
+                reopen: cur.reopen.clone(),
+            }
+        } else {
+            Sink::start(dest, format)?
+        };
+        self.sink.store(Arc::new(next));
+        Ok(())
+    }
+
     /// Whether lines are written at all.
     pub(crate) fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.sink.load().tx.is_some()
     }
 
     /// Log one request (never blocks).
     pub(crate) fn log(&self, e: &Entry<'_>) {
-        let Some(tx) = &self.tx else { return };
-        let line = match self.format {
+        let sink = self.sink.load();
+        let Some(tx) = &sink.tx else { return };
+        let line = match sink.format {
             AccessLogFormat::Combined => combined(e),
             AccessLogFormat::Json => json(e),
         };
@@ -99,7 +143,15 @@ impl AccessLog {
 
     /// Reopen the file (after logrotate moved it).
     pub(crate) fn reopen(&self) {
-        self.reopen.store(true, Ordering::Release);
+        self.sink.load().reopen.store(true, Ordering::Release);
+    }
+}
+
+/// Check that `dest` can be written (a reload checks before it applies anything).
+pub(crate) fn check(dest: &Destination) -> std::io::Result<()> {
+    match dest {
+        Destination::File(p) => open(p).map(drop),
+        _ => Ok(()),
     }
 }
 
