@@ -2,6 +2,7 @@
 //! cross-references (route -> upstream, `active` -> pool) are known to resolve, so the proxy
 //! builds its runtime state from it without further checks.
 
+use crate::error::FieldError;
 use ipnet::IpNet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +41,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Paths answered by the proxy itself.
     pub deny: DenyConfig,
+    /// Keys set in the file that this version parses but does not act on yet; `check` and
+    /// the proxy warn about each.
+    pub not_in_effect: Vec<FieldError>,
 }
 
 impl Config {

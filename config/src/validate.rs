@@ -2,7 +2,7 @@
 //! (pingap stops at the first one; users then fix one error per run). Defaults are filled in
 //! here and nowhere else, so the defaults documented on `raw` are the ones in effect.
 
-use crate::error::{ConfigError, Errors, FieldPath};
+use crate::error::{ConfigError, Errors, FieldError, FieldPath};
 use crate::model::*;
 use crate::raw;
 use ipnet::IpNet;
@@ -150,6 +150,25 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
 
     let deny = deny(raw.deny.as_ref(), &root.key("deny"), &mut errs);
 
+    // Validated so files stay stable, but not acted on by this version: say so.
+    let mut not_in_effect = Vec::new();
+    for (name, u) in &raw.upstreams {
+        if u.canary.is_some() {
+            not_in_effect.push(FieldError {
+                path: upath.key(name).key("canary"),
+                message: "canary stickiness, the force header and automatic rollback are not implemented in this version; the settings are ignored".into(),
+            });
+        }
+        if u.preview.is_some() {
+            not_in_effect.push(FieldError {
+                path: upath.key(name).key("preview"),
+                message:
+                    "preview routing is not implemented in this version; the settings are ignored"
+                        .into(),
+            });
+        }
+    }
+
     errs.finish()?;
     Ok(Config {
         listen,
@@ -166,6 +185,7 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         deny,
+        not_in_effect,
     })
 }
 

@@ -133,6 +133,9 @@ const UPSTREAM_POOL_PER_THREAD: usize = 4096;
 
 /// Start a proxy from a validated config.
 pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
+    for w in &config.not_in_effect {
+        tracing::warn!(key = %w.path, "{}", w.message);
+    }
     let listeners: Vec<BoundListener> = config
         .listen
         .iter()
