@@ -56,11 +56,7 @@ pub(crate) fn upstream_status(u: &UpstreamState) -> UpstreamStatus {
                                 inflight: i.inflight.load(Ordering::Acquire),
                                 health: i.health.reported(now),
                                 last_check: d.last_check,
-                                health_since_secs: d
-                                    .since
-                                    .elapsed()
-                                    .map(|e| e.as_secs())
-                                    .unwrap_or(0),
+                                health_since_secs: d.since.elapsed().as_secs(),
                                 ejected_for_secs: i
                                     .health
                                     .ejected_for(now)

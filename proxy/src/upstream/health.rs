@@ -8,19 +8,23 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 use switchyard_control::HealthState;
 
 const UNKNOWN: u8 = 0;
 const HEALTHY: u8 = 1;
 const UNHEALTHY: u8 = 2;
 
-/// Milliseconds since the Unix epoch (the request path compares ejection deadlines with it).
+/// The origin of [`now_ms`]: fixed at first use, never changed (not mutable shared state).
+static ORIGIN: OnceLock<Instant> = OnceLock::new();
+
+/// Milliseconds on the monotonic clock since the process first asked. Ejection deadlines are
+/// compared with it on the request path: a step of the wall clock (NTP, a VM resumed) must not
+/// end an ejection early or stretch it for hours.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    // +1: 0 is "never ejected" in `Health::ejected_until_ms`.
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// What the checker knows beyond the state.
@@ -29,7 +33,7 @@ pub(crate) struct CheckDetail {
     /// The last check's outcome in words.
     pub(crate) last_check: Option<String>,
     /// When the state last changed.
-    pub(crate) since: SystemTime,
+    pub(crate) since: Instant,
     /// Passes in a row.
     pub(crate) passes: u32,
     /// Failures in a row.
@@ -59,7 +63,7 @@ impl Default for Health {
             passive_failures: AtomicU32::new(0),
             detail: Mutex::new(CheckDetail {
                 last_check: None,
-                since: SystemTime::now(),
+                since: Instant::now(),
                 passes: 0,
                 fails: 0,
             }),
@@ -139,7 +143,7 @@ impl Health {
             return None;
         }
         self.state.store(next, Ordering::Release);
-        d.since = SystemTime::now();
+        d.since = Instant::now();
         Some(Transition {
             from: decode(cur),
             to: decode(next),
@@ -208,6 +212,16 @@ mod tests {
         assert_eq!(t.to, HealthState::Unhealthy);
         assert!(!h.usable(now_ms()));
         assert_eq!(h.detail().last_check.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn ejection_deadlines_are_on_the_monotonic_clock() {
+        // Milliseconds since the process started, not since 1970.
+        let a = now_ms();
+        assert!(a < 366 * 24 * 3600 * 1000, "{a} ms: wall-clock time?");
+        std::thread::sleep(Duration::from_millis(20));
+        let b = now_ms();
+        assert!((20..1000).contains(&(b - a)), "{a} -> {b}");
     }
 
     #[test]
