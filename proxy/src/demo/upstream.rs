@@ -170,11 +170,6 @@ impl FakeUpstream {
         }
     }
 
-    /// Start an upstream called `name` on `127.0.0.1:0`, recording requests.
-    pub async fn start(name: &str) -> std::io::Result<FakeUpstream> {
-        Self::builder(name).start().await
-    }
-
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -183,6 +178,63 @@ impl FakeUpstream {
     /// Its name (the color in its answers).
     pub fn name(&self) -> &str {
         &self.state.name
+    }
+
+    /// Change how ordinary requests are answered.
+    pub fn set_mode(&self, mode: Mode) {
+        *lock(&self.state.mode) = mode;
+    }
+
+    /// Change the health endpoint's answer.
+    pub fn set_health(&self, reply: HealthReply) {
+        *lock(&self.state.health) = reply;
+    }
+
+    /// Cut every task: the listener and every connection.
+    fn abort_tasks(&self) {
+        self.state.stopped.store(true, Ordering::Release);
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+
+    fn spawn_accept(&self, listener: TcpListener) {
+        let state = self.state.clone();
+        let tasks = self.tasks.clone();
+        let tasks2 = self.tasks.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = state.conns.fetch_add(1, Ordering::AcqRel) + 1;
+                let st = state.clone();
+                let open = OpenGuard::new(state.clone(), conn);
+                let task = tokio::spawn(async move {
+                    let _open = open;
+                    let svc = service_fn(move |req| handle(st.clone(), conn, req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+                let mut t = lock(&tasks);
+                t.retain(|h| !h.is_finished());
+                t.push(task.abort_handle());
+            }
+        });
+        lock(&tasks2).push(handle.abort_handle());
+    }
+}
+
+/// What tests look at and change (feature `test-util`).
+#[cfg(feature = "test-util")]
+impl FakeUpstream {
+    /// Start an upstream called `name` on `127.0.0.1:0`, recording requests.
+    pub async fn start(name: &str) -> std::io::Result<FakeUpstream> {
+        Self::builder(name).start().await
     }
 
     /// Requests served, not counting health checks.
@@ -225,23 +277,10 @@ impl FakeUpstream {
         lock(&self.state.seen).clear();
     }
 
-    /// Change how ordinary requests are answered.
-    pub fn set_mode(&self, mode: Mode) {
-        *lock(&self.state.mode) = mode;
-    }
-
-    /// Change the health endpoint's answer.
-    pub fn set_health(&self, reply: HealthReply) {
-        *lock(&self.state.health) = reply;
-    }
-
     /// Stop: close the listening socket (new connections are refused) and cut every open
     /// connection, as a crashed container would.
     pub fn stop(&self) {
-        self.state.stopped.store(true, Ordering::Release);
-        for t in lock(&self.tasks).drain(..) {
-            t.abort();
-        }
+        self.abort_tasks();
     }
 
     /// Listen again on the same address after [`Self::stop`].
@@ -250,36 +289,6 @@ impl FakeUpstream {
         self.state.stopped.store(false, Ordering::Release);
         self.spawn_accept(listener);
         Ok(())
-    }
-
-    fn spawn_accept(&self, listener: TcpListener) {
-        let state = self.state.clone();
-        let tasks = self.tasks.clone();
-        let tasks2 = self.tasks.clone();
-        let handle = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let conn = state.conns.fetch_add(1, Ordering::AcqRel) + 1;
-                let st = state.clone();
-                let open = OpenGuard::new(state.clone(), conn);
-                let task = tokio::spawn(async move {
-                    let _open = open;
-                    let svc = service_fn(move |req| handle(st.clone(), conn, req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
-                });
-                let mut t = lock(&tasks);
-                t.retain(|h| !h.is_finished());
-                t.push(task.abort_handle());
-            }
-        });
-        lock(&tasks2).push(handle.abort_handle());
     }
 }
 
@@ -303,7 +312,7 @@ impl Drop for OpenGuard {
 
 impl Drop for FakeUpstream {
     fn drop(&mut self) {
-        self.stop();
+        self.abort_tasks();
     }
 }
 

@@ -8,6 +8,9 @@
 //! - [`decide`]: the per-request pool decision ([`decide::Split`]).
 //! - [`weights`]: the rules every set of weights obeys.
 
+// Route table and deny list are `pub` for the benchmarks (`crate::bench`, feature test-util).
+#![cfg_attr(not(feature = "test-util"), allow(unreachable_pub, unused_imports))]
+
 pub(crate) mod decide;
 pub(crate) mod deny;
 pub(crate) mod routes;
