@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -95,6 +96,8 @@ pub enum ControlSocketError {
 pub struct ControlServer {
     listener: std::os::unix::net::UnixListener,
     path: PathBuf,
+    /// Connections being served now.
+    open: Arc<AtomicUsize>,
 }
 
 impl ControlServer {
@@ -146,7 +149,14 @@ impl ControlServer {
         Ok(ControlServer {
             listener,
             path: path.to_path_buf(),
+            open: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// A live count of the connections being served (for a metric): a connection counts from
+    /// its accept until it closes or its client goes away mid-wait.
+    pub fn open_connections(&self) -> Arc<AtomicUsize> {
+        self.open.clone()
     }
 
     /// The socket path.
@@ -184,9 +194,10 @@ impl ControlServer {
             let handler = handler.clone();
             match slots.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    let counted = Counted::new(&self.open);
                     tokio::spawn(async move {
                         connection(stream, handler).await;
-                        drop(permit);
+                        drop((counted, permit));
                     });
                 }
                 Err(_) => {
@@ -206,6 +217,22 @@ impl ControlServer {
                 }
             }
         }
+    }
+}
+
+/// Counts a connection in `ControlServer::open` while it exists (also if its task panics).
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        Counted(open.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -213,3 +213,276 @@ async fn the_socket_comes_from_the_environment() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Answers every command with a plausible result of the right shape and records what came.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<Request>>,
+}
+
+fn sample_status() -> Status {
+    use switchyard_control::protocol::{InstanceStatus, PoolPhase, PoolStatus, UpstreamStatus};
+    use switchyard_control::HealthState;
+    let inst = |addr: &str, health, inflight, extra: fn(&mut InstanceStatus)| {
+        let mut i = InstanceStatus {
+            addr: addr.into(),
+            resolved: Some(addr.into()),
+            resolve_error: None,
+            inflight,
+            health,
+            last_check: Some("GET /actuator/health -> 200 {\"status\":\"UP\"}".into()),
+            health_since_secs: 12,
+            ejected_for_secs: None,
+            passive_failures: 0,
+        };
+        extra(&mut i);
+        i
+    };
+    Status {
+        protocol: PROTOCOL_VERSION,
+        version: "test".into(),
+        uptime_secs: 60,
+        upstreams: vec![UpstreamStatus {
+            name: "app".into(),
+            generation: 7,
+            main: "blue".into(),
+            weights: weights(90, 10),
+            previous: Some(weights(100, 0)),
+            pools: vec![
+                PoolStatus {
+                    name: "blue".into(),
+                    weight: 90,
+                    phase: PoolPhase::Active,
+                    inflight: 3,
+                    instances: vec![
+                        inst("127.0.0.1:8081", HealthState::Healthy, 2, |_| {}),
+                        inst("127.0.0.1:8083", HealthState::Ejected, 1, |i| {
+                            i.ejected_for_secs = Some(25);
+                        }),
+                    ],
+                },
+                PoolStatus {
+                    name: "green".into(),
+                    weight: 10,
+                    phase: PoolPhase::Active,
+                    inflight: 0,
+                    instances: vec![inst("app_green:8080", HealthState::Unhealthy, 0, |i| {
+                        i.resolved = Some("172.18.0.5:8080".into());
+                        i.last_check =
+                            Some("GET /actuator/health -> 503 {\"status\":\"DOWN\"}".into());
+                    })],
+                },
+            ],
+        }],
+    }
+}
+
+#[async_trait::async_trait]
+impl ControlHandler for Recorder {
+    async fn handle(&self, req: Request, _peer: Peer, _events: EventSender) -> Reply {
+        self.seen.lock().unwrap().push(req.clone());
+        let change = Change {
+            upstream: "app".into(),
+            generation: 8,
+            old_weights: weights(90, 10),
+            new_weights: weights(80, 20),
+            changed: true,
+            forced: false,
+            instances: None,
+            drain: None,
+        };
+        match req {
+            Request::Status => Reply::ok(sample_status()),
+            Request::Drain { .. } => Reply::ok(DrainResult {
+                upstream: "app".into(),
+                inflight: [("blue".to_string(), 0)].into(),
+                drained: true,
+                waited_ms: 1200,
+            }),
+            Request::Reload => Reply::ok(switchyard_control::protocol::ReloadResult {
+                summary: "configuration is valid: 1 listener(s)".into(),
+                needs_restart: vec!["listen".into()],
+                warnings: vec![],
+            }),
+            Request::Events { .. } => Reply::ok(Vec::<()>::new()),
+            _ => Reply::ok(change),
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_subcommand_sends_its_request_line() {
+    use switchyard_control::MinHealthy;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("rec.sock");
+    let rec = Arc::new(Recorder::default());
+    let server = ControlServer::bind(&sock, 0o600).unwrap();
+    tokio::spawn(server.serve(rec.clone(), std::future::pending()));
+    let s = |v: &str| v.to_string();
+    let cases: Vec<(Vec<&str>, Request)> = vec![
+        (vec!["status"], Request::Status),
+        (
+            vec![
+                "switch",
+                "green",
+                "--wait-healthy",
+                "30s",
+                "--min-healthy",
+                "50%",
+                "--force",
+                "--drain",
+            ],
+            Request::Switch {
+                upstream: None,
+                pool: s("green"),
+                drain: true,
+                drain_ms: None,
+                min_healthy: MinHealthy::Percent(50),
+                wait_healthy_ms: Some(30_000),
+                force: true,
+            },
+        ),
+        (
+            vec!["--upstream", "api", "rollback"],
+            Request::Rollback {
+                upstream: Some(s("api")),
+            },
+        ),
+        (
+            vec!["weight", "green", "5", "--min-healthy", "1"],
+            Request::Weight {
+                upstream: None,
+                pool: s("green"),
+                weight: 5,
+                min_healthy: MinHealthy::Count(1),
+                force: false,
+            },
+        ),
+        (
+            vec!["weights", "blue=90", "green=10", "--force"],
+            Request::Weights {
+                upstream: None,
+                weights: weights(90, 10),
+                min_healthy: MinHealthy::All,
+                force: true,
+            },
+        ),
+        (
+            vec!["drain", "blue", "--timeout", "2s"],
+            Request::Drain {
+                upstream: None,
+                pool: s("blue"),
+                timeout_ms: Some(2000),
+            },
+        ),
+        (
+            vec!["pool", "set", "green", "10.0.0.1:8080", "app_green:8080"],
+            Request::PoolSet {
+                upstream: None,
+                pool: s("green"),
+                instances: vec![s("10.0.0.1:8080"), s("app_green:8080")],
+            },
+        ),
+        (
+            vec!["pool", "add", "green", "10.0.0.2:8080"],
+            Request::PoolAdd {
+                upstream: None,
+                pool: s("green"),
+                instance: s("10.0.0.2:8080"),
+            },
+        ),
+        (
+            vec!["pool", "remove", "green", "10.0.0.2:8080"],
+            Request::PoolRemove {
+                upstream: None,
+                pool: s("green"),
+                instance: s("10.0.0.2:8080"),
+            },
+        ),
+        (vec!["reload"], Request::Reload),
+        (
+            vec!["events", "--limit", "5"],
+            Request::Events {
+                follow: false,
+                limit: Some(5),
+            },
+        ),
+        (
+            vec!["events", "--follow"],
+            Request::Events {
+                follow: true,
+                limit: Some(100),
+            },
+        ),
+    ];
+    for (args, expected) in &cases {
+        let (code, out, err) = run(&sock, args).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        let got = rec.seen.lock().unwrap().pop().unwrap();
+        assert_eq!(&got, expected, "{args:?}");
+    }
+    // Human output of the change commands names the moves and the generation; drain and reload
+    // say what they did.
+    let (_, out, _) = run(&sock, &["weight", "green", "20"]).await;
+    assert_eq!(
+        out.trim(),
+        "app: generation 8: blue 90 -> 80, green 10 -> 20"
+    );
+    let (_, out, _) = run(&sock, &["drain", "blue"]).await;
+    assert_eq!(out.trim(), "app: blue drained after 1.2s");
+    let (_, out, _) = run(&sock, &["reload"]).await;
+    assert!(out.contains("reloaded: configuration is valid"), "{out}");
+    assert!(
+        out.contains("changed but only applied after a restart: listen"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn status_is_readable_for_humans_and_complete_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("st.sock");
+    let server = ControlServer::bind(&sock, 0o600).unwrap();
+    tokio::spawn(server.serve(Arc::new(Recorder::default()), std::future::pending()));
+    let (code, out, _) = run(&sock, &["status"]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0], "app  generation 7  main blue  weights blue=90 green=10",
+        "{out}"
+    );
+    assert!(
+        lines[1].contains("POOL") && lines[1].contains("IN-FLIGHT"),
+        "{out}"
+    );
+    let blue = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("blue"))
+        .unwrap();
+    assert!(
+        blue.contains("90") && blue.contains("active") && blue.contains(" 3 "),
+        "{blue}"
+    );
+    assert!(
+        blue.contains("127.0.0.1:8081 healthy [2 in flight]"),
+        "{blue}"
+    );
+    assert!(
+        blue.contains("127.0.0.1:8083 ejected for 25s more"),
+        "{blue}"
+    );
+    let green = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("green"))
+        .unwrap();
+    assert!(
+        green.contains("app_green:8080 (172.18.0.5:8080) unhealthy (GET /actuator/health -> 503 {\"status\":\"DOWN\"})"),
+        "{green}"
+    );
+    let (code, out, _) = run(&sock, &["--json", "status"]).await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true);
+    let back: Status = serde_json::from_value(v["result"].clone()).unwrap();
+    assert_eq!(back, sample_status(), "--json carries the whole document");
+}

@@ -72,14 +72,6 @@ async fn bad_input_gets_error_lines_and_the_proxy_keeps_its_state() {
         let mut s = UnixStream::connect(px.socket()).await.unwrap();
         s.write_all(b"{\"cmd\":\"switch\",\"po").await.unwrap();
     }
-    // A client that disconnects in the middle of a waiting command: the wait is cancelled,
-    // nothing is changed.
-    {
-        let mut s = UnixStream::connect(px.socket()).await.unwrap();
-        s.write_all(b"{\"cmd\":\"drain\",\"pool\":\"green\",\"timeout_ms\":60000}\n")
-            .await
-            .unwrap();
-    }
 
     let st = px.handle().status();
     let u = st.upstream("app").unwrap();
@@ -153,8 +145,10 @@ async fn a_stale_socket_file_is_replaced_and_a_regular_file_is_not() {
     let blue = FakeUpstream::start("blue").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let yaml = app_yaml(&[("blue", &[blue.addr()])], "blue", "")
-        .replace("control.sock", "custom.sock")
-        .replace("\"0600\"", "\"0660\"")
+        .replace(
+            "  socket: \"{dir}/control.sock\"\n",
+            "  socket: \"{dir}/custom.sock\"\n  mode: \"0660\"\n",
+        )
         .replace("{dir}", &dir.path().display().to_string());
     let sock = dir.path().join("custom.sock");
     // A socket file nobody listens on, as a crashed proxy leaves behind.
@@ -162,6 +156,8 @@ async fn a_stale_socket_file_is_replaced_and_a_regular_file_is_not() {
     assert!(sock.exists());
     let cfg = switchyard_config::parse(&yaml).unwrap();
     let h = switchyard_proxy::start(cfg, Default::default()).unwrap();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "replaced, with the configured mode");
     let mut c = switchyard_control::ControlClient::connect(&sock)
         .await
         .unwrap();
@@ -325,5 +321,98 @@ async fn a_stalled_disk_stalls_neither_health_checks_nor_status() {
         .unwrap();
     writer.await.unwrap();
     assert!(reply.ok, "{reply:?}");
+    px.shutdown().await;
+}
+
+/// `switchyard_control_connections` from the proxy's metrics.
+fn control_connections(px: &TestProxy) -> u64 {
+    px.handle()
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_control_connections "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .expect("switchyard_control_connections")
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_wait_cancels_the_wait_not_the_change() {
+    trace_init();
+    let (_blue, _green, px) = blue_green(false, "").await;
+    // Something for the drain to wait for: a slow request on blue.
+    let addr = px.addr;
+    let slow = tokio::spawn(async move {
+        request(addr, "GET", "/slow?ms=5000", &[], bytes::Bytes::new()).await
+    });
+    eventually(|| px.inflight("blue") == 1).await;
+
+    let s = UnixStream::connect(px.socket()).await.unwrap();
+    let (r, mut w) = s.into_split();
+    w.write_all(b"{\"cmd\":\"switch\",\"pool\":\"green\",\"drain_ms\":60000}\n")
+        .await
+        .unwrap();
+    let mut r = BufReader::new(r);
+    let mut first = String::new();
+    r.read_line(&mut first).await.unwrap();
+    assert!(first.contains("\"applied\""), "{first}");
+    assert_eq!(
+        px.handle().status().upstream("app").unwrap().weights["green"],
+        100
+    );
+    // The command is now waiting for blue to drain (5 s away, bounded by 60 s).
+    assert_eq!(control_connections(&px), 1);
+    drop((r, w));
+    // The client left: the wait ends at once, long before blue drains.
+    eventually_within(Duration::from_secs(2), &mut || {
+        control_connections(&px) == 0
+    })
+    .await;
+    assert_eq!(
+        px.inflight("blue"),
+        1,
+        "blue still busy: the wait was cancelled, not finished"
+    );
+    let st = px.handle().status();
+    assert_eq!(
+        st.upstream("app").unwrap().weights["green"],
+        100,
+        "the change stays"
+    );
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_health_wait_switches_nothing_later() {
+    trace_init();
+    let (_blue, green, px) = blue_green(false, "").await;
+    green.set_health(HealthReply::down());
+    eventually(|| px.health("green", green.addr()) == switchyard_control::HealthState::Unhealthy)
+        .await;
+    // This wait sends a progress line when an instance changes state, and nothing otherwise:
+    // only watching the peer can notice that the client left.
+    let s = UnixStream::connect(px.socket()).await.unwrap();
+    let (r, mut w) = s.into_split();
+    w.write_all(b"{\"cmd\":\"switch\",\"pool\":\"green\",\"wait_healthy_ms\":60000}\n")
+        .await
+        .unwrap();
+    let mut r = BufReader::new(r);
+    let mut first = String::new();
+    r.read_line(&mut first).await.unwrap();
+    assert!(first.contains("\"health\""), "{first}");
+    assert_eq!(control_connections(&px), 1);
+    drop((r, w));
+    eventually_within(Duration::from_secs(2), &mut || {
+        control_connections(&px) == 0
+    })
+    .await;
+    // Green turns healthy: a wait still running would switch now. Nothing may happen.
+    green.set_health(HealthReply::up());
+    eventually(|| px.health("green", green.addr()) == switchyard_control::HealthState::Healthy)
+        .await;
+    let st = px.handle().status();
+    let u = st.upstream("app").unwrap();
+    assert_eq!(u.weights["blue"], 100);
+    assert_eq!(u.generation, 1);
     px.shutdown().await;
 }

@@ -171,7 +171,10 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::register(
         &registry,
         shared.clone(),
-        opts.log_dropped.clone().map(|d| d.0),
+        crate::telemetry::metrics::Probes {
+            log_dropped: opts.log_dropped.clone().map(|d| d.0),
+            control_connections: Some(control_socket.open_connections()),
+        },
     )?);
     for u in &config.upstreams {
         metrics.touch_upstream(&u.name);

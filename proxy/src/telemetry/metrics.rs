@@ -34,7 +34,7 @@ impl Metrics {
     pub(crate) fn register(
         registry: &Registry,
         shared: Arc<Shared>,
-        log_dropped: Option<LogDropped>,
+        probes: Probes,
     ) -> Result<Metrics, prometheus::Error> {
         let switches = IntCounterVec::new(
             Opts::new(
@@ -74,7 +74,7 @@ impl Metrics {
         registry.register(Box::new(StateCollector::new(
             shared,
             unrouted.clone(),
-            log_dropped,
+            probes,
         )?))?;
         #[cfg(target_os = "linux")]
         {
@@ -150,23 +150,40 @@ const LOG_DROPPED: Family = Family {
     kind: MetricType::COUNTER,
     labels: &[],
 };
-const FAMILIES: [&Family; 6] = [
+const FAMILIES: [&Family; 7] = [
     &REQUESTS,
     &DURATION,
     &INFLIGHT,
     &WEIGHT,
     &HEALTHY,
     &LOG_DROPPED,
+    &CONTROL_CONNECTIONS,
 ];
+
+const CONTROL_CONNECTIONS: Family = Family {
+    name: "switchyard_control_connections",
+    help: "Control-socket connections being served",
+    kind: MetricType::GAUGE,
+    labels: &[],
+};
 
 /// Reads the count of dropped application log lines.
 type LogDropped = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Live values owned elsewhere, read at scrape time.
+#[derive(Default)]
+pub(crate) struct Probes {
+    /// Application log lines dropped (the binary's log writer).
+    pub(crate) log_dropped: Option<LogDropped>,
+    /// Control connections being served (the control server).
+    pub(crate) control_connections: Option<Arc<std::sync::atomic::AtomicUsize>>,
+}
 
 /// Reads the pools' counters and the routing snapshot at scrape time.
 struct StateCollector {
     shared: Arc<Shared>,
     unrouted: Arc<PoolStats>,
-    log_dropped: Option<LogDropped>,
+    probes: Probes,
     descs: Vec<Desc>,
 }
 
@@ -174,7 +191,7 @@ impl StateCollector {
     fn new(
         shared: Arc<Shared>,
         unrouted: Arc<PoolStats>,
-        log_dropped: Option<LogDropped>,
+        probes: Probes,
     ) -> Result<Self, prometheus::Error> {
         let descs = FAMILIES
             .iter()
@@ -190,7 +207,7 @@ impl StateCollector {
         Ok(StateCollector {
             shared,
             unrouted,
-            log_dropped,
+            probes,
             descs,
         })
     }
@@ -311,6 +328,7 @@ impl Collector for StateCollector {
             }
         }
         let log_dropped = self
+            .probes
             .log_dropped
             .as_ref()
             .map(|count| {
@@ -322,6 +340,19 @@ impl Collector for StateCollector {
             })
             .into_iter()
             .collect();
+        let control = self
+            .probes
+            .control_connections
+            .as_ref()
+            .map(|n| {
+                gauge(
+                    &CONTROL_CONNECTIONS,
+                    &[],
+                    n.load(std::sync::atomic::Ordering::Acquire) as f64,
+                )
+            })
+            .into_iter()
+            .collect();
         [
             (&REQUESTS, requests),
             (&DURATION, duration),
@@ -329,6 +360,7 @@ impl Collector for StateCollector {
             (&WEIGHT, weight),
             (&HEALTHY, healthy),
             (&LOG_DROPPED, log_dropped),
+            (&CONTROL_CONNECTIONS, control),
         ]
         .into_iter()
         .filter(|(_, m)| !m.is_empty())
