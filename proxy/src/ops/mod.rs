@@ -16,7 +16,7 @@
 
 use crate::checks::dns::Resolve;
 use crate::routing::weights::fmt_weights;
-use crate::state::{persist, Shared, Snapshot};
+use crate::state::{Shared, Snapshot};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::{self, EventLog};
 use crate::telemetry::metrics::Metrics;
@@ -196,16 +196,17 @@ impl Controller {
         };
         let next = Arc::new(next);
         let new_snap = self.shared.with_upstream(&guard, next.clone());
-        persist::save(&self.state_file, &new_snap).map_err(|e| {
-            err(
-                ErrorCode::Internal,
-                format!(
-                    "not applied: cannot write the state file {}: {e}",
-                    self.state_file.display()
-                ),
-            )
-        })?;
-        self.shared.store(&guard, new_snap);
+        self.shared
+            .commit(&guard, new_snap, &self.state_file)
+            .map_err(|e| {
+                err(
+                    ErrorCode::Internal,
+                    format!(
+                        "not applied: cannot write the state file {}: {e}",
+                        self.state_file.display()
+                    ),
+                )
+            })?;
         drop(guard);
         let new_weights = next.weights();
         tracing::info!(

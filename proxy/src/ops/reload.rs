@@ -4,7 +4,7 @@
 use super::{err, Actor, Controller};
 use crate::checks::dns;
 use crate::routing::weights::fmt_weights;
-use crate::state::{persist, Snapshot};
+use crate::state::Snapshot;
 use crate::telemetry::events;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -106,17 +106,18 @@ impl Controller {
         .map(|(k, _)| k.to_string())
         .collect();
         let new_snap = Snapshot::build(Arc::new(config), &BTreeMap::new(), Some(&old));
-        persist::save(&self.state_file, &new_snap).map_err(|e| {
-            err(
-                ErrorCode::Internal,
-                format!("not applied: cannot write the state file: {e}"),
-            )
-        })?;
         let warnings = reset_weights(&old, &new_snap);
+        self.shared
+            .commit(&guard, new_snap, &self.state_file)
+            .map_err(|e| {
+                err(
+                    ErrorCode::Internal,
+                    format!("not applied: cannot write the state file: {e}"),
+                )
+            })?;
         for w in &warnings {
             tracing::warn!("{w}");
         }
-        self.shared.store(&guard, new_snap);
         Ok((needs_restart, warnings))
     }
 }

@@ -71,7 +71,22 @@ impl Shared {
         self.load().with_upstream(state)
     }
 
-    /// Make `snapshot` current. Caller holds `lock()`.
+    /// Commit a change: write `snapshot` to the state file (durably), then make it current —
+    /// persisted before it is acknowledged (SPEC §4 invariant 6). Caller holds `lock()`. If
+    /// the write fails nothing is applied. This is the one place a change takes effect; a
+    /// desired-state source shared by several proxies (a fleet) plugs in before it.
+    pub(crate) fn commit(
+        &self,
+        guard: &MutexGuard<'_, ()>,
+        snapshot: Snapshot,
+        state_file: &std::path::Path,
+    ) -> std::io::Result<()> {
+        persist::save(state_file, &snapshot)?;
+        self.store(guard, snapshot);
+        Ok(())
+    }
+
+    /// Make `snapshot` current without persisting it. Caller holds `lock()`.
     pub(crate) fn store(&self, _guard: &MutexGuard<'_, ()>, mut snapshot: Snapshot) {
         let version = self.version.load(Ordering::SeqCst) + 1;
         snapshot.version = version;
