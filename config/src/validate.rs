@@ -17,16 +17,10 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
 
     let listen = listeners(&raw.listen, &root.key("listen"), &mut errs);
 
-    let threads = match raw.threads {
-        None => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        Some(n @ 1..=1024) => n,
-        Some(n) => {
-            errs.push(root.key("threads"), format!("{n} is out of range 1..=1024"));
-            1
-        }
-    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let threads = ranged(raw.threads, &root.key("threads"), cpus, 1..=1024, &mut errs);
     let grace_period = duration(
         raw.grace_period.as_deref(),
         &root.key("grace_period"),
@@ -42,17 +36,13 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         &mut errs,
     );
 
-    let max_connections = match raw.max_connections {
-        None => 10_000,
-        Some(n @ 1..=1_000_000) => n,
-        Some(n) => {
-            errs.push(
-                root.key("max_connections"),
-                format!("{n} is out of range 1..=1000000"),
-            );
-            10_000
-        }
-    };
+    let max_connections = ranged(
+        raw.max_connections,
+        &root.key("max_connections"),
+        10_000,
+        1..=1_000_000,
+        &mut errs,
+    );
     let client_header_timeout = duration(
         raw.client_header_timeout.as_deref(),
         &root.key("client_header_timeout"),
@@ -371,14 +361,7 @@ fn upstream(name: &str, u: &raw::Upstream, path: &FieldPath, errs: &mut Errors) 
             Balance::RoundRobin
         }
     };
-    let retries = match u.retries {
-        None => 1,
-        Some(n @ 0..=10) => n,
-        Some(n) => {
-            errs.push(path.key("retries"), format!("{n} is out of range 0..=10"));
-            1
-        }
-    };
+    let retries = ranged(u.retries, &path.key("retries"), 1, 0..=10, errs);
 
     UpstreamConfig {
         name: name.to_string(),
@@ -436,13 +419,8 @@ fn health(raw: Option<&raw::Health>, path: &FieldPath, errs: &mut Errors) -> Hea
             ),
         );
     }
-    let threshold = |key: &str, v: Option<u32>, default: u32, errs: &mut Errors| match v {
-        None => default,
-        Some(n @ 1..=100) => n,
-        Some(n) => {
-            errs.push(path.key(key), format!("{n} is out of range 1..=100"));
-            default
-        }
+    let threshold = |key: &str, v: Option<u32>, default: u32, errs: &mut Errors| {
+        ranged(v, &path.key(key), default, 1..=100, errs)
     };
     let healthy_threshold = threshold("healthy_threshold", h.healthy_threshold, 2, errs);
     let unhealthy_threshold = threshold("unhealthy_threshold", h.unhealthy_threshold, 3, errs);
@@ -477,17 +455,13 @@ fn health(raw: Option<&raw::Health>, path: &FieldPath, errs: &mut Errors) -> Hea
 
 fn passive(raw: Option<&raw::Passive>, path: &FieldPath, errs: &mut Errors) -> PassiveConfig {
     PassiveConfig {
-        consecutive_failures: match raw.and_then(|p| p.consecutive_failures) {
-            None => 5,
-            Some(n @ 0..=1000) => n,
-            Some(n) => {
-                errs.push(
-                    path.key("consecutive_failures"),
-                    format!("{n} is out of range 0..=1000"),
-                );
-                5
-            }
-        },
+        consecutive_failures: ranged(
+            raw.and_then(|p| p.consecutive_failures),
+            &path.key("consecutive_failures"),
+            5,
+            0..=1000,
+            errs,
+        ),
         eject_for: duration(
             raw.and_then(|p| p.eject_for.as_deref()),
             &path.key("eject_for"),
@@ -652,6 +626,28 @@ fn duration(
             errs.push(
                 path.clone(),
                 format!("{s:?} is not a duration such as 500ms, 2s or 5m"),
+            );
+            default
+        }
+    }
+}
+
+/// A number within `range`, `default` when absent; out of range is an error (the default is
+/// used so validation can go on and report everything).
+fn ranged<T: PartialOrd + Copy + std::fmt::Display>(
+    v: Option<T>,
+    path: &FieldPath,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+    errs: &mut Errors,
+) -> T {
+    match v {
+        None => default,
+        Some(n) if range.contains(&n) => n,
+        Some(n) => {
+            errs.push(
+                path.clone(),
+                format!("{n} is out of range {}..={}", range.start(), range.end()),
             );
             default
         }

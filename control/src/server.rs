@@ -91,6 +91,22 @@ pub enum ControlSocketError {
     },
 }
 
+/// The directory of `path` and a temporary name beside it (`.NAME.PID.tmp`), for files made
+/// complete there and then renamed into place, so the final name appears whole or not at all
+/// (the control socket here; the proxy's state file).
+pub fn temp_beside(path: &Path) -> (PathBuf, PathBuf) {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "switchyard".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    (dir, tmp)
+}
+
 /// A bound control socket.
 #[derive(Debug)]
 pub struct ControlServer {
@@ -128,15 +144,7 @@ impl ControlServer {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(e)),
         }
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "switchyard.sock".into());
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let (_, tmp) = temp_beside(path);
         let _ = std::fs::remove_file(&tmp);
         let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err)?;
         let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))

@@ -98,6 +98,15 @@ impl ControlHandler for Fake {
     }
 }
 
+/// Serve `handler` on a new socket in a temporary directory (kept alive by the returned dir).
+fn serve<H: ControlHandler>(handler: Arc<H>) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let server = ControlServer::bind(&sock, 0o600).unwrap();
+    tokio::spawn(server.serve(handler, std::future::pending()));
+    (dir, sock)
+}
+
 async fn run(socket: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .arg("--socket")
@@ -115,11 +124,8 @@ async fn run(socket: &std::path::Path, args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test]
 async fn every_exit_code_and_what_is_printed() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ctl.sock");
     let fake = Arc::new(Fake::default());
-    let server = ControlServer::bind(&sock, 0o600).unwrap();
-    tokio::spawn(server.serve(fake.clone(), std::future::pending()));
+    let (dir, sock) = serve(fake.clone());
 
     // 0: done.
     let (code, _, _) = run(&sock, &["status"]).await;
@@ -201,10 +207,7 @@ fn current_uid() -> Option<u32> {
 
 #[tokio::test]
 async fn the_socket_comes_from_the_environment() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("env.sock");
-    let server = ControlServer::bind(&sock, 0o600).unwrap();
-    tokio::spawn(server.serve(Arc::new(Fake::default()), std::future::pending()));
+    let (_dir, sock) = serve(Arc::new(Fake::default()));
     let out = Command::new(BIN)
         .env("SWITCHYARD_SOCKET", &sock)
         .arg("status")
@@ -313,11 +316,8 @@ impl ControlHandler for Recorder {
 #[tokio::test]
 async fn every_subcommand_sends_its_request_line() {
     use switchyard_control::MinHealthy;
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("rec.sock");
     let rec = Arc::new(Recorder::default());
-    let server = ControlServer::bind(&sock, 0o600).unwrap();
-    tokio::spawn(server.serve(rec.clone(), std::future::pending()));
+    let (_dir, sock) = serve(rec.clone());
     let s = |v: &str| v.to_string();
     let cases: Vec<(Vec<&str>, Request)> = vec![
         (vec!["status"], Request::Status),
@@ -440,10 +440,7 @@ async fn every_subcommand_sends_its_request_line() {
 
 #[tokio::test]
 async fn status_is_readable_for_humans_and_complete_in_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("st.sock");
-    let server = ControlServer::bind(&sock, 0o600).unwrap();
-    tokio::spawn(server.serve(Arc::new(Recorder::default()), std::future::pending()));
+    let (_dir, sock) = serve(Arc::new(Recorder::default()));
     let (code, out, _) = run(&sock, &["status"]).await;
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();

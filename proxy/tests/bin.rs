@@ -29,15 +29,20 @@ fn fixtures(kind: &str) -> Vec<PathBuf> {
     v
 }
 
+/// `switchyard check -c FILE`.
+fn check(f: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .arg("check")
+        .arg("-c")
+        .arg(f)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_accepts_every_valid_fixture() {
     for f in fixtures("valid") {
-        let out = Command::new(BIN)
-            .arg("check")
-            .arg("-c")
-            .arg(&f)
-            .output()
-            .unwrap();
+        let out = check(&f);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if std::fs::read_to_string(&f).unwrap().contains("tls:") {
             // Valid file, but its certificate paths don't exist here: check loads them, as
@@ -67,12 +72,7 @@ fn check_warns_about_keys_this_version_does_not_act_on() {
         "listen: [{addr: \"127.0.0.1:0\"}]\nupstreams:\n  app:\n    pools: {blue: [\"127.0.0.1:1\"]}\n    canary: {sticky: none}\n    preview: {header: X-Pool}\nroutes: [{path_prefix: /, upstream: app}]\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .arg("check")
-        .arg("-c")
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = check(&f);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
@@ -88,12 +88,7 @@ fn check_warns_about_keys_this_version_does_not_act_on() {
 #[test]
 fn check_prints_every_problem_of_every_invalid_fixture() {
     for f in fixtures("invalid") {
-        let out = Command::new(BIN)
-            .arg("check")
-            .arg("-c")
-            .arg(&f)
-            .output()
-            .unwrap();
+        let out = check(&f);
         assert_eq!(out.status.code(), Some(1), "{}", f.display());
         let stdout = String::from_utf8_lossy(&out.stdout);
         let golden = std::fs::read_to_string(f.with_extension("err")).unwrap();
@@ -271,15 +266,32 @@ async fn connect(
     sender
 }
 
+/// A fake upstream that keeps no request log (these tests only count).
+async fn upstream(name: &str) -> FakeUpstream {
+    FakeUpstream::builder(name)
+        .record(false)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// GET `path` on a new connection to `addr`: status and body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, Bytes) {
+    let mut s = connect(addr).await;
+    let req = http::Request::get(path)
+        .header("host", "test")
+        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
 const FIFTY_MB: u64 = 50 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_megabytes_stream_through_with_bounded_memory() {
-    let up = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
+    let up = upstream("blue").await;
     let px = ProxyProcess::start(up.addr(), "5s");
     let baseline = px.peak_rss_kib();
 
@@ -358,24 +370,10 @@ fn tokio_stream_from<T: Send + 'static>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
-    let up = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
+    let up = upstream("blue").await;
     let mut px = ProxyProcess::start(up.addr(), "30s");
     let addr = px.addr;
-    let slow = tokio::spawn(async move {
-        let mut s = connect(addr).await;
-        let req = http::Request::get("/slow?ms=1500")
-            .header("host", "test")
-            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
-            .unwrap();
-        let resp = s.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, body)
-    });
+    let slow = tokio::spawn(async move { get(addr, "/slow?ms=1500").await });
     let deadline = Instant::now() + Duration::from_secs(10);
     while up.hits() == 0 {
         assert!(Instant::now() < deadline);
@@ -401,16 +399,8 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
-    let blue = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let green = FakeUpstream::builder("green")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
+    let blue = upstream("blue").await;
+    let green = upstream("green").await;
     let px = ProxyProcess::start_pools(
         &format!(
             "      blue: [\"{}\"]\n      green: [\"{}\"]\n",
@@ -469,11 +459,7 @@ async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
 
 #[tokio::test]
 async fn sigusr1_reopens_the_access_log() {
-    let up = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
+    let up = upstream("blue").await;
     let px = ProxyProcess::start_yaml(&format!(
         "listen: [{{addr: \"127.0.0.1:{{port}}\"}}]\ncontrol: {{socket: \"{{dir}}/c.sock\"}}\nstate_file: \"{{dir}}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"{{dir}}/access.log\"\nupstreams:\n  app:\n    pools: {{blue: [\"{}\"]}}\nroutes: [{{path_prefix: /, upstream: app}}]\n",
         up.addr()
@@ -570,11 +556,7 @@ fn demo_serves_blue_and_denies_actuator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stderr_stalls_no_request_and_dropped_lines_are_counted() {
-    let up = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
+    let up = upstream("blue").await;
     // Trace logging writes many lines per request into a stderr pipe this test never reads:
     // it is full after 64 KiB. Logging must then drop lines, not block the workers.
     let px = ProxyProcess::start_yaml_env(
@@ -602,20 +584,7 @@ async fn a_stalled_stderr_stalls_no_request_and_dropped_lines_are_counted() {
         resp.into_body().collect().await.unwrap();
     }
     let admin: SocketAddr = format!("127.0.0.1:{}", px.admin).parse().unwrap();
-    let mut a = connect(admin).await;
-    let req = http::Request::get("/metrics")
-        .header("host", "test")
-        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
-        .unwrap();
-    let body = a
-        .send_request(req)
-        .await
-        .unwrap()
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes();
+    let (_, body) = get(admin, "/metrics").await;
     let text = String::from_utf8_lossy(&body);
     let dropped: f64 = text
         .lines()

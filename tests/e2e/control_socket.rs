@@ -324,6 +324,25 @@ async fn a_stalled_disk_stalls_neither_health_checks_nor_status() {
     px.shutdown().await;
 }
 
+/// Send `line` on a new control connection and read the first line of the answer; the
+/// connection stays open (the command may still be running) until the halves are dropped.
+async fn first_line(
+    px: &TestProxy,
+    line: &[u8],
+) -> (
+    String,
+    BufReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+) {
+    let s = UnixStream::connect(px.socket()).await.unwrap();
+    let (r, mut w) = s.into_split();
+    w.write_all(line).await.unwrap();
+    let mut r = BufReader::new(r);
+    let mut first = String::new();
+    r.read_line(&mut first).await.unwrap();
+    (first, r, w)
+}
+
 /// `switchyard_control_connections` from the proxy's metrics.
 fn control_connections(px: &TestProxy) -> u64 {
     px.handle()
@@ -346,14 +365,11 @@ async fn a_client_that_leaves_mid_wait_cancels_the_wait_not_the_change() {
     });
     eventually(|| px.inflight("blue") == 1).await;
 
-    let s = UnixStream::connect(px.socket()).await.unwrap();
-    let (r, mut w) = s.into_split();
-    w.write_all(b"{\"cmd\":\"switch\",\"pool\":\"green\",\"drain_ms\":60000}\n")
-        .await
-        .unwrap();
-    let mut r = BufReader::new(r);
-    let mut first = String::new();
-    r.read_line(&mut first).await.unwrap();
+    let (first, r, w) = first_line(
+        &px,
+        b"{\"cmd\":\"switch\",\"pool\":\"green\",\"drain_ms\":60000}\n",
+    )
+    .await;
     assert!(first.contains("\"applied\""), "{first}");
     assert_eq!(
         px.handle().status().upstream("app").unwrap().weights["green"],
@@ -391,14 +407,11 @@ async fn a_client_that_leaves_mid_health_wait_switches_nothing_later() {
         .await;
     // This wait sends a progress line when an instance changes state, and nothing otherwise:
     // only watching the peer can notice that the client left.
-    let s = UnixStream::connect(px.socket()).await.unwrap();
-    let (r, mut w) = s.into_split();
-    w.write_all(b"{\"cmd\":\"switch\",\"pool\":\"green\",\"wait_healthy_ms\":60000}\n")
-        .await
-        .unwrap();
-    let mut r = BufReader::new(r);
-    let mut first = String::new();
-    r.read_line(&mut first).await.unwrap();
+    let (first, r, w) = first_line(
+        &px,
+        b"{\"cmd\":\"switch\",\"pool\":\"green\",\"wait_healthy_ms\":60000}\n",
+    )
+    .await;
     assert!(first.contains("\"health\""), "{first}");
     assert_eq!(control_connections(&px), 1);
     drop((r, w));

@@ -12,13 +12,19 @@ fn two_pools(blue: &FakeUpstream, green: &FakeUpstream, extra: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn a_good_file_takes_effect_and_a_bad_one_keeps_the_old_config() {
-    trace_init();
+/// Blue and green upstreams, and a proxy started from a config file (blue active).
+async fn from_file() -> (FakeUpstream, FakeUpstream, String, TestProxy) {
     let blue = FakeUpstream::start("blue").await.unwrap();
     let green = FakeUpstream::start("green").await.unwrap();
     let yaml = two_pools(&blue, &green, "");
     let px = TestProxy::start_from_file(&yaml).await;
+    (blue, green, yaml, px)
+}
+
+#[tokio::test]
+async fn a_good_file_takes_effect_and_a_bad_one_keeps_the_old_config() {
+    trace_init();
+    let (_blue, _green, yaml, px) = from_file().await;
     let h = px.handle();
     h.set_weight(None, "green", 20).unwrap();
 
@@ -58,11 +64,8 @@ async fn a_good_file_takes_effect_and_a_bad_one_keeps_the_old_config() {
 #[tokio::test]
 async fn a_reload_that_adds_a_pool_keeps_the_run_time_weights() {
     trace_init();
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
+    let (blue, green, _yaml, px) = from_file().await;
     let canary = FakeUpstream::start("canary").await.unwrap();
-    let yaml = two_pools(&blue, &green, "");
-    let px = TestProxy::start_from_file(&yaml).await;
     let h = px.handle();
     h.switch(None, "green").unwrap();
     let before = h.status().upstream("app").unwrap().generation;
@@ -102,10 +105,8 @@ async fn a_reload_that_adds_a_pool_keeps_the_run_time_weights() {
 #[tokio::test]
 async fn a_rollback_target_naming_a_removed_pool_is_dropped() {
     trace_init();
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
+    let (_blue, green, _yaml, px) = from_file().await;
     let canary = FakeUpstream::start("canary").await.unwrap();
-    let px = TestProxy::start_from_file(&two_pools(&blue, &green, "")).await;
     let h = px.handle();
     h.switch(None, "green").unwrap(); // rollback target: blue=100
                                       // blue leaves the file; green keeps its 100.
@@ -138,10 +139,7 @@ async fn a_rollback_target_naming_a_removed_pool_is_dropped() {
 #[tokio::test]
 async fn a_reload_applies_the_access_log_its_format_and_the_grace_period() {
     trace_init();
-    let blue = FakeUpstream::start("blue").await.unwrap();
-    let green = FakeUpstream::start("green").await.unwrap();
-    let yaml = two_pools(&blue, &green, "");
-    let px = TestProxy::start_from_file(&yaml).await;
+    let (blue, _green, yaml, px) = from_file().await;
     let h = px.handle();
     let log = px.dir.path().join("access.log");
     assert_eq!(px.get("/before").await.status, 200);

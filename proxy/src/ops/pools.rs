@@ -9,6 +9,59 @@ use switchyard_config::InstanceAddr;
 use switchyard_control::protocol::{Change, ControlError, ErrorCode};
 
 impl Controller {
+    /// `pool set`: replace a pool's instances.
+    pub(crate) async fn pool_set(
+        self: &Arc<Self>,
+        upstream: Option<String>,
+        pool: String,
+        instances: &[String],
+        actor: Actor,
+    ) -> Result<Change, ControlError> {
+        let list = Self::parse_addrs(instances)?;
+        if list.is_empty() {
+            return Err(err(
+                ErrorCode::Invalid,
+                "pool set needs at least one instance",
+            ));
+        }
+        self.pool_change(upstream, pool, actor, "pool_set", |_| Ok(list))
+            .await
+    }
+
+    /// `pool add` (`add`) or `pool remove`: one instance in or out of a pool.
+    pub(crate) async fn pool_member(
+        self: &Arc<Self>,
+        upstream: Option<String>,
+        pool: String,
+        instance: &str,
+        add: bool,
+        actor: Actor,
+    ) -> Result<Change, ControlError> {
+        let addr: InstanceAddr =
+            instance
+                .parse()
+                .map_err(|e: switchyard_config::AddrParseError| {
+                    err(ErrorCode::Invalid, e.to_string())
+                })?;
+        let cmd = if add { "pool_add" } else { "pool_remove" };
+        let name = pool.clone();
+        self.pool_change(upstream, pool, actor, cmd, move |cur| {
+            match (add, cur.contains(&addr)) {
+                (true, true) => Err(err(
+                    ErrorCode::Invalid,
+                    format!("{addr} is already in pool {name}"),
+                )),
+                (false, false) => Err(err(
+                    ErrorCode::Invalid,
+                    format!("{addr} is not in pool {name}"),
+                )),
+                (true, false) => Ok(cur.iter().cloned().chain([addr.clone()]).collect()),
+                (false, true) => Ok(cur.iter().filter(|a| **a != addr).cloned().collect()),
+            }
+        })
+        .await
+    }
+
     /// Parse instance addresses given on the wire.
     pub(crate) fn parse_addrs(list: &[String]) -> Result<Vec<InstanceAddr>, ControlError> {
         let mut out: Vec<InstanceAddr> = Vec::new();

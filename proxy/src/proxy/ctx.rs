@@ -5,43 +5,48 @@
 
 use crate::state::Snapshot;
 use crate::upstream::{Instance, Pool, UpstreamState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Counts one request on its pool from the moment the pool is chosen until the request ends.
-/// SeqCst: [`crate::state::Shared::bind`] relies on it.
+/// Something with an in-flight counter: a pool or an instance.
+pub(crate) trait Inflight {
+    fn inflight(&self) -> &AtomicI64;
+}
+
+impl Inflight for Pool {
+    fn inflight(&self) -> &AtomicI64 {
+        &self.inflight
+    }
+}
+
+impl Inflight for Instance {
+    fn inflight(&self) -> &AtomicI64 {
+        &self.inflight
+    }
+}
+
+/// Counts one request in flight on a pool or an instance while it exists. SeqCst:
+/// [`crate::state::Shared::bind`] relies on it for pools.
 #[derive(Debug)]
-pub(crate) struct PoolGuard(Arc<Pool>);
+pub(crate) struct Counted<T: Inflight>(Arc<T>);
 
-impl PoolGuard {
-    pub(crate) fn new(pool: Arc<Pool>) -> Self {
-        pool.inflight.fetch_add(1, Ordering::SeqCst);
-        PoolGuard(pool)
+impl<T: Inflight> Counted<T> {
+    pub(crate) fn new(of: Arc<T>) -> Self {
+        of.inflight().fetch_add(1, Ordering::SeqCst);
+        Counted(of)
     }
 }
 
-impl Drop for PoolGuard {
+impl<T: Inflight> Drop for Counted<T> {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.0.inflight().fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// Counts one attempt on an instance (for least_requests and `status`).
-#[derive(Debug)]
-pub(crate) struct InstanceGuard(Arc<Instance>);
-
-impl InstanceGuard {
-    pub(crate) fn new(instance: Arc<Instance>) -> Self {
-        instance.inflight.fetch_add(1, Ordering::AcqRel);
-        InstanceGuard(instance)
-    }
-}
-
-impl Drop for InstanceGuard {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+/// Counts a request on its pool from the moment the pool is chosen until it ends.
+pub(crate) type PoolGuard = Counted<Pool>;
+/// Counts one attempt on an instance (least_requests, `status`).
+pub(crate) type InstanceGuard = Counted<Instance>;
 
 /// Counts a request in `Switchyard::active` while it exists.
 #[derive(Debug)]

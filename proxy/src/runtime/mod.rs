@@ -219,13 +219,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             registry: registry.clone(),
             shutdown: shutdown_rx.clone(),
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| StartError::Runtime {
-                what: "control runtime",
-                source,
-            })?;
+        let rt = current_thread_runtime("control runtime")?;
         threads.push(spawn_thread("switchyard-control", move || {
             rt.block_on(async move {
                 let _ = tokio::time::timeout(
@@ -296,13 +290,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         let listeners = Arc::new(listeners);
         let mut workers = Vec::new();
         for i in 0..config.threads {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|source| StartError::Runtime {
-                    what: "data-plane runtime",
-                    source,
-                })?;
+            let rt = current_thread_runtime("data-plane runtime")?;
             let sockets = listeners
                 .iter()
                 .map(|l| l.try_clone())
@@ -346,6 +334,13 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         data_done: Some(done_rx),
         threads,
     })
+}
+
+fn current_thread_runtime(what: &'static str) -> Result<tokio::runtime::Runtime, StartError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StartError::Runtime { what, source })
 }
 
 fn spawn_thread<T: Send + 'static>(

@@ -85,15 +85,7 @@ pub(crate) fn save(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
     };
     let mut bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "switchyard.state.json".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let (dir, tmp) = switchyard_control::server::temp_beside(path);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&bytes)?;
@@ -203,14 +195,16 @@ mod tests {
         .unwrap()
     }
 
-    fn write(path: &Path, weights: &str, previous: &str) {
+    /// Write a state file with these weights and rollback target (JSON), and load it.
+    fn restore(cfg: &Config, weights: &str, previous: &str) -> BTreeMap<String, Restored> {
         std::fs::write(
-            path,
+            &cfg.state_file,
             format!(
                 r#"{{"version":1,"upstreams":{{"app":{{"generation":7,"weights":{weights},"previous":{previous}}}}}}}"#
             ),
         )
         .unwrap();
+        load(&cfg.state_file, cfg)
     }
 
     #[test]
@@ -218,35 +212,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
         // 4294967295 + 101 wraps to 100 in u32 arithmetic.
-        write(
-            &cfg.state_file,
-            r#"{"blue":4294967295,"green":101}"#,
-            "null",
-        );
-        assert!(load(&cfg.state_file, &cfg).is_empty());
+        assert!(restore(&cfg, r#"{"blue":4294967295,"green":101}"#, "null").is_empty());
     }
 
     #[test]
     fn valid_weights_are_restored_and_a_bad_rollback_target_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
-        write(
-            &cfg.state_file,
+        let r = restore(
+            &cfg,
             r#"{"blue":10,"green":90}"#,
             r#"{"blue":4294967295,"green":101}"#,
         );
-        let r = load(&cfg.state_file, &cfg);
         let app = &r["app"];
         assert_eq!(app.weights["green"], 90);
         assert_eq!(app.generation, 7);
         assert_eq!(app.previous, None);
         // A pool without weight that left the config does not invalidate the file.
-        write(
-            &cfg.state_file,
+        let r = restore(
+            &cfg,
             r#"{"blue":100,"green":0,"gone":0}"#,
             r#"{"blue":0,"gone":100}"#,
         );
-        let r = load(&cfg.state_file, &cfg);
         assert_eq!(r["app"].weights["blue"], 100);
         assert_eq!(
             r["app"].previous, None,

@@ -134,68 +134,23 @@ pub(crate) async fn execute(
             upstream,
             pool,
             instances,
-        } => {
-            let list = match Controller::parse_addrs(&instances) {
-                Ok(l) => l,
-                Err(e) => return Reply::err(e),
-            };
-            if list.is_empty() {
-                return Reply::err(err(
-                    ErrorCode::Invalid,
-                    "pool set needs at least one instance",
-                ));
-            }
-            reply(
-                this.pool_change(upstream, pool, actor, "pool_set", |_| Ok(list))
-                    .await,
-            )
-        }
+        } => reply(this.pool_set(upstream, pool, &instances, actor).await),
         Request::PoolAdd {
             upstream,
             pool,
             instance,
-        } => {
-            let add = match Controller::parse_addrs(std::slice::from_ref(&instance)) {
-                Ok(mut l) => l.remove(0),
-                Err(e) => return Reply::err(e),
-            };
-            reply(
-                this.pool_change(upstream, pool.clone(), actor, "pool_add", move |cur| {
-                    if cur.contains(&add) {
-                        return Err(err(
-                            ErrorCode::Invalid,
-                            format!("{add} is already in pool {pool}"),
-                        ));
-                    }
-                    let mut next = cur.to_vec();
-                    next.push(add.clone());
-                    Ok(next)
-                })
+        } => reply(
+            this.pool_member(upstream, pool, &instance, true, actor)
                 .await,
-            )
-        }
+        ),
         Request::PoolRemove {
             upstream,
             pool,
             instance,
-        } => {
-            let gone = match Controller::parse_addrs(std::slice::from_ref(&instance)) {
-                Ok(mut l) => l.remove(0),
-                Err(e) => return Reply::err(e),
-            };
-            reply(
-                this.pool_change(upstream, pool.clone(), actor, "pool_remove", move |cur| {
-                    if !cur.contains(&gone) {
-                        return Err(err(
-                            ErrorCode::Invalid,
-                            format!("{gone} is not in pool {pool}"),
-                        ));
-                    }
-                    Ok(cur.iter().filter(|a| **a != gone).cloned().collect())
-                })
+        } => reply(
+            this.pool_member(upstream, pool, &instance, false, actor)
                 .await,
-            )
-        }
+        ),
         Request::Reload => reply(this.reload(actor).await),
         Request::Events { follow, limit } => {
             // Subscribe first so nothing falls between the history and the stream.

@@ -114,42 +114,58 @@ struct Family {
     labels: &'static [&'static str],
 }
 
-const REQUESTS: Family = Family {
-    name: "switchyard_http_requests_total",
-    help: "HTTP requests by upstream, pool and status",
-    kind: MetricType::COUNTER,
-    labels: &["upstream", "pool", "status"],
-};
-const DURATION: Family = Family {
-    name: "switchyard_http_request_duration_seconds",
-    help: "Request duration from the request head to the end of the response",
-    kind: MetricType::HISTOGRAM,
-    labels: &["upstream", "pool"],
-};
-const INFLIGHT: Family = Family {
-    name: "switchyard_upstream_inflight",
-    help: "Requests and upgraded connections in flight per pool",
-    kind: MetricType::GAUGE,
-    labels: &["upstream", "pool"],
-};
-const WEIGHT: Family = Family {
-    name: "switchyard_pool_weight",
-    help: "Pool weight, 0..100",
-    kind: MetricType::GAUGE,
-    labels: &["upstream", "pool"],
-};
-const HEALTHY: Family = Family {
-    name: "switchyard_instance_healthy",
-    help: "1 when the instance is healthy and not ejected",
-    kind: MetricType::GAUGE,
-    labels: &["upstream", "pool", "instance"],
-};
-const LOG_DROPPED: Family = Family {
-    name: "switchyard_log_dropped_total",
-    help: "Application log lines dropped because stderr did not keep up (logging never blocks requests)",
-    kind: MetricType::COUNTER,
-    labels: &[],
-};
+impl Family {
+    const fn new(
+        name: &'static str,
+        help: &'static str,
+        kind: MetricType,
+        labels: &'static [&'static str],
+    ) -> Family {
+        Family {
+            name,
+            help,
+            kind,
+            labels,
+        }
+    }
+}
+
+const REQUESTS: Family = Family::new(
+    "switchyard_http_requests_total",
+    "HTTP requests by upstream, pool and status",
+    MetricType::COUNTER,
+    &["upstream", "pool", "status"],
+);
+const DURATION: Family = Family::new(
+    "switchyard_http_request_duration_seconds",
+    "Request duration from the request head to the end of the response",
+    MetricType::HISTOGRAM,
+    &["upstream", "pool"],
+);
+const INFLIGHT: Family = Family::new(
+    "switchyard_upstream_inflight",
+    "Requests and upgraded connections in flight per pool",
+    MetricType::GAUGE,
+    &["upstream", "pool"],
+);
+const WEIGHT: Family = Family::new(
+    "switchyard_pool_weight",
+    "Pool weight, 0..100",
+    MetricType::GAUGE,
+    &["upstream", "pool"],
+);
+const HEALTHY: Family = Family::new(
+    "switchyard_instance_healthy",
+    "1 when the instance is healthy and not ejected",
+    MetricType::GAUGE,
+    &["upstream", "pool", "instance"],
+);
+const LOG_DROPPED: Family = Family::new(
+    "switchyard_log_dropped_total",
+    "Application log lines dropped because stderr did not keep up (logging never blocks requests)",
+    MetricType::COUNTER,
+    &[],
+);
 const FAMILIES: [&Family; 7] = [
     &REQUESTS,
     &DURATION,
@@ -160,12 +176,12 @@ const FAMILIES: [&Family; 7] = [
     &CONTROL_CONNECTIONS,
 ];
 
-const CONTROL_CONNECTIONS: Family = Family {
-    name: "switchyard_control_connections",
-    help: "Control-socket connections being served",
-    kind: MetricType::GAUGE,
-    labels: &[],
-};
+const CONTROL_CONNECTIONS: Family = Family::new(
+    "switchyard_control_connections",
+    "Control-socket connections being served",
+    MetricType::GAUGE,
+    &[],
+);
 
 /// Reads the count of dropped application log lines.
 type LogDropped = Arc<dyn Fn() -> u64 + Send + Sync>;
