@@ -3,6 +3,8 @@
 //! ```sh
 //! cargo build --release --workspace && target/release/loadbench            # full run (~10 min)
 //! target/release/loadbench --duration 3s --rounds 1 --out /tmp/quick.md   # a quick look
+//! # one change against another build, small responses only, side by side in one run:
+//! target/release/loadbench --baseline /tmp/old/switchyard --only small --no-idle --no-switch
 //! ```
 //!
 //! Every target runs on loopback on ports chosen at run time, in front of the same fake
@@ -30,6 +32,12 @@ struct Opts {
     threads: usize,
     out: PathBuf,
     switches: usize,
+    /// Another switchyard binary measured next to this one (`switchyard-baseline`).
+    baseline: Option<PathBuf>,
+    /// Scenario keys to run (small, 64k, 1k, 10k, close); all when empty.
+    only: Vec<String>,
+    idle: bool,
+    switch: bool,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -39,6 +47,10 @@ fn parse_opts() -> Result<Opts> {
         threads: 1,
         out: PathBuf::from("docs/BENCHMARKS.md"),
         switches: 20,
+        baseline: None,
+        only: Vec::new(),
+        idle: true,
+        switch: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,8 +61,12 @@ fn parse_opts() -> Result<Opts> {
             "--threads" => o.threads = val()?.parse()?,
             "--out" => o.out = PathBuf::from(val()?),
             "--switches" => o.switches = val()?.parse()?,
+            "--baseline" => o.baseline = Some(PathBuf::from(val()?)),
+            "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
+            "--no-idle" => o.idle = false,
+            "--no-switch" => o.switch = false,
             "-h" | "--help" => {
-                println!("loadbench [--duration 10s] [--rounds 2] [--threads 1] [--switches 20] [--out docs/BENCHMARKS.md]");
+                println!("loadbench [--duration 10s] [--rounds 2] [--threads 1] [--switches 20] [--out docs/BENCHMARKS.md]\n          [--baseline OTHER_SWITCHYARD] [--only small,64k,1k,10k,close] [--no-idle] [--no-switch]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -338,6 +354,8 @@ fn raise_nofile() -> u64 {
 }
 
 struct Scenario {
+    /// Short name for `--only`.
+    key: &'static str,
     name: &'static str,
     path: &'static str,
     conns: usize,
@@ -423,6 +441,26 @@ fn main() -> Result<()> {
         )?),
     });
     wait_port(sy_port, "switchyard")?;
+    let base_dir = dir.join("switchyard-baseline");
+    if let Some(bin) = &o.baseline {
+        let port = free_port();
+        std::fs::create_dir_all(&base_dir)?;
+        std::fs::write(
+            base_dir.join("switchyard.yaml"),
+            switchyard_conf(&base_dir, port, blue_port, green_port, o.threads),
+        )?;
+        targets.push(Target {
+            name: "switchyard-baseline",
+            port,
+            proc_: Some(spawn(
+                Command::new(bin)
+                    .arg("-c")
+                    .arg(base_dir.join("switchyard.yaml"))
+                    .env("RUST_LOG", "error"),
+            )?),
+        });
+        wait_port(port, "switchyard-baseline")?;
+    }
     let ng_dir = dir.join("nginx");
     if have_nginx {
         let port = free_port();
@@ -473,7 +511,7 @@ fn main() -> Result<()> {
     // any load so earlier allocations don't blur it.
     let idle_conns = 10_000.min(nofile.saturating_sub(500) as usize);
     let mut idle_open_rss = Vec::new();
-    for t in targets.iter().filter(|t| t.proc_.is_some()) {
+    for t in targets.iter().filter(|t| t.proc_.is_some() && o.idle) {
         eprintln!("[{idle_conns} idle connections] {}", t.name);
         match open_idle(t.port, idle_conns) {
             Ok(conns) => {
@@ -489,30 +527,35 @@ fn main() -> Result<()> {
 
     let scenarios = [
         Scenario {
+            key: "small",
             name: "small responses, 64 keep-alive connections",
             path: "/hello",
             conns: 64,
             close: false,
         },
         Scenario {
+            key: "64k",
             name: "64 KiB responses, 64 keep-alive connections",
             path: "/bytes?n=65536",
             conns: 64,
             close: false,
         },
         Scenario {
+            key: "1k",
             name: "1k keep-alive connections",
             path: "/hello",
             conns: 1000,
             close: false,
         },
         Scenario {
+            key: "10k",
             name: "10k keep-alive connections",
             path: "/hello",
             conns: 10_000,
             close: false,
         },
         Scenario {
+            key: "close",
             name: "new connection per request (64 clients)",
             path: "/hello",
             conns: 64,
@@ -521,6 +564,9 @@ fn main() -> Result<()> {
     ];
     let mut results: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); targets.len()]; scenarios.len()];
     for (si, sc) in scenarios.iter().enumerate() {
+        if !o.only.is_empty() && !o.only.iter().any(|k| k == sc.key) {
+            continue;
+        }
         if sc.conns as u64 + 100 > nofile {
             eprintln!("skipping {:?}: open-file limit {nofile}", sc.name);
             continue;
@@ -538,7 +584,7 @@ fn main() -> Result<()> {
 
     // The switch scenario.
     let mut switch_rows = Vec::new();
-    for t in &targets {
+    for t in targets.iter().filter(|_| o.switch) {
         if t.name == "direct" {
             continue;
         }
@@ -555,6 +601,10 @@ fn main() -> Result<()> {
             let ok = match t.name {
                 "switchyard" => switch_switchyard(
                     &sy_dir.join("switchyard.sock"),
+                    if to_green { "green" } else { "blue" },
+                ),
+                "switchyard-baseline" => switch_switchyard(
+                    &base_dir.join("switchyard.sock"),
                     if to_green { "green" } else { "blue" },
                 ),
                 "nginx" => switch_nginx(

@@ -99,15 +99,27 @@ impl<S> Coalesced<S> {
 
 impl<S: AsyncRead + Unpin> Coalesced<S> {
     /// Append what the next `recv` brings (up to [`READ_AHEAD`] bytes); 0 at end of stream.
+    /// The bytes land in a stack buffer during the poll and are copied once into `rbuf`: a
+    /// connection waiting for its next request holds no buffer at all (10k idle keep-alive
+    /// clients would otherwise hold 40 MiB of empty read buffers).
     async fn read_ahead(&mut self) -> io::Result<usize> {
-        use tokio::io::AsyncReadExt;
         if self.rpos > 0 {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
         }
-        self.rbuf.reserve(READ_AHEAD);
-        let mut limited = (&mut self.inner).take(READ_AHEAD as u64);
-        limited.read_buf(&mut self.rbuf).await
+        std::future::poll_fn(|cx| {
+            let mut chunk = [0u8; READ_AHEAD];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    self.rbuf.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(rb.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Wait for the first byte of the next request. `false`: the peer closed (or reset) the
