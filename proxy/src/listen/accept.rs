@@ -15,7 +15,8 @@
 //! The drain ends as soon as no request is in flight, bounded by `grace_period` (Pingora's
 //! `Server` always sleeps the whole grace period, then cancels tasks).
 
-use super::coalesce::{Coalesced, Head, HEAD_LIMIT};
+use super::conn::{Conn, Fill, HEAD_LIMIT};
+use super::head;
 use super::WorkerSocket;
 use crate::proxy::Switchyard;
 use crate::state::Shared;
@@ -92,7 +93,7 @@ impl App {
     /// Serve one accepted connection (after TLS, if any) until it closes.
     async fn serve_connection<S: IO + 'static>(
         self: &Arc<Self>,
-        mut stream: Coalesced<S>,
+        mut stream: Conn<S>,
         accepted: Instant,
         shutdown: &ShutdownWatch,
     ) {
@@ -117,15 +118,10 @@ impl App {
             };
             let head = tokio::time::timeout_at(head_deadline, stream.fill_head());
             match until_shutdown(head, shutdown).await {
-                Some(Ok(Ok(Head::Complete))) => {}
-                Some(Ok(Ok(Head::TooLarge))) => {
-                    self.refuse(
-                        &mut stream,
-                        431,
-                        "Request Header Fields Too Large",
-                        accepted,
-                    )
-                    .await;
+                Some(Ok(Ok(Fill::Complete))) => {}
+                Some(Ok(Ok(Fill::TooLarge))) => {
+                    let why = format!("the request head is larger than {} KiB", HEAD_LIMIT / 1024);
+                    self.refuse(&mut stream, 431, &why, accepted).await;
                     return;
                 }
                 Some(Err(_elapsed)) => {
@@ -138,6 +134,13 @@ impl App {
                 }
                 // Closed or broken mid-head, or shutting down.
                 Some(Ok(Err(_))) | None => return,
+            }
+            match head::inspect(stream.unread()) {
+                Ok(h) => stream.begin(&h),
+                Err(r) => {
+                    self.refuse(&mut stream, r.status, r.reason, accepted).await;
+                    return;
+                }
             }
             first = false;
             let mut session = ServerSession::new_http1(Box::new(stream));
@@ -153,25 +156,31 @@ impl App {
             let (next, persistent) = reused.consume();
             settings = persistent;
             // We boxed it ourselves: the downcast gives our stream back.
-            match next.into_any().downcast::<Coalesced<S>>() {
+            match next.into_any().downcast::<Conn<S>>() {
                 Ok(s) => stream = *s,
                 Err(_) => return,
+            }
+            // Pingora reused the connection without reading all of the request (an unread
+            // body): what is buffered is not the next request. Close.
+            if !stream.request_complete() {
+                return;
             }
         }
     }
 
-    /// Answer a request the proxy will not parse, and close.
+    /// Answer a request the proxy refuses at the door (its head), and close.
     async fn refuse<S: IO>(
         &self,
-        stream: &mut Coalesced<S>,
+        stream: &mut Conn<S>,
         status: u16,
-        reason: &str,
+        why: &str,
         accepted: Instant,
     ) {
-        let body = format!(
-            "{status} {reason}: the request head is larger than {} KiB\n",
-            HEAD_LIMIT / 1024
-        );
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Error");
+        let body = format!("{status} {reason}: {why}\n");
         let reply = format!(
             "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
             body.len()
@@ -214,7 +223,7 @@ impl App {
         if matches!(tls_stream.selected_alpn_proto(), Some(ALPN::H2)) {
             self.serve_h2(Box::new(tls_stream), shutdown).await;
         } else {
-            self.serve_connection(Coalesced::new(tls_stream), at, shutdown)
+            self.serve_connection(Conn::new(tls_stream), at, shutdown)
                 .await;
         }
     }
@@ -369,7 +378,7 @@ async fn accept_loop(
             // Each kind of connection in a box of its own size: an idle plain connection must
             // not carry the ~5 KiB of a TLS stream's state (10k idle clients: 66 vs 190 MiB).
             match tls {
-                None => Box::pin(app.serve_connection(Coalesced::new(stream), at, &shutdown)).await,
+                None => Box::pin(app.serve_connection(Conn::new(stream), at, &shutdown)).await,
                 Some(acceptor) => Box::pin(app.serve_tls(&acceptor, stream, at, &shutdown)).await,
             }
         });

@@ -13,10 +13,15 @@
 //!
 //! - `tls`: certificates and Pingora TLS settings; [`preflight`] for `switchyard check`.
 //! - `accept`: the accept loop, the per-connection keep-alive loop, the shutdown drain.
-//! - `coalesce`: write coalescing and read-ahead for accepted plain-TCP streams.
+//! - `conn`: an accepted connection as Pingora sees it: writes coalesced, reads framed per
+//!   request (pipelining, one deadline per head).
+//! - `head`: the checks a request head passes at the door (target form, Host, framing).
+//! - `chunked`: where a chunked request body ends.
 
 mod accept;
-mod coalesce;
+pub(crate) mod chunked;
+mod conn;
+pub(crate) mod head;
 mod tls;
 
 pub use accept::DrainReport;

@@ -76,6 +76,8 @@ pub(crate) struct RequestCtx {
     pub(crate) snapshot: Option<Arc<Snapshot>>,
     /// Index of the matched route.
     pub(crate) route: Option<usize>,
+    /// The normalized path, when normalizing changed it (`routing::normalize`).
+    pub(crate) normalized: Option<String>,
     /// The upstream state of the matched route (from `snapshot`).
     pub(crate) upstream: Option<Arc<UpstreamState>>,
     /// The pool this request is bound to.

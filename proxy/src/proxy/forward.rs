@@ -1,6 +1,9 @@
-//! The request as it goes upstream: the route's path rewrite and the forwarding headers nginx
-//! users set by hand (`Host` stays the client's; `X-Real-IP`, `X-Forwarded-For` appended,
-//! `X-Forwarded-Proto`, `X-Forwarded-Host`; SPEC §3).
+//! The request as it goes upstream: origin-form, on the path it was routed by (normalized, then
+//! the route's prefix stripped), with the forwarding headers nginx users set by hand (`Host`
+//! stays the client's; `X-Real-IP`, `X-Forwarded-For` appended, `X-Forwarded-Proto`,
+//! `X-Forwarded-Host`; SPEC §3). What nginx drops is dropped: header names with underscores
+//! (some app servers read `X_Forwarded_For` as `X-Forwarded-For`), and a `Content-Length`
+//! sent twice (with one value; the door refuses differing ones) is forwarded once.
 
 use super::ctx::RequestCtx;
 use http::header;
@@ -14,11 +17,51 @@ pub(crate) fn upstream_request(
     req: &mut RequestHeader,
     ctx: &RequestCtx,
 ) -> Result<()> {
+    // Absolute-form (`GET http://host/path`): the authority is the Host (RFC 9112 §3.2.2), and
+    // upstream gets origin-form.
+    let absolute = req.uri.authority().cloned();
+    if let Some(a) = &absolute {
+        if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+            req.insert_header(header::HOST, v)?;
+        }
+    }
+    let mut target: Option<Vec<u8>> = absolute.is_some().then(|| {
+        req.uri
+            .path_and_query()
+            .map_or(b"/".to_vec(), |pq| pq.as_str().as_bytes().to_vec())
+    });
+    if let Some(norm) = &ctx.normalized {
+        let query = req.uri.query();
+        let mut t = norm.as_bytes().to_vec();
+        if let Some(q) = query {
+            t.push(b'?');
+            t.extend_from_slice(q.as_bytes());
+        }
+        target = Some(t);
+    }
     if let (Some(snap), Some(ri)) = (&ctx.snapshot, ctx.route) {
         if let Some(route) = snap.routes.get(ri) {
-            if let Some(path) = route.rewrite(req.raw_path()) {
-                req.set_raw_path(&path)?;
+            let current = target.as_deref().unwrap_or(req.raw_path());
+            if let Some(path) = route.rewrite(current) {
+                target = Some(path);
             }
+        }
+    }
+    if let Some(t) = target {
+        req.set_raw_path(&t)?;
+    }
+    let underscored: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for n in underscored {
+        req.remove_header(&n);
+    }
+    if req.headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        if let Some(v) = req.headers.get(header::CONTENT_LENGTH).cloned() {
+            req.insert_header(header::CONTENT_LENGTH, v)?;
         }
     }
     let ip = session
@@ -45,18 +88,7 @@ pub(crate) fn upstream_request(
     }
     let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
     req.insert_header("X-Forwarded-Proto", if tls { "https" } else { "http" })?;
-    let host = session
-        .req_header()
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| {
-            session
-                .req_header()
-                .uri
-                .authority()
-                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-        });
+    let host = req.headers.get(header::HOST).cloned();
     match host {
         Some(h) => {
             req.insert_header("X-Forwarded-Host", h)?;

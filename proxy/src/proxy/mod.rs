@@ -23,7 +23,9 @@ mod passive;
 mod reply;
 mod retry;
 
+use crate::routing::normalize::normalize;
 use crate::state::Shared;
+use std::borrow::Cow;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::EventLog;
 use crate::telemetry::metrics::Metrics;
@@ -78,7 +80,14 @@ impl ProxyHttp for Switchyard {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        let path = session.req_header().uri.path();
+        let raw = session.req_header().uri.path();
+        // Deny and route on the normalized path (`routing::normalize`); keep it when it
+        // differs, it is what goes upstream.
+        let normalized = match normalize(raw) {
+            Cow::Owned(p) => Some(p),
+            Cow::Borrowed(_) => None,
+        };
+        let path = normalized.as_deref().unwrap_or(raw);
         let (snap, decision) = self.shared.bind(|snap| {
             if snap.deny.denies(path) {
                 return Decision::Deny(snap.deny.status);
@@ -114,6 +123,7 @@ impl ProxyHttp for Switchyard {
                 pool,
                 guard,
             } => {
+                ctx.normalized = normalized;
                 ctx.pool = Some(pool);
                 ctx.pool_guard = Some(guard);
                 ctx.route = Some(route);

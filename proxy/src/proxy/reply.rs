@@ -40,6 +40,7 @@ pub(crate) fn failure_status(e: &Error) -> u16 {
         }
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
+            ErrorSource::Downstream if malformed_body(e) => 400,
             ErrorSource::Downstream => match e.etype() {
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
                 ErrorType::ReadTimedout => 408,
@@ -48,6 +49,14 @@ pub(crate) fn failure_status(e: &Error) -> u16 {
             ErrorSource::Internal | ErrorSource::Unset => 500,
         },
     }
+}
+
+/// The client's body broke its framing (the connection reports `InvalidData`, see
+/// `listen::conn`): a 400, not a client that went away.
+fn malformed_body(e: &Error) -> bool {
+    e.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
 }
 
 /// The body text for a failure answered with `code`; `cause` names an upstream failure.

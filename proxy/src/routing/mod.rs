@@ -7,12 +7,14 @@
 //! - [`deny`]: the deny list.
 //! - [`decide`]: the per-request pool decision ([`decide::Split`]).
 //! - [`weights`]: the rules every set of weights obeys.
+//! - [`normalize`]: the path the deny list and the routes see.
 
 // Route table and deny list are `pub` for the benchmarks (`crate::bench`, feature test-util).
 #![cfg_attr(not(feature = "test-util"), allow(unreachable_pub, unused_imports))]
 
 pub(crate) mod decide;
 pub(crate) mod deny;
+pub(crate) mod normalize;
 pub(crate) mod routes;
 pub(crate) mod weights;
 
