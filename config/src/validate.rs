@@ -607,6 +607,9 @@ fn deny(raw: Option<&raw::Deny>, path: &FieldPath, errs: &mut Errors) -> DenyCon
     DenyConfig { status, paths }
 }
 
+/// No duration is longer: deadlines are computed as `now + duration`, which must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Parse a duration such as `500ms`, `2s`, `5m`, `1h 30m`.
 fn duration(
     v: Option<&str>,
@@ -617,6 +620,13 @@ fn duration(
 ) -> Duration {
     let Some(s) = v else { return default };
     match humantime::parse_duration(s) {
+        Ok(d) if d > MAX_DURATION => {
+            errs.push(
+                path.clone(),
+                format!("{s:?} is longer than the longest duration accepted, 365 days"),
+            );
+            default
+        }
         Ok(d) if d.is_zero() && !zero_ok => {
             errs.push(path.clone(), format!("{s:?} must be greater than zero"));
             default

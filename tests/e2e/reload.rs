@@ -205,3 +205,22 @@ async fn a_reload_applies_the_access_log_its_format_and_the_grace_period() {
     );
     let _ = slow.await;
 }
+
+#[tokio::test]
+async fn a_reload_that_empties_the_weighted_pool_falls_back_and_says_so() {
+    trace_init();
+    let (blue, _green, _yaml, px) = from_file().await;
+    let h = px.handle();
+    h.switch(None, "green").unwrap();
+    // green keeps its name but the file empties its list.
+    px.write_config(&app_yaml(&[("blue", &[blue.addr()]), ("green", &[])], "blue", ""));
+    let r = h.reload().await.unwrap();
+    assert_eq!(r.warnings.len(), 1, "{r:?}");
+    assert!(r.warnings[0].contains("has no instances left"), "{r:?}");
+    let st = h.status();
+    assert_eq!(st.upstream("app").unwrap().weights["blue"], 100);
+    for _ in 0..10 {
+        assert_eq!(px.get("/").await.json()["color"], "blue", "no 502s");
+    }
+    px.shutdown().await;
+}

@@ -136,7 +136,7 @@ fn reset_weights(old: &Snapshot, new: &Snapshot) -> Vec<String> {
                 .all(|(p, w)| after.get(p) == Some(w));
             (!kept).then(|| {
                 format!(
-                    "{}: run-time weights {} could not be kept (a pool with weight is no longer in the file); now {}",
+                    "{}: run-time weights {} could not be kept (a pool with weight is no longer in the file, or has no instances left); now {}",
                     u.name(),
                     fmt_weights(&before),
                     fmt_weights(&after)

@@ -50,7 +50,16 @@ impl Snapshot {
                     .iter()
                     .map(|p| (p.name.clone(), u32::from(p.name == uc.active) * 100))
                     .collect();
-                let state = if let Some(r) = restored.get(&uc.name) {
+                let state = if let Some(r) = restored
+                    .get(&uc.name)
+                    .filter(|r| {
+                        let ok = weighted_pools_have_instances(uc, &r.weights, &r.instances);
+                        if !ok {
+                            tracing::warn!(upstream = %uc.name, "the state file gives weight to a pool that now has no instances; using the config's active pool");
+                        }
+                        ok
+                    })
+                {
                     UpstreamState::build(
                         ucfg,
                         &r.weights,
@@ -63,11 +72,6 @@ impl Snapshot {
                     // Run-time weights survive while the pools that have weight exist (new
                     // pools get 0); a rollback target naming a removed pool is dropped.
                     let pools = || uc.pools.iter().map(|p| p.name.as_str());
-                    let weights = weights::carry_over(&o.weights(), pools()).unwrap_or(initial);
-                    let previous = o
-                        .previous
-                        .as_ref()
-                        .and_then(|p| weights::carry_over(p, pools()));
                     // Keep run-time instance lists (`pool set`) for pools whose list the
                     // operator did not edit in the file; an edited list wins.
                     let instances: BTreeMap<String, Vec<InstanceAddr>> = uc
@@ -85,6 +89,16 @@ impl Snapshot {
                             })
                         })
                         .collect();
+                    // A pool keeping its weight must still have instances (the file may have
+                    // emptied its list); otherwise the file's `active` takes over.
+                    let weights = weights::carry_over(&o.weights(), pools())
+                        .filter(|w| weighted_pools_have_instances(uc, w, &instances))
+                        .unwrap_or(initial);
+                    let previous = o
+                        .previous
+                        .as_ref()
+                        .and_then(|p| weights::carry_over(p, pools()))
+                        .filter(|p| weighted_pools_have_instances(uc, p, &instances));
                     UpstreamState::build(
                         ucfg,
                         &weights,
@@ -140,4 +154,19 @@ impl Snapshot {
                 .collect(),
         }
     }
+}
+
+/// Whether every pool with weight in `w` has an instance: from `instances` (run-time lists)
+/// or else from the config. A pool without instances cannot take traffic (`check_targets`).
+fn weighted_pools_have_instances(
+    uc: &switchyard_config::UpstreamConfig,
+    w: &Weights,
+    instances: &BTreeMap<String, Vec<InstanceAddr>>,
+) -> bool {
+    w.iter().filter(|(_, v)| **v > 0).all(|(p, _)| {
+        instances
+            .get(p)
+            .or_else(|| uc.pool(p).map(|pc| &pc.instances))
+            .is_some_and(|l| !l.is_empty())
+    })
 }
