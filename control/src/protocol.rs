@@ -363,6 +363,9 @@ pub enum ErrorCode {
     Internal,
     /// Too many control connections at once.
     Busy,
+    /// A code this client does not know (a newer proxy): treated as a refusal.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {

@@ -139,7 +139,7 @@ async fn a_rollback_target_naming_a_removed_pool_is_dropped() {
 #[tokio::test]
 async fn a_reload_applies_the_access_log_its_format_and_the_grace_period() {
     trace_init();
-    let (blue, _green, yaml, px) = from_file().await;
+    let (_blue, _green, yaml, px) = from_file().await;
     let h = px.handle();
     let log = px.dir.path().join("access.log");
     assert_eq!(px.get("/before").await.status, 200);
@@ -188,13 +188,21 @@ async fn a_reload_applies_the_access_log_its_format_and_the_grace_period() {
         "{}",
         e.message
     );
+    assert_eq!(px.get("/after-refused").await.status, 200);
+    eventually(line("/after-refused")).await;
+    let last = std::fs::read_to_string(&log).unwrap();
+    let last = last.lines().last().unwrap();
+    assert!(
+        last.contains("\"GET /after-refused HTTP/1.1\" 200"),
+        "same file, same format: {last}"
+    );
 
     // The reloaded grace period bounds the shutdown: a 5 s request is cut after ~300 ms.
     let addr = px.addr;
     let slow = tokio::spawn(async move {
         request(addr, "GET", "/slow?ms=5000", &[], bytes::Bytes::new()).await
     });
-    eventually(|| blue.hits() > 3).await;
+    eventually(|| px.inflight("blue") == 1).await;
     let started = std::time::Instant::now();
     let report = px.shutdown().await;
     assert_eq!(report.abandoned_requests, 1);
@@ -213,7 +221,11 @@ async fn a_reload_that_empties_the_weighted_pool_falls_back_and_says_so() {
     let h = px.handle();
     h.switch(None, "green").unwrap();
     // green keeps its name but the file empties its list.
-    px.write_config(&app_yaml(&[("blue", &[blue.addr()]), ("green", &[])], "blue", ""));
+    px.write_config(&app_yaml(
+        &[("blue", &[blue.addr()]), ("green", &[])],
+        "blue",
+        "",
+    ));
     let r = h.reload().await.unwrap();
     assert_eq!(r.warnings.len(), 1, "{r:?}");
     assert!(r.warnings[0].contains("has no instances left"), "{r:?}");

@@ -169,13 +169,7 @@ impl App {
     }
 
     /// Answer a request the proxy refuses at the door (its head), and close.
-    async fn refuse<S: IO>(
-        &self,
-        stream: &mut Conn<S>,
-        status: u16,
-        why: &str,
-        accepted: Instant,
-    ) {
+    async fn refuse<S: IO>(&self, stream: &mut Conn<S>, status: u16, why: &str, accepted: Instant) {
         let reason = http::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())

@@ -201,7 +201,8 @@ mod tests {
 
     #[test]
     fn finds_the_end_however_the_bytes_arrive() {
-        let body = b"5\r\nhello\r\n1a;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\n";
+        let body =
+            b"5\r\nhello\r\n1a;name=value\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-T: 1\r\n\r\n";
         let next = b"GET / HTTP/1.1\r\n\r\n";
         let all = [&body[..], &next[..]].concat();
         for step in [1, 2, 3, 7, 64, 1000] {

@@ -134,10 +134,7 @@ pub(crate) fn inspect(buf: &[u8]) -> Result<Head, Refusal> {
             ));
         }
         (_, _) => {
-            return Err(refuse(
-                400,
-                "both Content-Length and Transfer-Encoding",
-            ));
+            return Err(refuse(400, "both Content-Length and Transfer-Encoding"));
         }
     };
     Ok(Head {
@@ -222,8 +219,21 @@ pub(crate) fn valid_authority(a: &[u8]) -> bool {
                 b.is_ascii_alphanumeric()
                     || matches!(
                         b,
-                        b'-' | b'.' | b'_' | b'~' | b'%' | b'!' | b'$' | b'&' | b'\'' | b'('
-                            | b')' | b'*' | b'+' | b',' | b';' | b'='
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
                     )
             }));
     port_ok && host_ok
@@ -236,7 +246,9 @@ fn content_length(v: &[u8]) -> Result<u64, Refusal> {
         return Err(refuse(400, "invalid Content-Length"));
     }
     d.iter()
-        .try_fold(0u64, |n, b| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+        .try_fold(0u64, |n, b| {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        })
         .ok_or(refuse(400, "invalid Content-Length"))
 }
 
@@ -284,10 +296,20 @@ mod tests {
         assert_eq!(h.body, Body::Chunked);
         let h = check("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
         assert!(h.upgrade);
-        assert_eq!(status("GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n"), 200);
-        assert_eq!(status("GET HTTPS://[::1]:8443 HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n"), 200);
+        assert_eq!(
+            status("GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+            200
+        );
+        assert_eq!(
+            status("GET HTTPS://[::1]:8443 HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n"),
+            200
+        );
         assert_eq!(status("OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"), 200);
-        assert_eq!(status("GET / HTTP/1.0\r\n\r\n"), 200, "HTTP/1.0 needs no Host");
+        assert_eq!(
+            status("GET / HTTP/1.0\r\n\r\n"),
+            200,
+            "HTTP/1.0 needs no Host"
+        );
         assert_eq!(
             status("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"),
             200,
@@ -308,7 +330,11 @@ mod tests {
             "http:///actuator",
             "http://user@host/actuator",
         ] {
-            assert_eq!(status(&format!("GET {t} HTTP/1.1\r\nHost: x\r\n\r\n")), 400, "{t}");
+            assert_eq!(
+                status(&format!("GET {t} HTTP/1.1\r\nHost: x\r\n\r\n")),
+                400,
+                "{t}"
+            );
         }
         assert_eq!(status("GET * HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
         assert_eq!(status("GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n"), 400);
@@ -322,7 +348,11 @@ mod tests {
         assert_eq!(status("GET / HTTP/1.1\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/1.1\r\nHost:\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/1.1\r\nHost: \r\n\r\n"), 400);
-        assert_eq!(status("GET http://x/ HTTP/1.1\r\n\r\n"), 400, "absolute-form still needs Host");
+        assert_eq!(
+            status("GET http://x/ HTTP/1.1\r\n\r\n"),
+            400,
+            "absolute-form still needs Host"
+        );
         assert_eq!(status("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), 400);
@@ -333,34 +363,65 @@ mod tests {
     #[test]
     fn framing_rules() {
         let h = "POST / HTTP/1.1\r\nHost: x\r\n";
-        assert_eq!(status(&format!("{h}Content-Length: 5\r\nContent-Length: 6\r\n\r\n")), 400);
-        assert_eq!(status(&format!("{h}Content-Length: 5, 5\r\n\r\n")), 400);
-        assert_eq!(status(&format!("{h}Content-Length: +5\r\n\r\n")), 400);
-        assert_eq!(status(&format!("{h}Content-Length: 99999999999999999999\r\n\r\n")), 400);
         assert_eq!(
-            status(&format!("{h}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")),
+            status(&format!(
+                "{h}Content-Length: 5\r\nContent-Length: 6\r\n\r\n"
+            )),
             400
         );
-        for te in ["identity, chunked", "gzip, chunked", "\tchunked", "chunked, chunked", "gzip"] {
-            assert_eq!(status(&format!("{h}Transfer-Encoding: {te}\r\n\r\n")), 501, "{te:?}");
+        assert_eq!(status(&format!("{h}Content-Length: 5, 5\r\n\r\n")), 400);
+        assert_eq!(status(&format!("{h}Content-Length: +5\r\n\r\n")), 400);
+        assert_eq!(
+            status(&format!("{h}Content-Length: 99999999999999999999\r\n\r\n")),
+            400
+        );
+        assert_eq!(
+            status(&format!(
+                "{h}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
+            400
+        );
+        for te in [
+            "identity, chunked",
+            "gzip, chunked",
+            "\tchunked",
+            "chunked, chunked",
+            "gzip",
+        ] {
+            assert_eq!(
+                status(&format!("{h}Transfer-Encoding: {te}\r\n\r\n")),
+                501,
+                "{te:?}"
+            );
         }
         assert_eq!(
-            status(&format!("{h}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n")),
+            status(&format!(
+                "{h}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
             501
         );
         assert_eq!(
             status("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
             400
         );
-        assert_eq!(status(&format!("{h}Transfer-Encoding:  chunked \r\n\r\n")), 200);
+        assert_eq!(
+            status(&format!("{h}Transfer-Encoding:  chunked \r\n\r\n")),
+            200
+        );
     }
 
     #[test]
     fn malformed_heads_are_400_and_floods_431() {
         assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/3.0\r\nHost: x\r\n\r\n"), 400);
-        assert_eq!(status("GET / HTTP/1.1\r\nBad Name: x\r\nHost: x\r\n\r\n"), 400);
+        assert_eq!(
+            status("GET / HTTP/1.1\r\nBad Name: x\r\nHost: x\r\n\r\n"),
+            400
+        );
         let many: String = (0..300).map(|i| format!("X-{i}: v\r\n")).collect();
-        assert_eq!(status(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")), 431);
+        assert_eq!(
+            status(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n")),
+            431
+        );
     }
 }

@@ -27,7 +27,13 @@ impl Controller {
         let mut last: Option<BTreeMap<String, i64>> = None;
         let mut last_report = start;
         loop {
-            let snap = self.shared.load();
+            // A snapshot whose version is not yet published may have requests about to count
+            // themselves on the old pool (`Shared::bind`): wait for the publication.
+            let mut snap = self.shared.load();
+            while self.shared.published() < snap.version {
+                tokio::task::yield_now().await;
+                snap = self.shared.load();
+            }
             let counts: BTreeMap<String, i64> = snap
                 .upstream(upstream)
                 .map(|u| {

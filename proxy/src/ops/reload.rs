@@ -50,14 +50,6 @@ impl Controller {
         let config = self.off_runtime(move |_| load_checked(&file)).await?;
         let summary = config.summary();
         let (needs_restart, warnings) = self.off_runtime(move |c| c.install_config(config)).await?;
-        let cfg = self.shared.load().config.clone();
-        if let Err(e) = self
-            .access_log
-            .reconfigure(&cfg.access_log, cfg.access_log_format)
-        {
-            // Checked before anything was applied; only a race with the file system ends here.
-            tracing::error!(error = %e, "the reloaded access_log cannot be opened; keeping the previous one");
-        }
         dns::refresh_all(&self.shared, &*self.resolver).await;
         let mut r = events::record(
             "reload",
@@ -105,8 +97,9 @@ impl Controller {
         .filter(|(_, changed)| *changed)
         .map(|(k, _)| k.to_string())
         .collect();
+        let (dest, format) = (config.access_log.clone(), config.access_log_format);
         let new_snap = Snapshot::build(Arc::new(config), &BTreeMap::new(), Some(&old));
-        let warnings = reset_weights(&old, &new_snap);
+        let mut warnings = reset_weights(&old, &new_snap);
         self.shared
             .commit(&guard, new_snap, &self.state_file)
             .map_err(|e| {
@@ -115,6 +108,14 @@ impl Controller {
                     format!("not applied: cannot write the state file: {e}"),
                 )
             })?;
+        // Under the writer lock, so two reloads cannot leave the log of one and the config of
+        // the other. The file was checked to open before anything was applied; only a race
+        // with the file system ends here.
+        if let Err(e) = self.access_log.reconfigure(&dest, format) {
+            warnings.push(format!(
+                "the access log could not be switched to the new access_log ({e}); the previous one stays"
+            ));
+        }
         for w in &warnings {
             tracing::warn!("{w}");
         }

@@ -25,7 +25,6 @@ mod retry;
 
 use crate::routing::normalize::normalize;
 use crate::state::Shared;
-use std::borrow::Cow;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::EventLog;
 use crate::telemetry::metrics::Metrics;
@@ -38,6 +37,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 use reply::{describe, err_status};
+use std::borrow::Cow;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 

@@ -99,6 +99,23 @@ pub(crate) fn save(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
     result
 }
 
+/// Move a corrupt state file aside (`<file>.corrupt-<unix time>`) and say so loudly (SPEC §4.6).
+fn set_aside(path: &Path, why: &str) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = PathBuf::from(format!("{}.corrupt-{secs}", path.display()));
+    let moved = std::fs::rename(path, &aside);
+    tracing::error!(
+        path = %path.display(),
+        moved_to = %aside.display(),
+        moved = moved.is_ok(),
+        error = %why,
+        "STATE FILE IS CORRUPT: it was moved aside and the config's active pools are used; check the routing with `proxyctl status`"
+    );
+}
+
 /// Read the state file. Missing file: nothing to restore. Corrupt file: moved aside, logged,
 /// nothing restored. Entries that no longer fit the config (unknown pools, weights not summing
 /// to 100) are skipped with a warning.
@@ -114,22 +131,23 @@ pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
     let file: StateFile = match serde_json::from_slice(&text) {
         Ok(f) => f,
         Err(e) => {
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let aside = PathBuf::from(format!("{}.corrupt-{secs}", path.display()));
-            let moved = std::fs::rename(path, &aside);
-            tracing::error!(
-                path = %path.display(),
-                moved_to = %aside.display(),
-                moved = moved.is_ok(),
-                error = %e,
-                "STATE FILE IS CORRUPT: it was moved aside and the config's active pools are used; check the routing with `proxyctl status`"
-            );
+            set_aside(path, &e.to_string());
             return BTreeMap::new();
         }
     };
+    // Weights that break the rules (a weight above 100, a sum other than 100) were never
+    // written by a proxy: the file was damaged or edited. Treat it as corrupt, not as a
+    // mismatch with the config, so the evidence is kept.
+    let broken = file.upstreams.iter().find_map(|(name, rec)| {
+        let bad = weights::check(&rec.weights)
+            .err()
+            .or_else(|| rec.previous.as_ref().and_then(|p| weights::check(p).err()))?;
+        Some(format!("upstream {name}: {bad}"))
+    });
+    if let Some(why) = broken {
+        set_aside(path, &why);
+        return BTreeMap::new();
+    }
     let mut out = BTreeMap::new();
     for (name, rec) in file.upstreams {
         let Some(uc) = config.upstream(&name) else {
@@ -138,11 +156,7 @@ pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
         };
         let pools = || uc.pools.iter().map(|p| p.name.as_str());
         let Some(weights) = weights::carry_over(&rec.weights, pools()) else {
-            let why = match weights::check(&rec.weights) {
-                Err(e) => e.to_string(),
-                Ok(()) => "a pool with weight is no longer in the config".to_string(),
-            };
-            tracing::warn!(upstream = %name, weights = %weights::fmt_weights(&rec.weights), %why, "saved weights do not fit the config; using the config's active pool");
+            tracing::warn!(upstream = %name, weights = %weights::fmt_weights(&rec.weights), "saved weights give weight to a pool that is no longer in the config; using the config's active pool");
             continue;
         };
         let mut instances = BTreeMap::new();
@@ -213,21 +227,36 @@ mod tests {
         let cfg = config(dir.path());
         // 4294967295 + 101 wraps to 100 in u32 arithmetic.
         assert!(restore(&cfg, r#"{"blue":4294967295,"green":101}"#, "null").is_empty());
+        assert!(!cfg.state_file.exists(), "kept aside as corrupt");
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("state.json.corrupt-")
+            });
+        assert!(aside);
     }
 
     #[test]
-    fn valid_weights_are_restored_and_a_bad_rollback_target_is_dropped() {
+    fn valid_weights_are_restored_and_a_rollback_target_naming_a_removed_pool_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
-        let r = restore(
-            &cfg,
-            r#"{"blue":10,"green":90}"#,
-            r#"{"blue":4294967295,"green":101}"#,
-        );
+        let r = restore(&cfg, r#"{"blue":10,"green":90}"#, r#"{"blue":100}"#);
         let app = &r["app"];
         assert_eq!(app.weights["green"], 90);
         assert_eq!(app.generation, 7);
-        assert_eq!(app.previous, None);
+        assert_eq!(app.previous.as_ref().unwrap()["blue"], 100);
+        assert!(
+            restore(
+                &cfg,
+                r#"{"blue":10,"green":90}"#,
+                r#"{"blue":4294967295,"green":101}"#
+            )
+            .is_empty(),
+            "a broken rollback target makes the file corrupt"
+        );
         // A pool without weight that left the config does not invalidate the file.
         let r = restore(
             &cfg,

@@ -36,13 +36,19 @@ async fn pipelined_requests_are_handed_out_one_at_a_time() {
     let mut c = Conn::new(a);
     let r1 = "GET /1 HTTP/1.1\r\nHost: x\r\n\r\n";
     let r2 = "POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
-    let r3 = "POST /3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let r3 =
+        "POST /3 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
     let r4 = "\r\nGET /4 HTTP/1.1\r\nHost: x\r\n\r\n";
-    b.write_all(format!("{r1}{r2}{r3}{r4}").as_bytes()).await.unwrap();
+    b.write_all(format!("{r1}{r2}{r3}{r4}").as_bytes())
+        .await
+        .unwrap();
     for want in [r1, r2, r3, r4.trim_start()] {
         next_request(&mut c).await;
         assert_eq!(String::from_utf8(read_all_now(&mut c)).unwrap(), want);
-        assert!(read_now(&mut c).is_none(), "nothing of the next request leaks");
+        assert!(
+            read_now(&mut c).is_none(),
+            "nothing of the next request leaks"
+        );
         assert!(c.request_complete());
     }
     assert_eq!(c.buffered(), 0);
@@ -69,9 +75,11 @@ async fn a_body_that_arrives_later_is_handed_out_up_to_its_end() {
 async fn a_malformed_chunked_body_is_a_read_error() {
     let (a, mut b) = tokio::io::duplex(1 << 20);
     let mut c = Conn::new(a);
-    b.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;x\nhello\r\n0\r\n\r\n")
-        .await
-        .unwrap();
+    b.write_all(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;x\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
     next_request(&mut c).await;
     let mut buf = [0u8; 4096];
     let head = c.read(&mut buf).await.unwrap();
@@ -104,7 +112,9 @@ async fn queued_requests_are_answered_after_the_client_closed_its_side() {
 async fn the_end_of_the_stream_after_a_request_is_reported_when_nothing_is_queued() {
     let (a, mut b) = tokio::io::duplex(1 << 20);
     let mut c = Conn::new(a);
-    b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     next_request(&mut c).await;
     read_all_now(&mut c);
     drop(b);
@@ -115,9 +125,11 @@ async fn the_end_of_the_stream_after_a_request_is_reported_when_nothing_is_queue
 async fn an_upgraded_request_becomes_a_tunnel() {
     let (a, mut b) = tokio::io::duplex(1 << 20);
     let mut c = Conn::new(a);
-    b.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nframe")
-        .await
-        .unwrap();
+    b.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nframe",
+    )
+    .await
+    .unwrap();
     next_request(&mut c).await;
     assert!(read_all_now(&mut c).ends_with(b"frame"));
     b.write_all(b"more").await.unwrap();
@@ -129,7 +141,12 @@ async fn the_queue_is_bounded() {
     let (a, mut b) = tokio::io::duplex(1 << 20);
     let mut c = Conn::new(a);
     let one = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-    let flood: Vec<u8> = one.iter().copied().cycle().take(one.len() * 10_000).collect();
+    let flood: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * 10_000)
+        .collect();
     let writer = tokio::spawn(async move {
         let _ = b.write_all(&flood).await;
         b
