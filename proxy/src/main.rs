@@ -105,6 +105,7 @@ fn init_logging(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (_log_guard, log_dropped) = init_logging(&cli.log_level, cli.log_format);
+    raise_open_file_limit();
     let result = match cli.command {
         Some(Command::Check) => return check(&cli.config),
         Some(Command::Demo { listen }) => demo(listen),
@@ -147,6 +148,15 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raise the soft open-file limit to the hard limit (1024 by default on most systems is far
+/// below what a proxy in front of many clients needs), and say what it is.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(open_file_limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
 }
 

@@ -129,18 +129,22 @@ async fn a_head_over_64_kib_is_431_and_never_forwarded() {
     px.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_further_clients_in_the_backlog() {
     trace_init();
     let (_blue, px) = proxy("max_connections: 4\n").await;
-    let mut held = Vec::new();
+    // Four connections busy with a slow request each: none is idle, none can be closed.
+    let mut busy = Vec::new();
     for _ in 0..4 {
-        let mut c = Conn::open(px.addr).await.unwrap();
-        assert_eq!(c.get("/").await.unwrap().status, 200);
-        held.push(c);
+        let addr = px.addr;
+        busy.push(tokio::spawn(async move {
+            let mut c = Conn::open(addr).await.unwrap();
+            let r = c.get("/slow?ms=1500").await.unwrap();
+            (r.status, c)
+        }));
     }
-    // The fifth connects (the kernel's backlog takes it) but is not served while the four
-    // stay open.
+    eventually(|| px.inflight("blue") == 4).await;
+    // The fifth connects (the kernel's backlog takes it) but is not served meanwhile.
     let addr = px.addr;
     let fifth = tokio::spawn(async move {
         let mut c = Conn::open(addr).await.unwrap();
@@ -148,12 +152,39 @@ async fn max_connections_holds_further_clients_in_the_backlog() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await; // a bounded "nothing happens"
     assert!(!fifth.is_finished(), "served beyond max_connections");
-    drop(held.pop());
+    let mut held = Vec::new();
+    for b in busy {
+        let (status, c) = b.await.unwrap();
+        assert_eq!(status, 200);
+        held.push(c); // now idle keep-alive connections
+    }
     let status = tokio::time::timeout(Duration::from_secs(5), fifth)
         .await
-        .expect("served once a slot is free")
+        .expect("served once a connection is idle and can be closed")
         .unwrap()
         .unwrap();
     assert_eq!(status, 200);
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn at_max_connections_the_longest_idle_connection_makes_room() {
+    trace_init();
+    let (_blue, px) = proxy("max_connections: 3\n").await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut c = Conn::open(px.addr).await.unwrap();
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+        idle.push(c);
+    }
+    // A new client is served at once: the oldest idle keep-alive connection is closed.
+    let mut fourth = Conn::open(px.addr).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(3), fourth.get("/"))
+        .await
+        .expect("served without waiting for an idle client")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    eventually(|| idle[0].is_closed()).await;
+    assert!(!idle[2].is_closed(), "the newest idle one stays");
     px.shutdown().await;
 }

@@ -7,10 +7,16 @@ use std::sync::Arc;
 use switchyard_tests::*;
 use tokio_rustls::rustls;
 
-#[tokio::test]
-async fn tls_listener_speaks_h2_and_forwards_https_proto() {
-    trace_init();
-    let up = FakeUpstream::start("blue").await.unwrap();
+/// A proxy with a TLS listener (self-signed for localhost) in front of `up`, and the
+/// certificate; `top` is YAML prepended at the top level.
+async fn tls_proxy(
+    up: &FakeUpstream,
+    top: &str,
+) -> (
+    TestProxy,
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    tempfile::TempDir,
+) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (crt, key) = (dir.path().join("crt.pem"), dir.path().join("key.pem"));
@@ -24,8 +30,16 @@ async fn tls_listener_speaks_h2_and_forwards_https_proto() {
             key.display()
         ),
     );
-    let px = TestProxy::start(&yaml).await;
+    let px = TestProxy::start(&format!("{top}{yaml}")).await;
+    (px, cert, dir)
+}
 
+/// A TLS client connection trusting `cert`, offering these ALPN protocols.
+async fn tls_connect(
+    px: &TestProxy,
+    cert: &rcgen::CertifiedKey<rcgen::KeyPair>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.cert.der().clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -34,13 +48,21 @@ async fn tls_listener_speaks_h2_and_forwards_https_proto() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tls_listener_speaks_h2_and_forwards_https_proto() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let (px, cert, _dir) = tls_proxy(&up, "").await;
+    let tls = tls_connect(&px, &cert, &[b"h2", b"http/1.1"]).await;
     assert_eq!(
         tls.get_ref().1.alpn_protocol(),
         Some(&b"h2"[..]),
@@ -65,6 +87,32 @@ async fn tls_listener_speaks_h2_and_forwards_https_proto() {
     assert_eq!(seen[0].headers["x-forwarded-proto"], "https");
     assert_eq!(seen[0].headers["host"], "localhost");
     assert_eq!(seen[0].path, "/x/0");
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_tls_clients_are_closed_after_client_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let (px, cert, _dir) = tls_proxy(&up, "client_header_timeout: 500ms\n").await;
+    // h2 negotiated, then nothing (not even the connection preface); and HTTP/1.1, nothing.
+    for alpn in [&b"h2"[..], b"http/1.1"] {
+        let mut tls = tls_connect(&px, &cert, &[alpn]).await;
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{alpn:?}: still open after 5 s");
+        assert!(start.elapsed() < std::time::Duration::from_secs(3));
+    }
     px.shutdown().await;
 }
 

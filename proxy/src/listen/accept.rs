@@ -34,16 +34,36 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-/// Client connections open in this process, against `max_connections`.
-#[derive(Debug, Default)]
+/// Client connections open in this process, against `max_connections`, and the idle ones
+/// that can be closed to make room.
+#[derive(Debug)]
 pub(crate) struct Connections {
     open: AtomicUsize,
     closed: Notify,
+    /// Connections waiting for their next request (or their first), closable at once.
+    idle: AtomicUsize,
+    /// Wakes the longest-waiting idle connection, which then closes.
+    evict: Notify,
+    /// What the open-file limit allows, whatever `max_connections` says (each client
+    /// connection may also hold an upstream connection).
+    fd_cap: usize,
 }
 
 impl Connections {
+    /// `fd_cap`: the most client connections the open-file limit allows.
+    pub(crate) fn new(fd_cap: usize) -> Self {
+        Connections {
+            open: AtomicUsize::new(0),
+            closed: Notify::new(),
+            idle: AtomicUsize::new(0),
+            evict: Notify::new(),
+            fd_cap,
+        }
+    }
+
     /// Take a slot if fewer than `cap` connections are open.
     fn try_reserve(&self, cap: usize) -> bool {
+        let cap = cap.min(self.fd_cap);
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < cap).then_some(n + 1)
@@ -55,6 +75,30 @@ impl Connections {
         self.open.fetch_sub(1, Ordering::AcqRel);
         self.closed.notify_waiters();
     }
+
+    /// Ask the longest-idle connection, if any, to close (nginx frees reusable connections
+    /// the same way when it runs out).
+    fn evict_one(&self) {
+        if self.idle.load(Ordering::Acquire) > 0 {
+            self.evict.notify_one();
+        }
+    }
+}
+
+/// Counts a connection as idle (evictable) while it exists.
+struct Idle<'a>(&'a Connections);
+
+impl<'a> Idle<'a> {
+    fn new(c: &'a Connections) -> Self {
+        c.idle.fetch_add(1, Ordering::AcqRel);
+        Idle(c)
+    }
+}
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.0.idle.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Holds a connection slot until the connection ends.
@@ -65,6 +109,12 @@ impl Drop for Slot {
         self.0.release();
     }
 }
+
+/// Bytes of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const H2_PREFACE_LEN: usize = 24;
+
+/// How long a refused connection drains what the client still sends before it closes.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// The connection handler shared by a worker's accept loops.
 pub(crate) struct App {
@@ -104,16 +154,25 @@ impl App {
             if !first && cfg.keepalive_timeout.is_zero() {
                 return;
             }
-            // The first request of a connection: its whole head within client_header_timeout
-            // of the accept. Later ones: the first byte within keepalive_timeout, then the
-            // rest of the head within client_header_timeout.
+            // Wait for the first byte: on a new connection within client_header_timeout of the
+            // accept, on a keep-alive one within keepalive_timeout. Meanwhile the connection is
+            // idle: at max_connections it is the first to be closed to make room. Then the
+            // rest of the head within client_header_timeout (from the accept for the first
+            // request, from the first byte for later ones).
+            let idle_until = if first {
+                accepted + cfg.client_header_timeout
+            } else {
+                Instant::now() + cfg.keepalive_timeout
+            };
+            if !self
+                .wait_first_byte(&mut stream, idle_until, shutdown)
+                .await
+            {
+                return;
+            }
             let head_deadline = if first {
                 accepted + cfg.client_header_timeout
             } else {
-                let idle = tokio::time::timeout(cfg.keepalive_timeout, stream.first_byte());
-                if !matches!(until_shutdown(idle, shutdown).await, Some(Ok(true))) {
-                    return;
-                }
                 Instant::now() + cfg.client_header_timeout
             };
             let head = tokio::time::timeout_at(head_deadline, stream.fill_head());
@@ -168,6 +227,30 @@ impl App {
         }
     }
 
+    /// Wait (idle) for the first byte of the next request, until `until`; false when the
+    /// connection should close: timeout, peer gone, shutdown, or evicted to make room.
+    async fn wait_first_byte<S: IO>(
+        &self,
+        stream: &mut Conn<S>,
+        until: Instant,
+        shutdown: &ShutdownWatch,
+    ) -> bool {
+        if stream.buffered() > 0 {
+            return true; // a pipelined request is waiting
+        }
+        let evicted = self.connections.evict.notified();
+        tokio::pin!(evicted);
+        evicted.as_mut().enable();
+        let _idle = Idle::new(&self.connections);
+        let wait = async {
+            tokio::select! {
+                got = tokio::time::timeout_at(until, stream.first_byte()) => matches!(got, Ok(true)),
+                _ = evicted => false,
+            }
+        };
+        until_shutdown(wait, shutdown).await.unwrap_or(false)
+    }
+
     /// Answer a request the proxy refuses at the door (its head), and close.
     async fn refuse<S: IO>(&self, stream: &mut Conn<S>, status: u16, why: &str, accepted: Instant) {
         let reason = http::StatusCode::from_u16(status)
@@ -186,6 +269,20 @@ impl App {
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
         self.unrouted.observe(status, accepted.elapsed());
+        // Lingering close (nginx's): read and drop what the client is still sending for a
+        // moment, so closing with unread input does not reset the connection before the
+        // client has read the answer.
+        let linger = async {
+            let mut sink = [0u8; 4096];
+            let mut left: usize = 1 << 20;
+            while left > 0 {
+                match tokio::io::AsyncReadExt::read(&mut stream.raw(), &mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, linger).await;
     }
 
     /// Handshake, then serve the connection as h2 (by ALPN) or HTTP/1.
@@ -215,7 +312,14 @@ impl App {
             }
         };
         if matches!(tls_stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            self.serve_h2(Box::new(tls_stream), shutdown).await;
+            // The client's connection preface within client_header_timeout of the accept,
+            // like an HTTP/1 head; afterwards Pingora's h2_idle_timeout closes idle ones.
+            let mut conn = Conn::new(tls_stream);
+            let preface = tokio::time::timeout_at(at + limit, conn.fill(H2_PREFACE_LEN));
+            if !matches!(until_shutdown(preface, shutdown).await, Some(Ok(true))) {
+                return;
+            }
+            self.serve_h2(Box::new(conn), shutdown).await;
         } else {
             self.serve_connection(Conn::new(tls_stream), at, shutdown)
                 .await;
@@ -311,9 +415,11 @@ pub(crate) async fn serve(
     }
 }
 
-/// Wait for a free connection slot (`max_connections`, re-read from the config each time so a
-/// reload applies). `None` when shutdown began first.
-async fn reserve_slot(app: &App, shutdown: &mut watch::Receiver<bool>) -> Option<Slot> {
+/// A slot for a connection just accepted (`max_connections`, re-read from the config each
+/// time so a reload applies). At the cap, the longest-idle connection is asked to close and
+/// the new one waits for the slot it frees (meanwhile this loop accepts nothing more: further
+/// clients wait in the backlog). `None` when shutdown began first.
+async fn slot_for(app: &App, shutdown: &mut watch::Receiver<bool>) -> Option<Slot> {
     loop {
         let cap = app.shared.load().config.max_connections;
         let closed = app.connections.closed.notified();
@@ -322,11 +428,12 @@ async fn reserve_slot(app: &App, shutdown: &mut watch::Receiver<bool>) -> Option
         if app.connections.try_reserve(cap) {
             return Some(Slot(app.connections.clone()));
         }
+        app.connections.evict_one();
         tokio::select! {
             _ = closed => {}
             _ = shutdown.wait_for(|s| *s) => return None,
             // A reload may raise the cap while no connection closes.
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
 }
@@ -342,9 +449,6 @@ async fn accept_loop(
         if *shutdown.borrow() {
             break;
         }
-        let Some(slot) = reserve_slot(&app, &mut shutdown).await else {
-            break;
-        };
         let accepted = tokio::select! {
             biased;
             _ = shutdown.changed() => continue,
@@ -361,6 +465,9 @@ async fn accept_loop(
             }
         };
         let at = Instant::now();
+        let Some(slot) = slot_for(&app, &mut shutdown).await else {
+            break;
+        };
         if let Err(e) = stream.set_nodelay() {
             tracing::debug!(error = %e, "set_nodelay failed");
         }

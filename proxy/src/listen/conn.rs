@@ -224,6 +224,22 @@ impl<S: AsyncRead + Unpin> Conn<S> {
         true
     }
 
+    /// Read until at least `n` bytes are buffered; false when the peer closed or broke the
+    /// connection first.
+    pub(crate) async fn fill(&mut self, n: usize) -> bool {
+        while self.buffered() < n {
+            if self.eof || !matches!(self.read_ahead().await, Ok(k) if k > 0) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The stream underneath, for draining a connection that is being closed.
+    pub(crate) fn raw(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Read until a whole request head is buffered, or [`HEAD_LIMIT`] bytes are. An error when
     /// the peer closes or breaks the connection before the head is complete.
     pub(crate) async fn fill_head(&mut self) -> io::Result<Fill> {

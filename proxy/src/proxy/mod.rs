@@ -41,6 +41,11 @@ use std::borrow::Cow;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+/// Bound on one write to a client (nginx's `send_timeout` default).
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Bound on one read of a client's request body (nginx's `client_body_timeout` default).
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What `request_filter` decided for a request.
 enum Decision {
     /// Denied: answer with this status.
@@ -107,6 +112,12 @@ impl ProxyHttp for Switchyard {
         });
         let ka = snap.config.keepalive_timeout;
         session.set_keepalive((!ka.is_zero()).then(|| ka.as_secs().max(1)));
+        // A client that stops reading its response holds a connection slot and keeps its
+        // pool in flight (a drain would never end): each write to it must make progress within
+        // SEND_TIMEOUT, as nginx's send_timeout; each read of its body within
+        // BODY_READ_TIMEOUT, as nginx's client_body_timeout.
+        session.set_write_timeout(Some(SEND_TIMEOUT));
+        session.set_read_timeout(Some(BODY_READ_TIMEOUT));
         match decision {
             Decision::Deny(status) => {
                 let text = format!("{status} {}", reply::reason(status));

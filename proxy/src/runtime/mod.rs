@@ -268,7 +268,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             ..Default::default()
         };
         let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let app = pingora::proxy::http_proxy(
+        let mut app = pingora::proxy::http_proxy(
             &Arc::new(conf),
             Switchyard {
                 active: active.clone(),
@@ -281,11 +281,18 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         // One current-thread runtime per worker thread, each accepting on every listener and
         // serving what it accepted (nginx's model; Pingora's "no steal" flavour): measured
         // cheaper per request than tokio's work-stealing scheduler (docs/BENCHMARKS.md).
+        // h2 connections (TLS + ALPN) are Pingora's: close them when idle as long as an idle
+        // HTTP/1 keep-alive connection would be kept.
+        let mut h2 = pingora::apps::HttpServerOptions::default();
+        h2.h2_idle_timeout = Some(config.keepalive_timeout.max(Duration::from_secs(1)));
+        app.server_options = Some(h2);
         let app = Arc::new(listen::App::new(
             app,
             shared.clone(),
             metrics.unrouted.clone(),
-            Arc::new(listen::Connections::default()),
+            Arc::new(listen::Connections::new(connection_cap(
+                config.max_connections,
+            ))),
         ));
         let listeners = Arc::new(listeners);
         let mut workers = Vec::new();
@@ -334,6 +341,26 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         data_done: Some(done_rx),
         threads,
     })
+}
+
+/// The most client connections the open-file limit allows: each may hold an upstream
+/// connection too, and a few descriptors are the proxy's own (listeners, control socket,
+/// logs, health checks). Said once at start when it is below `max_connections`.
+fn connection_cap(max_connections: usize) -> usize {
+    const RESERVE: u64 = 64;
+    let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return usize::MAX;
+    };
+    let cap = usize::try_from(soft.saturating_sub(RESERVE) / 2).unwrap_or(usize::MAX);
+    if cap < max_connections {
+        tracing::warn!(
+            open_file_limit = soft,
+            max_connections,
+            effective = cap,
+            "the open-file limit allows fewer client connections than max_connections; raise it (systemd LimitNOFILE, ulimit -n)"
+        );
+    }
+    cap.max(1)
 }
 
 fn current_thread_runtime(what: &'static str) -> Result<tokio::runtime::Runtime, StartError> {
