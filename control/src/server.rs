@@ -9,8 +9,11 @@
 //!
 //! Robustness: a line longer than [`MAX_LINE`] is refused and the connection closed; bad JSON
 //! gets a `bad_request` error line and the connection stays usable; a client that disconnects
-//! during a wait cancels the wait (never a change already applied); at most
-//! [`MAX_CONNECTIONS`] connections are served at once, further ones get `busy`.
+//! during a wait cancels the wait (never a change already applied); a connection waiting for
+//! (or trickling) its next request line is closed after [`IDLE_TIMEOUT`]; at most
+//! [`MAX_CONNECTIONS`] connections are served at once — when full, the longest-idle one is
+//! closed to make room, and only when every one is running a command does a newcomer get
+//! `busy`. So idle connections cannot lock `proxyctl` out.
 
 use crate::protocol::{ControlError, ErrorCode, Event, EventLine, Reply, Request};
 use async_trait::async_trait;
@@ -28,6 +31,9 @@ use tokio::sync::{mpsc, Semaphore};
 pub const MAX_LINE: usize = 1 << 20;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// How long a connection may wait between requests (or take to send one line) before it is
+/// closed. A client mid-command (a drain, `events --follow`) is not idle.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Who is on the other end of a control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +120,31 @@ pub struct ControlServer {
     path: PathBuf,
     /// Connections being served now.
     open: Arc<AtomicUsize>,
+    idle_timeout: std::time::Duration,
+}
+
+/// Connections waiting for their next request line, so a full server can close one to make
+/// room for a new `proxyctl`.
+#[derive(Debug, Default)]
+struct Idle {
+    count: AtomicUsize,
+    evict: tokio::sync::Notify,
+}
+
+/// Counts a connection as idle while it exists.
+struct IdleGuard<'a>(&'a Idle);
+
+impl<'a> IdleGuard<'a> {
+    fn new(i: &'a Idle) -> Self {
+        i.count.fetch_add(1, Ordering::AcqRel);
+        IdleGuard(i)
+    }
+}
+
+impl Drop for IdleGuard<'_> {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ControlServer {
@@ -158,7 +189,14 @@ impl ControlServer {
             listener,
             path: path.to_path_buf(),
             open: Arc::new(AtomicUsize::new(0)),
+            idle_timeout: IDLE_TIMEOUT,
         })
+    }
+
+    /// Close connections idle this long (default [`IDLE_TIMEOUT`]).
+    pub fn with_idle_timeout(mut self, d: std::time::Duration) -> Self {
+        self.idle_timeout = d;
+        self
     }
 
     /// A live count of the connections being served (for a metric): a connection counts from
@@ -186,6 +224,7 @@ impl ControlServer {
             }
         };
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let idle = Arc::new(Idle::default());
         tokio::pin!(shutdown);
         loop {
             let stream = tokio::select! {
@@ -200,30 +239,42 @@ impl ControlServer {
                 },
             };
             let handler = handler.clone();
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let counted = Counted::new(&self.open);
-                    tokio::spawn(async move {
-                        connection(stream, handler).await;
-                        drop((counted, permit));
-                    });
-                }
-                Err(_) => {
-                    tokio::spawn(async move {
-                        let (_, mut w) = stream.into_split();
-                        let _ = write_reply(
-                            &mut w,
-                            &Reply::err(ControlError::new(
-                                ErrorCode::Busy,
-                                format!(
-                                    "more than {MAX_CONNECTIONS} control connections; try again"
-                                ),
-                            )),
+            let (slots, idle, open) = (slots.clone(), idle.clone(), self.open.clone());
+            let idle_timeout = self.idle_timeout;
+            tokio::spawn(async move {
+                // Full: the longest-idle connection makes room for this one; only when every
+                // connection is busy with a command is the newcomer told to come back.
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        if idle.count.load(Ordering::Acquire) > 0 {
+                            idle.evict.notify_one();
+                        }
+                        tokio::time::timeout(
+                            std::time::Duration::from_secs(1),
+                            slots.acquire_owned(),
                         )
-                        .await;
-                    });
-                }
-            }
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                    }
+                };
+                let Some(permit) = permit else {
+                    let (_, mut w) = stream.into_split();
+                    let _ = write_reply(
+                        &mut w,
+                        &Reply::err(ControlError::new(
+                            ErrorCode::Busy,
+                            format!("{MAX_CONNECTIONS} control connections are busy; try again"),
+                        )),
+                    )
+                    .await;
+                    return;
+                };
+                let counted = Counted::new(&open);
+                connection(stream, handler, &idle, idle_timeout).await;
+                drop((counted, permit));
+            });
         }
     }
 }
@@ -265,7 +316,12 @@ fn bad_request(message: String) -> Reply {
     Reply::err(ControlError::new(ErrorCode::BadRequest, message))
 }
 
-async fn connection<H: ControlHandler>(stream: UnixStream, handler: Arc<H>) {
+async fn connection<H: ControlHandler>(
+    stream: UnixStream,
+    handler: Arc<H>,
+    idle: &Idle,
+    idle_timeout: std::time::Duration,
+) {
     let peer = match stream.peer_cred() {
         Ok(c) => Peer {
             uid: c.uid(),
@@ -281,13 +337,21 @@ async fn connection<H: ControlHandler>(stream: UnixStream, handler: Arc<H>) {
     let mut r = BufReader::new(r);
     loop {
         let mut buf = Vec::new();
-        let n = match (&mut r)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .await
-        {
-            Ok(n) => n,
-            Err(_) => return,
+        // Waiting for a request line is idle: bounded, and the first to go when full.
+        let n = {
+            let evicted = idle.evict.notified();
+            tokio::pin!(evicted);
+            evicted.as_mut().enable();
+            let _idle = IdleGuard::new(idle);
+            let mut limited = (&mut r).take(MAX_LINE as u64 + 1);
+            let read = limited.read_until(b'\n', &mut buf);
+            tokio::select! {
+                got = tokio::time::timeout(idle_timeout, read) => match got {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(_)) | Err(_) => return,
+                },
+                _ = evicted => return,
+            }
         };
         if n == 0 {
             return;

@@ -429,3 +429,22 @@ async fn a_client_that_leaves_mid_health_wait_switches_nothing_later() {
     assert_eq!(u.generation, 1);
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn three_hundred_idle_connections_do_not_lock_proxyctl_out() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&app_yaml(&[("blue", &[blue.addr()])], "blue", "")).await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(UnixStream::connect(px.socket()).await.unwrap());
+    }
+    for _ in 0..3 {
+        let r = tokio::time::timeout(Duration::from_secs(5), px.ctl_call(Request::Status))
+            .await
+            .expect("answered");
+        assert!(r.ok, "{r:?}");
+    }
+    drop(idle);
+    px.shutdown().await;
+}
