@@ -4,6 +4,7 @@
 
 mod control_socket;
 mod health;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod load;

@@ -194,7 +194,7 @@ impl App {
                 // Closed or broken mid-head, or shutting down.
                 Some(Ok(Err(_))) | None => return,
             }
-            match head::inspect(stream.unread()) {
+            match head::inspect(stream.unread()).and_then(|h| prescan(stream.unread(), h)) {
                 Ok(h) => stream.begin(&h),
                 Err(r) => {
                     self.refuse(&mut stream, r.status, r.reason, accepted).await;
@@ -334,6 +334,22 @@ impl App {
     async fn cleanup(&self) {
         self.proxy.http_cleanup().await;
     }
+}
+
+/// A chunked body that already arrived with its head is checked before anything is
+/// forwarded: a broken one (a smuggling attempt, typically sent in one write) is refused and
+/// never reaches the app. What arrives later is checked as it passes (`conn`).
+fn prescan(buf: &[u8], h: head::Head) -> Result<head::Head, head::Refusal> {
+    if h.body == head::Body::Chunked {
+        let body = buf.get(h.skip + h.len..).unwrap_or_default();
+        super::chunked::Chunked::default()
+            .advance(body)
+            .map_err(|m| head::Refusal {
+                status: 400,
+                reason: m.0,
+            })?;
+    }
+    Ok(h)
 }
 
 /// `fut`, or `None` once shutdown has begun.

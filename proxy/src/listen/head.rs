@@ -76,7 +76,8 @@ pub(crate) fn inspect(buf: &[u8]) -> Result<Head, Refusal> {
     if method == "CONNECT" {
         return Err(refuse(405, "CONNECT is not supported"));
     }
-    check_target(method, req.path.unwrap_or(""))?;
+    let target = req.path.unwrap_or("");
+    check_target(method, target)?;
 
     let mut hosts = 0;
     let mut lengths: Option<u64> = None;
@@ -116,6 +117,21 @@ pub(crate) fn inspect(buf: &[u8]) -> Result<Head, Refusal> {
     }
     if hosts == 0 && http11 {
         return Err(refuse(400, "HTTP/1.1 request without a Host header"));
+    }
+    // Absolute-form: the Host header must name the same authority (RFC 9112 §3.2.2 lets the
+    // target win; a mismatch is how a request claims two hosts at once, so refuse it).
+    if let Some(authority) = absolute_authority(target) {
+        let host = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("host"))
+            .map(|h| h.value.trim_ascii());
+        if host.is_some_and(|h| !h.eq_ignore_ascii_case(authority)) {
+            return Err(refuse(
+                400,
+                "the Host header differs from the host in the request target",
+            ));
+        }
     }
     let body = match (codings, length_lines) {
         (0, 0) => Body::None,
@@ -164,20 +180,26 @@ fn check_target(method: &str, target: &str) -> Result<(), Refusal> {
             Err(refuse(400, "\"*\" is a request target for OPTIONS only"))
         };
     }
+    let authority = absolute_authority(target).ok_or(refuse(
+        400,
+        "the request target must be a path (/...) or an absolute http(s) URL",
+    ))?;
+    if !valid_authority(authority) {
+        return Err(refuse(400, "invalid host in the request target"));
+    }
+    Ok(())
+}
+
+/// The authority of an absolute-form `http(s)://authority[/...]` target.
+fn absolute_authority(target: &str) -> Option<&[u8]> {
+    let t = target.as_bytes();
     let rest = strip_prefix_ignore_case(t, b"http://")
-        .or_else(|| strip_prefix_ignore_case(t, b"https://"))
-        .ok_or(refuse(
-            400,
-            "the request target must be a path (/...) or an absolute http(s) URL",
-        ))?;
+        .or_else(|| strip_prefix_ignore_case(t, b"https://"))?;
     let end = rest
         .iter()
         .position(|b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
-    if !valid_authority(&rest[..end]) {
-        return Err(refuse(400, "invalid host in the request target"));
-    }
-    Ok(())
+    Some(&rest[..end])
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
