@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod control_socket;
+mod faults;
 mod health;
 mod hostile;
 mod lifecycle;

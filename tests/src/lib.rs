@@ -453,3 +453,145 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// How a [`RawUpstream`] misbehaves on ordinary requests (health checks always pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A proper `200` with a 5-byte body.
+    None,
+    /// Headers promising 1000 bytes, 10 of them, then a reset.
+    ResetMidBody,
+    /// Headers promising 100 bytes, then nothing (the connection stays open).
+    StallAfterHeaders,
+    /// A status line that is not HTTP.
+    BadStatusLine,
+    /// Headers promising 100 bytes, 10 of them, then a clean close.
+    ShortBody,
+    /// 1 MiB of response headers.
+    HugeHeaders,
+    /// Close without answering.
+    CloseAtOnce,
+}
+
+/// An upstream written on raw sockets, for faults no well-behaved HTTP server makes.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    fault: Arc<std::sync::Mutex<Fault>>,
+    hits: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    pub async fn start() -> RawUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fault = Arc::new(std::sync::Mutex::new(Fault::None));
+        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (f, h) = (fault.clone(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (f, h) = (f.clone(), h.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request head at a time (keep-alive).
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        if head.starts_with("GET /actuator/health ") {
+                            let body = r#"{"status":"UP"}"#;
+                            let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                            if s.write_all(resp.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        h.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        let fault = *f.lock().unwrap();
+                        let w = match fault {
+                            Fault::None => {
+                                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                                    .await
+                            }
+                            Fault::ResetMidBody => {
+                                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789").await;
+                                // A zero linger makes the close a reset, and does not block.
+                                #[allow(deprecated)]
+                                let _ = s.set_linger(Some(Duration::ZERO));
+                                return;
+                            }
+                            Fault::StallAfterHeaders => {
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                                    .await;
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                                return;
+                            }
+                            Fault::BadStatusLine => {
+                                let _ = s.write_all(b"HTTP/1.1 two hundred\r\n\r\n").await;
+                                return;
+                            }
+                            Fault::ShortBody => {
+                                let _ = s
+                                    .write_all(
+                                        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+                                    )
+                                    .await;
+                                return;
+                            }
+                            Fault::HugeHeaders => {
+                                let mut r = b"HTTP/1.1 200 OK\r\n".to_vec();
+                                for i in 0..16_384 {
+                                    r.extend_from_slice(
+                                        format!("X-H{i}: {}\r\n", "v".repeat(58)).as_bytes(),
+                                    );
+                                }
+                                r.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+                                let _ = s.write_all(&r).await;
+                                return;
+                            }
+                            Fault::CloseAtOnce => return,
+                        };
+                        if w.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            fault,
+            hits,
+            task,
+        }
+    }
+
+    pub fn set(&self, f: Fault) {
+        *self.fault.lock().unwrap() = f;
+    }
+
+    /// Requests received, health checks excluded.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -253,8 +253,9 @@ impl ProxyHttp for Switchyard {
             return e;
         }
         ctx.cause = Some(describe(&e));
-        if !client_reused {
-            // A stale pooled connection says nothing about the instance.
+        // A pooled connection the app had closed while idle says nothing about the instance;
+        // anything else (a bad status line, a reset mid-body, a timeout) does, reused or not.
+        if !(client_reused && retry::broke_before_response(session, &e)) {
             passive::failure(&self.events, ctx);
         }
         let retry = retry::after_proxy_error(session, &e, ctx, client_reused);

@@ -31,6 +31,17 @@ pub(crate) fn after_connect_failure(ctx: &RequestCtx) -> bool {
     ctx.attempts <= retries(ctx)
 }
 
+/// The upstream connection broke before any response byte (closed, reset): on a reused
+/// connection, what a pooled connection the app closed while idle looks like.
+pub(crate) fn broke_before_response(session: &Session, e: &Error) -> bool {
+    (matches!(e.retry, RetryType::ReusedOnly)
+        || matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        ))
+        && session.response_written().is_none()
+}
+
 /// An upstream error after connecting (`client_reused`: on a pooled connection).
 pub(crate) fn after_proxy_error(
     session: &Session,
@@ -38,14 +49,9 @@ pub(crate) fn after_proxy_error(
     ctx: &mut RequestCtx,
     client_reused: bool,
 ) -> bool {
-    let broke = matches!(e.retry, RetryType::ReusedOnly)
-        || matches!(
-            e.etype(),
-            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
-        );
-    let safe = is_idempotent(&session.req_header().method)
-        && session.response_written().is_none()
-        && !session.as_ref().retry_buffer_truncated();
+    let broke = broke_before_response(session, e);
+    let safe =
+        is_idempotent(&session.req_header().method) && !session.as_ref().retry_buffer_truncated();
     if !(broke && safe) {
         false
     } else if client_reused && ctx.stale_retries < MAX_STALE_RETRIES {
