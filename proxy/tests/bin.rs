@@ -151,6 +151,11 @@ impl ProxyProcess {
 
     /// As [`Self::start_yaml`], with environment variables for the process.
     fn start_yaml_env(template: &str, env: &[(&str, &str)]) -> ProxyProcess {
+        Self::start_limited(template, env, None)
+    }
+
+    /// As [`Self::start_yaml_env`], optionally under an open-file limit (soft and hard).
+    fn start_limited(template: &str, env: &[(&str, &str)], nofile: Option<u64>) -> ProxyProcess {
         let free = || {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -166,7 +171,7 @@ impl ProxyProcess {
                 .replace("{admin}", &admin.to_string())
                 .replace("{dir}", &dir.path().display().to_string());
             std::fs::write(dir.path().join("switchyard.yaml"), yaml).unwrap();
-            if let Some(mut p) = Self::spawn(dir, port, env) {
+            if let Some(mut p) = Self::spawn(dir, port, env, nofile) {
                 p.admin = admin;
                 return p;
             }
@@ -176,10 +181,23 @@ impl ProxyProcess {
 
     /// Start the binary on `dir/switchyard.yaml`; `None` if the port was taken meanwhile.
     /// Its stderr is a pipe nobody reads (a stalled log consumer).
-    fn spawn(dir: tempfile::TempDir, port: u16, env: &[(&str, &str)]) -> Option<ProxyProcess> {
+    fn spawn(
+        dir: tempfile::TempDir,
+        port: u16,
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Option<ProxyProcess> {
         let cfg = dir.path().join("switchyard.yaml");
         {
-            let mut child = Command::new(BIN)
+            let mut cmd = match nofile {
+                None => Command::new(BIN),
+                Some(n) => {
+                    let mut c = Command::new("prlimit");
+                    c.arg(format!("--nofile={n}:{n}")).arg("--").arg(BIN);
+                    c
+                }
+            };
+            let mut child = cmd
                 .arg("-c")
                 .arg(&cfg)
                 .envs(env.iter().copied())
@@ -449,7 +467,7 @@ async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
     );
 
     // Same directory, same port: the stale socket is replaced and the state resumes.
-    let px = ProxyProcess::spawn(dir, port, &[]).expect("restarts on the same port");
+    let px = ProxyProcess::spawn(dir, port, &[], None).expect("restarts on the same port");
     let reply = px.ctl(switchyard_control::Request::Status).await;
     let status: switchyard_control::Status = serde_json::from_value(reply.result.unwrap()).unwrap();
     let app = status.upstream("app").unwrap();
@@ -593,4 +611,83 @@ async fn a_stalled_stderr_stalls_no_request_and_dropped_lines_are_counted() {
         .parse()
         .unwrap();
     assert!(dropped > 0.0, "nothing dropped?");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_under_a_low_open_file_limit_does_not_keep_real_clients_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // This process opens 1,100 attacking connections, plus the rest.
+    let _ = rlimit::increase_nofile_limit(8192);
+    let up = upstream("blue").await;
+    // The usual limit of 1024 open files (soft and hard): the proxy cannot raise it.
+    let px = ProxyProcess::start_limited(
+        &format!(
+            "listen: [{{addr: \"127.0.0.1:{{port}}\"}}]\nthreads: 2\nclient_header_timeout: 2s\ncontrol: {{socket: \"{{dir}}/c.sock\"}}\nstate_file: \"{{dir}}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n      blue: [\"{}\"]\n    active: blue\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+            up.addr()
+        ),
+        &[],
+        Some(1024),
+    );
+    let addr = px.addr;
+    let start = Instant::now();
+    // 1,100 connections, each sending a request head one byte every 500 ms, forever.
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let attackers: Vec<_> = (0..1100)
+        .map(|_| {
+            let connected = connected.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                    return None;
+                };
+                connected.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                let head = b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ";
+                let mut sent = 0usize;
+                let mut buf = [0u8; 64];
+                loop {
+                    let b = head.get(sent).copied().unwrap_or(b'a');
+                    if s.write_all(&[b]).await.is_err() {
+                        return Some(start.elapsed());
+                    }
+                    sent += 1;
+                    if let Ok(r) =
+                        tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+                    {
+                        if matches!(r, Ok(0) | Err(_)) {
+                            return Some(start.elapsed());
+                        }
+                    }
+                    if start.elapsed() > Duration::from_secs(60) {
+                        return None; // never closed
+                    }
+                }
+            })
+        })
+        .collect();
+    // A real client, arriving once they all are connected and trickling.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connected.load(std::sync::atomic::Ordering::Acquire) < 1100 {
+        assert!(Instant::now() < deadline, "attackers could not connect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arrived = start.elapsed();
+    let served = tokio::time::timeout(Duration::from_secs(30), get(addr, "/hello"))
+        .await
+        .expect("a real client was kept out for 30 s");
+    let served_after = start.elapsed();
+    assert_eq!(served.0, 200);
+    let mut closed = Vec::new();
+    for a in attackers {
+        closed.push(
+            a.await
+                .unwrap()
+                .expect("an attacking connection was never closed"),
+        );
+    }
+    closed.sort();
+    eprintln!(
+        "slowloris: real client arrived at {arrived:?}, served at {served_after:?}; 1100 trickling connections closed between {:?} and {:?}",
+        closed[0],
+        closed[closed.len() - 1]
+    );
+    assert!(closed[closed.len() - 1] < Duration::from_secs(30));
 }

@@ -448,3 +448,46 @@ async fn three_hundred_idle_connections_do_not_lock_proxyctl_out() {
     drop(idle);
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_full_or_refusing_disk_refuses_the_change_and_traffic_goes_on() {
+    trace_init();
+    let (_blue, _green, px) = blue_green(false, "").await;
+    let tmp = px
+        .dir
+        .path()
+        .join(format!(".state.json.{}.tmp", std::process::id()));
+    // The state file's temporary file written to a full disk (/dev/full: ENOSPC), then to a
+    // place the file system refuses (a sysfs path: EACCES even for root).
+    for (target, why) in [
+        ("/dev/full", "No space left on device"),
+        ("/sys/switchyard-state-test", "Permission denied"),
+    ] {
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        let r = px.ctl_call(switch_req("green", None)).await;
+        let e = r.error.expect("refused");
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert!(
+            e.message
+                .contains("not applied: cannot write the state file"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains(why), "{}", e.message);
+        let st = px.handle().status();
+        let u = st.upstream("app").unwrap();
+        assert_eq!(
+            (u.weights["blue"], u.generation),
+            (100, 1),
+            "nothing applied"
+        );
+        for _ in 0..5 {
+            assert_eq!(px.get("/").await.json()["color"], "blue");
+        }
+        let _ = std::fs::remove_file(&tmp);
+    }
+    // The disk is back: the same change goes through.
+    assert!(px.ctl_call(switch_req("green", None)).await.ok);
+    assert_eq!(px.get("/").await.json()["color"], "green");
+    px.shutdown().await;
+}

@@ -155,17 +155,17 @@ impl App {
                 return;
             }
             // Wait for the first byte: on a new connection within client_header_timeout of the
-            // accept, on a keep-alive one within keepalive_timeout. Meanwhile the connection is
-            // idle: at max_connections it is the first to be closed to make room. Then the
-            // rest of the head within client_header_timeout (from the accept for the first
-            // request, from the first byte for later ones).
+            // accept, on a keep-alive one within keepalive_timeout (meanwhile it is idle: at
+            // max_connections the longest-idle one is closed to make room). Then the rest of
+            // the head within client_header_timeout (from the accept for the first request,
+            // from the first byte for later ones).
             let idle_until = if first {
                 accepted + cfg.client_header_timeout
             } else {
                 Instant::now() + cfg.keepalive_timeout
             };
             if !self
-                .wait_first_byte(&mut stream, idle_until, shutdown)
+                .wait_first_byte(&mut stream, idle_until, !first, shutdown)
                 .await
             {
                 return;
@@ -227,16 +227,23 @@ impl App {
         }
     }
 
-    /// Wait (idle) for the first byte of the next request, until `until`; false when the
-    /// connection should close: timeout, peer gone, shutdown, or evicted to make room.
+    /// Wait for the first byte of the next request, until `until`; false when the
+    /// connection should close: timeout, peer gone, shutdown, or — a keep-alive connection
+    /// between requests (`evictable`) — closed to make room at max_connections. A new
+    /// connection is not evicted: its first request is usually already on the way.
     async fn wait_first_byte<S: IO>(
         &self,
         stream: &mut Conn<S>,
         until: Instant,
+        evictable: bool,
         shutdown: &ShutdownWatch,
     ) -> bool {
         if stream.buffered() > 0 {
             return true; // a pipelined request is waiting
+        }
+        if !evictable {
+            let wait = tokio::time::timeout_at(until, stream.first_byte());
+            return matches!(until_shutdown(wait, shutdown).await, Some(Ok(true)));
         }
         let evicted = self.connections.evict.notified();
         tokio::pin!(evicted);
