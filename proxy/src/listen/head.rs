@@ -235,7 +235,7 @@ pub(crate) fn valid_authority(a: &[u8]) -> bool {
     };
     let port_ok = port.is_empty()
         || (port.len() <= 6 && port[0] == b':' && port[1..].iter().all(u8::is_ascii_digit));
-    let host_ok = host[0] == b'['
+    let host_ok = host.first() == Some(&b'[')
         || (!host.is_empty()
             && host.iter().all(|b| {
                 b.is_ascii_alphanumeric()
@@ -276,9 +276,15 @@ fn content_length(v: &[u8]) -> Result<u64, Refusal> {
 
 /// The bytes between a header's colon and the end of its value, as sent (httparse trims the
 /// whitespace around a value; a tab there is what nginx refuses).
-fn raw_value<'a>(buf: &'a [u8], value: &[u8]) -> &'a [u8] {
-    let start = value.as_ptr() as usize - buf.as_ptr() as usize;
+fn raw_value<'a>(buf: &'a [u8], value: &'a [u8]) -> &'a [u8] {
+    // `value` is a slice of `buf` (httparse does not copy); anything else gives `value` back.
+    let Some(start) = (value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) else {
+        return value;
+    };
     let end = start + value.len();
+    if end > buf.len() {
+        return value;
+    }
     let colon = buf[..start]
         .iter()
         .rposition(|b| *b == b':')
@@ -380,6 +386,9 @@ mod tests {
         assert_eq!(status("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"), 400);
         assert_eq!(status("GET / HTTP/1.1\r\nHost: a:99999999\r\n\r\n"), 400);
+        // Found by fuzzing: an empty host before a port panicked.
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: :80\r\n\r\n"), 400);
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: : chunk t\r\n\r\n"), 400);
     }
 
     #[test]

@@ -17,6 +17,16 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
+/// Whether a character appended to `out` could complete an escape (`out` ends in `%` or in
+/// `%` and a hex digit).
+fn completes_escape(out: &[u8]) -> bool {
+    match out {
+        [.., b'%'] => true,
+        [.., b'%', h] => h.is_ascii_hexdigit(),
+        _ => false,
+    }
+}
+
 /// Whether `path` needs any normalization (a quick scan for `%`, `//`, `/.`).
 fn needs_work(path: &[u8]) -> bool {
     path.iter().enumerate().any(|(i, b)| match b {
@@ -26,8 +36,16 @@ fn needs_work(path: &[u8]) -> bool {
     })
 }
 
-/// The normalized form of `path` (which starts with `/`; no query).
+/// The normalized form of `path` (which starts with `/`; no query). Normalizing again changes
+/// nothing (an escape is left alone where decoding it would complete a new one, as in
+/// `%2%65`, which would become `%2e`), so the app's own decoding finds no `..` the routing
+/// did not see.
 pub(crate) fn normalize(path: &str) -> Cow<'_, str> {
+    once(path)
+}
+
+/// One pass of normalization.
+fn once(path: &str) -> Cow<'_, str> {
     if !needs_work(path.as_bytes()) {
         return Cow::Borrowed(path);
     }
@@ -36,7 +54,7 @@ pub(crate) fn normalize(path: &str) -> Cow<'_, str> {
     let mut decoded = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' {
+        if b[i] == b'%' && !completes_escape(&decoded) {
             if let (Some(h), Some(l)) = (
                 b.get(i + 1).copied().and_then(hex),
                 b.get(i + 2).copied().and_then(hex),
@@ -112,8 +130,20 @@ mod tests {
             ("/caf%C3%A9", "/caf%C3%A9"),
             ("/.well-known/x", "/.well-known/x"),
             ("/a/...", "/a/..."),
+            // Where decoding would complete a new escape, the escape stays.
+            ("/public/%2%65%2%65/admin", "/public/%2%65%2%65/admin"),
+            ("/%%43e", "/%%43e"),
         ] {
             assert_eq!(normalize(input), want, "{input}");
+        }
+        for p in [
+            "/%%43e%2%653%2%e4%.",
+            "/a%2%2565",
+            "/x/%252e%252e/y",
+            "/3%2%e4%%%%%%%%%3333%%%%%%%\u{5}%%%%[/}%2%3%2%.",
+        ] {
+            let n = normalize(p);
+            assert_eq!(normalize(&n), n, "idempotent: {p}");
         }
         assert!(matches!(normalize("/plain/path"), Cow::Borrowed(_)));
         assert!(matches!(normalize("/.well-known/x"), Cow::Borrowed(_)));
