@@ -17,9 +17,10 @@ use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use switchyard_benches::{free_port, spawn, wait_port};
 
 /// What an upstream received: one entry per request (request line, then header lines).
 type Log = Arc<Mutex<Vec<String>>>;
@@ -264,37 +265,6 @@ fn switchyard_conf(dir: &Path, port: u16, up: SocketAddr) -> String {
     )
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// A child process stopped with SIGTERM when dropped (nginx's master then stops its workers;
-/// a SIGKILL would leave them running).
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 fn what_reached(log: &Log, before: usize, probe: &Probe) -> String {
     let entries: Vec<String> = log.lock().unwrap()[before..].to_vec();
     match probe {
@@ -354,16 +324,13 @@ fn main() -> Result<()> {
         tmp.path().join("s.yaml"),
         switchyard_conf(tmp.path(), sy_port, sy_up),
     )?;
-    let _sy = Killed(
+    let _sy = spawn(
         Command::new(&switchyard)
             .arg("-c")
             .arg(tmp.path().join("s.yaml"))
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_port(sy_port)?;
+            .env("RUST_LOG", "error"),
+    )?;
+    wait_port(sy_port, "switchyard")?;
     let ng_port = free_port();
     let nginx = Command::new("nginx").arg("-v").output().is_ok();
     let _ng = if nginx {
@@ -371,15 +338,12 @@ fn main() -> Result<()> {
             tmp.path().join("nginx.conf"),
             nginx_conf(tmp.path(), ng_port, ng_up),
         )?;
-        let c = Killed(
+        let c = spawn(
             Command::new("nginx")
                 .args(["-p", &tmp.path().display().to_string(), "-c"])
-                .arg(tmp.path().join("nginx.conf"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-        wait_port(ng_port)?;
+                .arg(tmp.path().join("nginx.conf")),
+        )?;
+        wait_port(ng_port, "nginx")?;
         Some(c)
     } else {
         eprintln!("nginx not found: its column is left empty (apt-get install -y nginx-light)");
