@@ -690,4 +690,37 @@ async fn slowloris_under_a_low_open_file_limit_does_not_keep_real_clients_out() 
         closed[closed.len() - 1]
     );
     assert!(closed[closed.len() - 1] < Duration::from_secs(30));
+
+    // A flood of 2,000 connections that send nothing at all.
+    let flood_start = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..2000 {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            silent.push(s);
+        }
+    }
+    let served = tokio::time::timeout(Duration::from_secs(30), get(addr, "/hello"))
+        .await
+        .expect("a real client was kept out for 30 s by silent connections");
+    assert_eq!(served.0, 200);
+    let served_after = flood_start.elapsed();
+    let closing = silent.into_iter().map(|mut s| {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+            matches!(r, Ok(Ok(0)) | Ok(Err(_)))
+        })
+    });
+    let mut all_closed = true;
+    for c in closing.collect::<Vec<_>>() {
+        all_closed &= c.await.unwrap();
+    }
+    eprintln!(
+        "flood: 2000 silent connections; real client served after {served_after:?}; all closed by {:?}",
+        flood_start.elapsed()
+    );
+    assert!(
+        all_closed,
+        "a silent connection outlived client_header_timeout by 30 s"
+    );
 }
