@@ -82,7 +82,10 @@ async fn app() -> (FakeUpstream, TestProxy) {
     let blue = FakeUpstream::start("blue").await.unwrap();
     let px = TestProxy::start(&format!(
         "{}deny:\n  paths: [\"(?i)/(actuator|\\\\.aws)\"]\n",
-        app_yaml(&[("blue", &[blue.addr()])], "blue", "")
+        app_yaml(&[("blue", &[blue.addr()])], "blue", "").replace(
+            "routes:\n",
+            "routes:\n  - path_prefix: /backend/\n    upstream: app\n    strip_prefix: true\n"
+        )
     ))
     .await;
     (blue, px)
@@ -142,14 +145,42 @@ async fn odd_request_targets_are_400_and_never_reach_the_app() {
     );
     let seen = blue.seen();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].path, "/a?b=1");
+    assert_eq!(seen[0].path, "/a?b=1", "origin-form upstream");
     assert_eq!(seen[0].headers["host"], "shop.example");
+    // Through a strip-prefix route: the prefix comes off the path, not off the URL.
+    for (target, host, want) in [
+        ("http://xadmin/backend/x", "xadmin", "/x"),
+        (
+            "http://shop.example/backend/u?id=1",
+            "shop.example",
+            "/u?id=1",
+        ),
+        ("http://shop.example/backend/", "shop.example", "/"),
+        (
+            "HTTP://shop.example:8080/backend/a/../b",
+            "shop.example:8080",
+            "/b",
+        ),
+    ] {
+        blue.clear_seen();
+        let r = one(
+            px.addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(r, 200, "{target}");
+        let seen = blue.seen();
+        assert_eq!(seen.len(), 1, "{target}");
+        assert_eq!(seen[0].path, want, "{target}");
+        assert_eq!(seen[0].headers["host"], host, "{target}");
+    }
+    blue.clear_seen();
     // A normalized path is what the app gets.
     assert_eq!(
         one(px.addr, "GET /a/./b/../c HTTP/1.1\r\nHost: t\r\n\r\n").await,
         200
     );
-    assert_eq!(blue.seen()[1].path, "/a/c");
+    assert_eq!(blue.seen()[0].path, "/a/c");
     px.shutdown().await;
 }
 
@@ -270,5 +301,50 @@ async fn pipelined_requests_are_all_answered_in_order() {
     assert_eq!(r.len(), 2);
     assert!(String::from_utf8_lossy(&r[0].body).contains("\"bytes\":3"));
     assert!(String::from_utf8_lossy(&r[1].body).contains("/last"));
+    px.shutdown().await;
+}
+
+/// Only a genuine upgrade (HTTP/1.1, `Upgrade`, `Connection: upgrade`, no body) is a tunnel
+/// without timeouts. Anything else carrying `Upgrade` is an ordinary request: forwarded without
+/// the header and cut by `read_timeout` like any other.
+#[tokio::test]
+async fn only_a_genuine_upgrade_lifts_the_timeouts() {
+    trace_init();
+    let blue = FakeUpstream::start("blue").await.unwrap();
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[blue.addr()])],
+        "blue",
+        "    read_timeout: 300ms\n",
+    ))
+    .await;
+    for req in [
+        // Upgrade without Connection: Pingora alone would forward a WebSocket handshake.
+        "GET /slow?ms=3000 HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n\r\n".to_string(),
+        // Upgrade with a body.
+        "POST /slow?ms=3000 HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: x\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+    ] {
+        blue.clear_seen();
+        let started = std::time::Instant::now();
+        let (r, _) = exchange(px.addr, req.as_bytes(), 1).await;
+        assert_eq!(r.first().map(|r| r.status), Some(504), "{req}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{req}");
+        let seen = blue.seen();
+        assert_eq!(seen.len(), 1, "{req}");
+        assert!(!seen[0].headers.contains_key("upgrade"), "{req}: {:?}", seen[0].headers);
+    }
+    // A genuine upgrade the app refuses (it answers 200, not 101): the answer arrives and the
+    // connection closes, so nothing after it can be read as another request.
+    let (r, closed) = exchange(
+        px.addr,
+        b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        2,
+    )
+    .await;
+    assert_eq!(
+        r.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![200],
+        "{r:?}"
+    );
+    assert!(closed);
     px.shutdown().await;
 }

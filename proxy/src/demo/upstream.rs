@@ -74,7 +74,8 @@ pub struct Seen {
     pub conn: u64,
     /// Method.
     pub method: String,
-    /// Path and query as received.
+    /// The request target as received: path and query, or the whole URL if the proxy
+    /// forwarded absolute-form.
     pub path: String,
     /// Request headers.
     pub headers: http::HeaderMap,
@@ -371,11 +372,14 @@ async fn handle(
         lock(&st.seen).push(Seen {
             conn,
             method: req.method().to_string(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map(|p| p.to_string())
-                .unwrap_or_default(),
+            path: if req.uri().authority().is_some() {
+                req.uri().to_string()
+            } else {
+                req.uri()
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            },
             headers: req.headers().clone(),
             at: Instant::now(),
         });

@@ -39,8 +39,10 @@ pub(crate) struct Head {
     pub(crate) len: usize,
     /// How the body is delimited.
     pub(crate) body: Body,
-    /// An upgrade is asked for (`Connection: upgrade` + `Upgrade`): if the app agrees, the
-    /// connection stops being HTTP.
+    /// A genuine upgrade is asked for: HTTP/1.1, `Upgrade`, `Connection: upgrade` and no body
+    /// (the request path applies the same rule, `proxy::genuine_upgrade`, and strips `Upgrade`
+    /// from anything else). If the app agrees, the connection stops being HTTP; if it does not,
+    /// the request path closes the connection after the answer.
     pub(crate) upgrade: bool,
 }
 
@@ -157,7 +159,7 @@ pub(crate) fn inspect(buf: &[u8]) -> Result<Head, Refusal> {
         skip,
         len,
         body,
-        upgrade: upgrade_header && connection_upgrade,
+        upgrade: http11 && upgrade_header && connection_upgrade && body == Body::None,
     })
 }
 
@@ -324,6 +326,15 @@ mod tests {
         assert_eq!(h.body, Body::Chunked);
         let h = check("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
         assert!(h.upgrade);
+        // Not genuine upgrades: no Connection token, a body, HTTP/1.0.
+        for head in [
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+            "POST /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: x\r\nContent-Length: 9\r\n\r\n",
+            "POST /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /ws HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ] {
+            assert!(!check(head).unwrap().upgrade, "{head}");
+        }
         assert_eq!(
             status("GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n"),
             200

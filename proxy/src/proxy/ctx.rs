@@ -94,6 +94,8 @@ pub(crate) struct RequestCtx {
     pub(crate) guard: Option<InstanceGuard>,
     /// The instance of the current attempt.
     pub(crate) instance: Option<Arc<Instance>>,
+    /// A genuine upgrade request (`genuine_upgrade`): no timeouts once it is a tunnel.
+    pub(crate) upgrade: bool,
     /// Why the last attempt failed, in words a client may see (never an address).
     pub(crate) cause: Option<&'static str>,
 }

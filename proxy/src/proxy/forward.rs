@@ -7,6 +7,7 @@
 
 use super::ctx::RequestCtx;
 use http::header;
+use pingora::http::authority::{raw_target_authority, RawTargetAuthority};
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -18,18 +19,27 @@ pub(crate) fn upstream_request(
     ctx: &RequestCtx,
 ) -> Result<()> {
     // Absolute-form (`GET http://host/path`): the authority is the Host (RFC 9112 §3.2.2), and
-    // upstream gets origin-form.
-    let absolute = req.uri.authority().cloned();
-    if let Some(a) = &absolute {
-        if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
-            req.insert_header(header::HOST, v)?;
+    // upstream gets origin-form. Pingora keeps the whole URL as the raw target and only its
+    // path in `uri` (what the deny list and the routes saw), so take both from the raw target
+    // with Pingora's own classifier: the path sent is then the path that was checked.
+    let mut target: Option<Vec<u8>> = None;
+    if let RawTargetAuthority::Absolute {
+        authority,
+        path_and_query,
+        ..
+    } = raw_target_authority(req.raw_path())
+    {
+        let host = http::HeaderValue::from_bytes(authority).ok();
+        let mut origin = Vec::with_capacity(path_and_query.len() + 1);
+        if path_and_query.first() != Some(&b'/') {
+            origin.push(b'/');
+        }
+        origin.extend_from_slice(path_and_query);
+        target = Some(origin);
+        if let Some(h) = host {
+            req.insert_header(header::HOST, h)?;
         }
     }
-    let mut target: Option<Vec<u8>> = absolute.is_some().then(|| {
-        req.uri
-            .path_and_query()
-            .map_or(b"/".to_vec(), |pq| pq.as_str().as_bytes().to_vec())
-    });
     if let Some(norm) = &ctx.normalized {
         let query = req.uri.query();
         let mut t = norm.as_bytes().to_vec();

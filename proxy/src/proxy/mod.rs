@@ -61,6 +61,22 @@ enum Decision {
     },
 }
 
+/// A genuine upgrade request (WebSocket): HTTP/1.1 with `Upgrade`, `Connection: upgrade` and no
+/// body. The connection layer applies the same rule (`listen::head`).
+fn genuine_upgrade(req: &RequestHeader) -> bool {
+    let h = &req.headers;
+    req.version == http::Version::HTTP_11
+        && h.contains_key(http::header::UPGRADE)
+        && h.get_all(http::header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        })
+        && !h.contains_key(http::header::TRANSFER_ENCODING)
+        && h.get(http::header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes().iter().all(|b| *b == b'0'))
+}
+
 /// The proxy logic, shared by every worker thread.
 #[derive(Debug)]
 pub(crate) struct Switchyard {
@@ -142,7 +158,22 @@ impl ProxyHttp for Switchyard {
                 ctx.snapshot = Some(snap);
             }
         }
-        if session.is_upgrade_req() {
+        // Only a genuine upgrade may become a tunnel without timeouts. Pingora takes any
+        // HTTP/1.1 request with an `Upgrade` header for one (and forwards a WebSocket
+        // handshake for it), so strip the header from anything else: a POST with a body and
+        // `Upgrade: x` is an ordinary POST, with the ordinary timeouts.
+        ctx.upgrade = genuine_upgrade(session.req_header());
+        if !ctx.upgrade
+            && session
+                .req_header()
+                .headers
+                .contains_key(http::header::UPGRADE)
+        {
+            session
+                .req_header_mut()
+                .remove_header(&http::header::UPGRADE);
+        }
+        if ctx.upgrade {
             // An upgraded (WebSocket) connection may be quiet for long; it ends when either
             // side closes, not after the HTTP read timeout.
             session.set_read_timeout(None);
@@ -196,7 +227,7 @@ impl ProxyHttp for Switchyard {
         let o = &mut peer.options;
         o.connection_timeout = Some(cfg.connect_timeout);
         o.idle_timeout = Some(cfg.idle_timeout);
-        if session.is_upgrade_req() {
+        if ctx.upgrade {
             o.read_timeout = None;
             o.write_timeout = None;
         } else {
@@ -213,6 +244,20 @@ impl ProxyHttp for Switchyard {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         forward::upstream_request(session, req, ctx)
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if ctx.upgrade && resp.status.as_u16() != 101 {
+            // The app refused the upgrade: the connection layer already treats what follows
+            // the head as a tunnel, so it must not carry another request.
+            session.set_keepalive(None);
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(
