@@ -322,6 +322,22 @@ pub enum Request {
 }
 
 impl Request {
+    /// Whether the command waits for something after any change (a drain, health, new
+    /// events): it may hold its connection for long.
+    pub fn waits(&self) -> bool {
+        match self {
+            Request::Switch {
+                drain,
+                drain_ms,
+                wait_healthy_ms,
+                ..
+            } => *drain || drain_ms.is_some() || wait_healthy_ms.is_some(),
+            Request::Drain { .. } => true,
+            Request::Events { follow, .. } => *follow,
+            _ => false,
+        }
+    }
+
     /// The command name, for logs.
     pub fn name(&self) -> &'static str {
         match self {

@@ -13,7 +13,10 @@
 //! (or trickling) its next request line is closed after [`IDLE_TIMEOUT`]; at most
 //! [`MAX_CONNECTIONS`] connections are served at once — when full, the longest-idle one is
 //! closed to make room, and only when every one is running a command does a newcomer get
-//! `busy`. So idle connections cannot lock `proxyctl` out.
+//! `busy`; commands that wait (drains, `--wait-healthy`, `events --follow`) may hold all but
+//! [`RESERVED_FOR_SHORT`] of them. A client that stops reading its answer is dropped after
+//! [`IDLE_TIMEOUT`] too. So neither idle nor stuck clients can lock `proxyctl status` or
+//! `proxyctl switch` out.
 
 use crate::protocol::{ControlError, ErrorCode, Event, EventLine, Reply, Request};
 use async_trait::async_trait;
@@ -31,9 +34,12 @@ use tokio::sync::{mpsc, Semaphore};
 pub const MAX_LINE: usize = 1 << 20;
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 256;
-/// How long a connection may wait between requests (or take to send one line) before it is
-/// closed. A client mid-command (a drain, `events --follow`) is not idle.
+/// How long a connection may wait between requests (or take to send one line, or to read one
+/// answer line) before it is closed. A client mid-command (a drain, `events --follow`) is not
+/// idle.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections that waiting commands (drains, health waits, `events --follow`) cannot take.
+pub const RESERVED_FOR_SHORT: usize = 16;
 
 /// Who is on the other end of a control connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,10 +131,27 @@ pub struct ControlServer {
 
 /// Connections waiting for their next request line, so a full server can close one to make
 /// room for a new `proxyctl`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Idle {
     count: AtomicUsize,
     evict: tokio::sync::Notify,
+    /// New connections waiting for a slot now. An eviction notice can outlive the moment it
+    /// was sent (`Notify` keeps it for the next waiter when none waits): a connection woken
+    /// by one closes only while a newcomer still waits.
+    newcomers: AtomicUsize,
+    /// Permits for commands that wait.
+    waiters: Arc<Semaphore>,
+}
+
+impl Default for Idle {
+    fn default() -> Self {
+        Idle {
+            count: AtomicUsize::new(0),
+            evict: tokio::sync::Notify::new(),
+            newcomers: AtomicUsize::new(0),
+            waiters: Arc::new(Semaphore::new(MAX_CONNECTIONS - RESERVED_FOR_SHORT)),
+        }
+    }
 }
 
 /// Counts a connection as idle while it exists.
@@ -247,16 +270,19 @@ impl ControlServer {
                 let permit = match slots.clone().try_acquire_owned() {
                     Ok(p) => Some(p),
                     Err(_) => {
+                        idle.newcomers.fetch_add(1, Ordering::AcqRel);
                         if idle.count.load(Ordering::Acquire) > 0 {
                             idle.evict.notify_one();
                         }
-                        tokio::time::timeout(
+                        let p = tokio::time::timeout(
                             std::time::Duration::from_secs(1),
                             slots.acquire_owned(),
                         )
                         .await
                         .ok()
-                        .and_then(Result::ok)
+                        .and_then(Result::ok);
+                        idle.newcomers.fetch_sub(1, Ordering::AcqRel);
+                        p
                     }
                 };
                 let Some(permit) = permit else {
@@ -267,6 +293,7 @@ impl ControlServer {
                             ErrorCode::Busy,
                             format!("{MAX_CONNECTIONS} control connections are busy; try again"),
                         )),
+                        idle_timeout,
                     )
                     .await;
                     return;
@@ -301,15 +328,28 @@ impl Drop for ControlServer {
     }
 }
 
-async fn write_line(w: &mut OwnedWriteHalf, value: &impl serde::Serialize) -> io::Result<()> {
+async fn write_line(
+    w: &mut OwnedWriteHalf,
+    value: &impl serde::Serialize,
+    limit: std::time::Duration,
+) -> io::Result<()> {
     let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
     line.push(b'\n');
-    w.write_all(&line).await?;
-    w.flush().await
+    let write = async {
+        w.write_all(&line).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(limit, write)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::from(io::ErrorKind::TimedOut)))
 }
 
-async fn write_reply(w: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
-    write_line(w, reply).await
+async fn write_reply(
+    w: &mut OwnedWriteHalf,
+    reply: &Reply,
+    limit: std::time::Duration,
+) -> io::Result<()> {
+    write_line(w, reply, limit).await
 }
 
 fn bad_request(message: String) -> Reply {
@@ -339,18 +379,25 @@ async fn connection<H: ControlHandler>(
         let mut buf = Vec::new();
         // Waiting for a request line is idle: bounded, and the first to go when full.
         let n = {
-            let evicted = idle.evict.notified();
-            tokio::pin!(evicted);
-            evicted.as_mut().enable();
             let _idle = IdleGuard::new(idle);
             let mut limited = (&mut r).take(MAX_LINE as u64 + 1);
-            let read = limited.read_until(b'\n', &mut buf);
-            tokio::select! {
-                got = tokio::time::timeout(idle_timeout, read) => match got {
-                    Ok(Ok(n)) => n,
-                    Ok(Err(_)) | Err(_) => return,
-                },
-                _ = evicted => return,
+            let read = tokio::time::timeout(idle_timeout, limited.read_until(b'\n', &mut buf));
+            tokio::pin!(read);
+            loop {
+                let evicted = idle.evict.notified();
+                tokio::pin!(evicted);
+                evicted.as_mut().enable();
+                tokio::select! {
+                    got = &mut read => match got {
+                        Ok(Ok(n)) => break n,
+                        Ok(Err(_)) | Err(_) => return,
+                    },
+                    _ = evicted => {
+                        if idle.newcomers.load(Ordering::Acquire) > 0 {
+                            return;
+                        }
+                    }
+                }
             }
         };
         if n == 0 {
@@ -361,6 +408,7 @@ async fn connection<H: ControlHandler>(
             let _ = write_reply(
                 &mut w,
                 &bad_request(format!("request line longer than {MAX_LINE} bytes")),
+                idle_timeout,
             )
             .await;
             // Closing with unread input would reset the connection and could destroy the
@@ -384,12 +432,28 @@ async fn connection<H: ControlHandler>(
         }
         let reply = match serde_json::from_slice::<Request>(line) {
             Err(e) => bad_request(format!("not a valid request: {e}")),
-            Ok(req) => match run(&handler, req, peer, &mut r, &mut w).await {
-                Some(reply) => reply,
-                None => return, // client gone
-            },
+            Ok(req) => {
+                // A command that waits holds its connection for long; keep a few connections
+                // for the short ones.
+                let waits = req.waits();
+                let permit = waits.then(|| idle.waiters.clone().try_acquire_owned().ok());
+                if permit.as_ref().is_some_and(Option::is_none) {
+                    Reply::err(ControlError::new(
+                        ErrorCode::Busy,
+                        format!(
+                            "{} control connections are already running commands that wait; try again",
+                            MAX_CONNECTIONS - RESERVED_FOR_SHORT
+                        ),
+                    ))
+                } else {
+                    match run(&handler, req, peer, &mut r, &mut w, idle_timeout).await {
+                        Some(reply) => reply,
+                        None => return, // client gone
+                    }
+                }
+            }
         };
-        if write_reply(&mut w, &reply).await.is_err() || !complete {
+        if write_reply(&mut w, &reply, idle_timeout).await.is_err() || !complete {
             return;
         }
     }
@@ -403,6 +467,7 @@ async fn run<H: ControlHandler>(
     peer: Peer,
     r: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
     w: &mut OwnedWriteHalf,
+    limit: std::time::Duration,
 ) -> Option<Reply> {
     let (tx, mut rx) = mpsc::channel(16);
     let fut = handler.handle(req, peer, EventSender(tx));
@@ -412,12 +477,12 @@ async fn run<H: ControlHandler>(
         tokio::select! {
             reply = &mut fut => {
                 while let Ok(ev) = rx.try_recv() {
-                    write_line(w, &EventLine { event: ev }).await.ok()?;
+                    write_line(w, &EventLine { event: ev }, limit).await.ok()?;
                 }
                 return Some(reply);
             }
             Some(ev) = rx.recv() => {
-                write_line(w, &EventLine { event: ev }).await.ok()?;
+                write_line(w, &EventLine { event: ev }, limit).await.ok()?;
             }
             peeked = r.fill_buf(), if watch_peer => match peeked {
                 Ok([]) | Err(_) => return None,

@@ -1,38 +1,72 @@
 //! The control server's connection rules against a fake handler: idle connections are closed,
-//! and when the server is full an idle one makes room for a new client.
+//! when the server is full an idle one makes room for a new client, waiting commands cannot
+//! take the last connections, and a client that does not read is dropped.
 
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchyard_control::server::MAX_CONNECTIONS;
+use switchyard_control::protocol::{AuditRecord, Event};
+use switchyard_control::server::{MAX_CONNECTIONS, RESERVED_FOR_SHORT};
 use switchyard_control::{
     ControlClient, ControlHandler, ControlServer, ErrorCode, EventSender, Peer, Reply, Request,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// `status` answers at once; `drain` never finishes (a busy connection).
+/// `status` answers at once; `drain` (a waiting command) and `rollback` (a short one) never
+/// finish; `events --follow` streams records as fast as they can be written.
 struct Fake;
 
 #[async_trait::async_trait]
 impl ControlHandler for Fake {
-    async fn handle(&self, req: Request, _peer: Peer, _events: EventSender) -> Reply {
-        if matches!(req, Request::Drain { .. }) {
-            std::future::pending::<()>().await;
+    async fn handle(&self, req: Request, _peer: Peer, events: EventSender) -> Reply {
+        match req {
+            Request::Drain { .. } | Request::Rollback { .. } => {
+                std::future::pending::<()>().await;
+            }
+            Request::Events { follow: true, .. } => loop {
+                let record = AuditRecord {
+                    seq: 1,
+                    time: "2026-11-29T00:00:00Z".into(),
+                    kind: "switch".into(),
+                    upstream: None,
+                    pool: None,
+                    instance: None,
+                    actor: "socket".into(),
+                    uid: None,
+                    pid: None,
+                    generation: None,
+                    old_weights: None,
+                    new_weights: None,
+                    forced: false,
+                    message: "x".repeat(1000),
+                };
+                if !events.send(Event::Record { record }).await {
+                    return Reply::ok("gone");
+                }
+            },
+            _ => {}
         }
         Reply::ok("ok")
     }
 }
 
-fn serve(idle: Duration) -> (tempfile::TempDir, std::path::PathBuf) {
+fn serve(
+    idle: Duration,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("c.sock");
     let server = ControlServer::bind(&sock, 0o600)
         .unwrap()
         .with_idle_timeout(idle);
+    let open = server.open_connections();
     tokio::spawn(server.serve(Arc::new(Fake), std::future::pending()));
-    (dir, sock)
+    (dir, sock, open)
 }
 
 /// How long until the server closes `s` (None: still open after 5 s).
@@ -54,7 +88,7 @@ async fn closed_after(s: &mut UnixStream) -> Option<Duration> {
 
 #[tokio::test]
 async fn idle_and_trickling_connections_are_closed() {
-    let (_dir, sock) = serve(Duration::from_millis(300));
+    let (_dir, sock, _) = serve(Duration::from_millis(300));
     let mut idle = UnixStream::connect(&sock).await.unwrap();
     let t = closed_after(&mut idle).await.expect("closed");
     assert!(t >= Duration::from_millis(250), "{t:?}");
@@ -82,7 +116,7 @@ async fn idle_and_trickling_connections_are_closed() {
 
 #[tokio::test]
 async fn when_full_an_idle_connection_makes_room_and_busy_ones_do_not() {
-    let (_dir, sock) = serve(Duration::from_secs(60));
+    let (_dir, sock, _) = serve(Duration::from_secs(60));
     let mut idle = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
         idle.push(UnixStream::connect(&sock).await.unwrap());
@@ -97,17 +131,46 @@ async fn when_full_an_idle_connection_makes_room_and_busy_ones_do_not() {
     drop(c);
     drop(idle);
 
-    // Full of connections running a command: a newcomer is told to come back.
-    let (_dir2, sock) = serve(Duration::from_secs(60));
+    // Commands that wait take all but RESERVED_FOR_SHORT connections; then the next one is
+    // told to come back while a short command is still served.
+    let (_dir2, sock, _) = serve(Duration::from_secs(60));
     let mut busy = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
+    for _ in 0..MAX_CONNECTIONS - RESERVED_FOR_SHORT {
         let mut s = UnixStream::connect(&sock).await.unwrap();
         s.write_all(b"{\"cmd\":\"drain\",\"pool\":\"blue\"}\n")
             .await
             .unwrap();
         busy.push(s);
     }
-    // Let the server read every command (bounded poll on what it answers a newcomer).
+    // Let the server read every command (bounded poll on what it answers one more).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = ControlClient::connect(&sock).await.unwrap();
+        let drain = Request::Drain {
+            upstream: None,
+            pool: "blue".into(),
+            timeout_ms: None,
+        };
+        let r = tokio::time::timeout(Duration::from_millis(500), c.request(&drain)).await;
+        if let Ok(Ok(r)) = r {
+            assert!(!r.ok);
+            assert_eq!(r.error.unwrap().code, ErrorCode::Busy);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waiting commands took every connection"
+        );
+    }
+    let mut c = ControlClient::connect(&sock).await.unwrap();
+    assert!(c.request(&Request::Status).await.unwrap().ok);
+    drop(c);
+    // Full of connections running commands: a newcomer is told to come back.
+    for _ in 0..RESERVED_FOR_SHORT {
+        let mut s = UnixStream::connect(&sock).await.unwrap();
+        s.write_all(b"{\"cmd\":\"rollback\"}\n").await.unwrap();
+        busy.push(s);
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut c = ControlClient::connect(&sock).await.unwrap();
@@ -119,4 +182,27 @@ async fn when_full_an_idle_connection_makes_room_and_busy_ones_do_not() {
         assert!(Instant::now() < deadline, "never busy");
     }
     drop(busy);
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_its_answer_is_dropped() {
+    let (_dir, sock, open) = serve(Duration::from_millis(300));
+    let mut s = UnixStream::connect(&sock).await.unwrap();
+    s.write_all(b"{\"cmd\":\"events\",\"follow\":true}\n")
+        .await
+        .unwrap();
+    // Never read: the socket buffer fills, a write stalls, and the connection is closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open.load(std::sync::atomic::Ordering::Acquire) != 1 {
+        assert!(Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while open.load(std::sync::atomic::Ordering::Acquire) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a client that does not read kept its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(s);
 }

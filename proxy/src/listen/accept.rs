@@ -42,8 +42,11 @@ pub(crate) struct Connections {
     closed: Notify,
     /// Connections waiting for their next request (or their first), closable at once.
     idle: AtomicUsize,
-    /// Wakes the longest-waiting idle connection, which then closes.
+    /// Wakes the longest-waiting idle connection, which then closes if a new connection is
+    /// still waiting for a slot.
     evict: Notify,
+    /// Accept loops waiting for a slot now.
+    waiting: AtomicUsize,
     /// What the open-file limit allows, whatever `max_connections` says (each client
     /// connection may also hold an upstream connection).
     fd_cap: usize,
@@ -57,6 +60,7 @@ impl Connections {
             closed: Notify::new(),
             idle: AtomicUsize::new(0),
             evict: Notify::new(),
+            waiting: AtomicUsize::new(0),
             fd_cap,
         }
     }
@@ -82,6 +86,29 @@ impl Connections {
         if self.idle.load(Ordering::Acquire) > 0 {
             self.evict.notify_one();
         }
+    }
+
+    /// Whether an eviction notice is still wanted. A notice sent when the last idle
+    /// connection was just leaving is kept by `Notify` for the next one to go idle, possibly
+    /// much later: that one must not close unless a new connection is waiting then.
+    fn eviction_wanted(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+}
+
+/// Counts an accept loop waiting for a slot.
+struct Waiting<'a>(&'a Connections);
+
+impl<'a> Waiting<'a> {
+    fn new(c: &'a Connections) -> Self {
+        c.waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(c)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -245,14 +272,22 @@ impl App {
             let wait = tokio::time::timeout_at(until, stream.first_byte());
             return matches!(until_shutdown(wait, shutdown).await, Some(Ok(true)));
         }
-        let evicted = self.connections.evict.notified();
-        tokio::pin!(evicted);
-        evicted.as_mut().enable();
         let _idle = Idle::new(&self.connections);
         let wait = async {
-            tokio::select! {
-                got = tokio::time::timeout_at(until, stream.first_byte()) => matches!(got, Ok(true)),
-                _ = evicted => false,
+            let first = tokio::time::timeout_at(until, stream.first_byte());
+            tokio::pin!(first);
+            loop {
+                let evicted = self.connections.evict.notified();
+                tokio::pin!(evicted);
+                evicted.as_mut().enable();
+                tokio::select! {
+                    got = &mut first => return matches!(got, Ok(true)),
+                    _ = evicted => {
+                        if self.connections.eviction_wanted() {
+                            return false;
+                        }
+                    }
+                }
             }
         };
         until_shutdown(wait, shutdown).await.unwrap_or(false)
@@ -443,6 +478,11 @@ pub(crate) async fn serve(
 /// the new one waits for the slot it frees (meanwhile this loop accepts nothing more: further
 /// clients wait in the backlog). `None` when shutdown began first.
 async fn slot_for(app: &App, shutdown: &mut watch::Receiver<bool>) -> Option<Slot> {
+    let cap = app.shared.load().config.max_connections;
+    if app.connections.try_reserve(cap) {
+        return Some(Slot(app.connections.clone()));
+    }
+    let _waiting = Waiting::new(&app.connections);
     loop {
         let cap = app.shared.load().config.max_connections;
         let closed = app.connections.closed.notified();
@@ -487,10 +527,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        let at = Instant::now();
         let Some(slot) = slot_for(&app, &mut shutdown).await else {
             break;
         };
+        // The header deadline runs from when the connection is served, not from when the
+        // kernel accepted it: a connection that waited for a slot still has its full time.
+        let at = Instant::now();
         if let Err(e) = stream.set_nodelay() {
             tracing::debug!(error = %e, "set_nodelay failed");
         }

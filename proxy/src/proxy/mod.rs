@@ -183,7 +183,7 @@ impl ProxyHttp for Switchyard {
 
     async fn upstream_peer(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         let (Some(up), Some(pool_idx)) = (ctx.upstream.clone(), ctx.pool) else {

@@ -128,8 +128,13 @@ impl Default for StartOptions {
 /// enough that an unresolvable name (a container not created yet) doesn't hold up the start.
 const INITIAL_RESOLVE_BOUND: Duration = Duration::from_secs(3);
 
-/// See the comment where it is used.
-const UPSTREAM_POOL_PER_THREAD: usize = 4096;
+/// Idle upstream keep-alive connections kept (one pool shared by every worker thread), at
+/// most. See the comment where it is used.
+const UPSTREAM_POOL: usize = 4096;
+
+/// File descriptors kept for the proxy's own use (listeners, control socket, logs, health
+/// checks, DNS).
+const FD_RESERVE: u64 = 64;
 
 /// Start a proxy from a validated config.
 pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
@@ -256,15 +261,16 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
 
     // Data plane.
     let (done_tx, done_rx) = oneshot::channel();
+    let budget = fd_budget(config.max_connections);
     {
         let conf = ServerConf {
             threads: config.threads,
             // Our own retry accounting bounds attempts; this is only Pingora's outer ceiling.
             max_retries: 16,
-            // Idle upstream connections kept per worker thread. Pingora's default (128) makes
-            // every request beyond 128 concurrent ones open and close its own upstream
-            // connection: at 1k clients that tripled the CPU per request (BENCHMARKS.md).
-            upstream_keepalive_pool_size: UPSTREAM_POOL_PER_THREAD,
+            // Idle upstream connections kept. Pingora's default (128) makes every request
+            // beyond 128 concurrent ones open and close its own upstream connection: at 1k
+            // clients that tripled the CPU per request (BENCHMARKS.md).
+            upstream_keepalive_pool_size: budget.upstream_pool,
             ..Default::default()
         };
         let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -290,9 +296,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             app,
             shared.clone(),
             metrics.unrouted.clone(),
-            Arc::new(listen::Connections::new(connection_cap(
-                config.max_connections,
-            ))),
+            Arc::new(listen::Connections::new(budget.clients)),
         ));
         let listeners = Arc::new(listeners);
         let mut workers = Vec::new();
@@ -343,24 +347,40 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     })
 }
 
-/// The most client connections the open-file limit allows: each may hold an upstream
-/// connection too, and a few descriptors are the proxy's own (listeners, control socket,
-/// logs, health checks). Said once at start when it is below `max_connections`.
-fn connection_cap(max_connections: usize) -> usize {
-    const RESERVE: u64 = 64;
-    let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
-        return usize::MAX;
+/// How the open-file limit is shared out.
+#[derive(Debug, Clone, Copy)]
+struct FdBudget {
+    /// Client connections at most: each may hold an upstream connection too.
+    clients: usize,
+    /// Idle upstream keep-alive connections kept at most.
+    upstream_pool: usize,
+}
+
+/// Share the open-file limit: a few descriptors for the proxy itself, a quarter of the rest
+/// (at most [`UPSTREAM_POOL`]) for idle upstream connections — after a switch, connections to
+/// the old pool's epoch linger there until `idle_timeout` — and the rest for client
+/// connections with one upstream connection each. Said once at start when the client share is
+/// below `max_connections`.
+fn fd_budget(max_connections: usize) -> FdBudget {
+    let soft = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => soft,
+        Err(_) => u64::MAX,
     };
-    let cap = usize::try_from(soft.saturating_sub(RESERVE) / 2).unwrap_or(usize::MAX);
-    if cap < max_connections {
+    let budget = soft.saturating_sub(FD_RESERVE);
+    let pool = (budget / 4).min(UPSTREAM_POOL as u64);
+    let clients = usize::try_from((budget - pool) / 2).unwrap_or(usize::MAX);
+    if clients < max_connections {
         tracing::warn!(
             open_file_limit = soft,
             max_connections,
-            effective = cap,
+            effective = clients,
             "the open-file limit allows fewer client connections than max_connections; raise it (systemd LimitNOFILE, ulimit -n)"
         );
     }
-    cap.max(1)
+    FdBudget {
+        clients: clients.max(1),
+        upstream_pool: usize::try_from(pool).unwrap_or(UPSTREAM_POOL).max(1),
+    }
 }
 
 fn current_thread_runtime(what: &'static str) -> Result<tokio::runtime::Runtime, StartError> {
