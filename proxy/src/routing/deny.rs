@@ -1,6 +1,7 @@
 //! The deny list: paths the proxy answers itself (SPEC §3 `deny`), never forwarded.
 //!
-//! Checked before routing, on the path as sent and percent-decoded.
+//! Checked before routing, on the (normalized) path as sent, and on it fully percent-decoded
+//! with dot segments resolved again — as nginx sees `/public/..%2Fadmin`: `/admin`.
 
 use percent_encoding::percent_decode_str;
 use switchyard_config::DenyConfig;
@@ -42,7 +43,13 @@ impl DenyList {
         }
         if path.contains('%') {
             let decoded = percent_decode_str(path).decode_utf8_lossy();
-            return set.is_match(&decoded);
+            if set.is_match(&decoded) {
+                return true;
+            }
+            // Decoding `%2F` may make new dot segments (`/public/..%2Fadmin`).
+            if let std::borrow::Cow::Owned(resolved) = super::normalize::normalize(&decoded) {
+                return set.is_match(&resolved);
+            }
         }
         false
     }
@@ -65,6 +72,14 @@ mod tests {
         assert!(d.denies("/x/.aws/credentials"));
         assert!(!d.denies("/users"));
         assert!(!d.denies("/actuat%"));
+        // An anchored pattern sees through an encoded slash that makes a dot segment.
+        let anchored = DenyList::new(&DenyConfig {
+            status: 403,
+            paths: vec![regex::Regex::new("^/admin").unwrap()],
+        });
+        assert!(anchored.denies("/public/..%2Fadmin"));
+        assert!(anchored.denies("/public/%2e%2e%2fadmin/x"));
+        assert!(!anchored.denies("/public/admin"));
         let none = DenyList::new(&DenyConfig {
             status: 403,
             paths: vec![],
