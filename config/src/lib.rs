@@ -23,7 +23,7 @@ mod validate;
 
 pub use error::{ConfigError, FieldError, FieldPath};
 pub use model::*;
-pub use validate::validate;
+pub use validate::{check_steps, validate, DEFAULT_STEPS};
 
 use std::path::Path;
 

@@ -2,7 +2,6 @@
 //! cross-references (route -> upstream, `active` -> pool) are known to resolve, so the proxy
 //! builds its runtime state from it without further checks.
 
-use crate::error::FieldError;
 use ipnet::IpNet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -41,9 +40,6 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Paths answered by the proxy itself.
     pub deny: DenyConfig,
-    /// Keys set in the file that this version parses but does not act on yet; `check` and
-    /// the proxy warn about each.
-    pub not_in_effect: Vec<FieldError>,
 }
 
 impl Config {
@@ -140,6 +136,10 @@ pub struct UpstreamConfig {
     pub canary: CanaryConfig,
     /// Preview routing.
     pub preview: PreviewConfig,
+    /// Default steps of a rollout (weights in percent, strictly increasing, ending at 100).
+    pub steps: Vec<u32>,
+    /// Default time at each step.
+    pub step_interval: Duration,
 }
 
 impl UpstreamConfig {
@@ -215,18 +215,26 @@ pub struct CanaryConfig {
     pub cookie: String,
     /// `<force_header>: true` sends a request to the canary.
     pub force_header: String,
-    /// Automatic rollback, if enabled.
-    pub auto_rollback: Option<AutoRollbackConfig>,
+    /// What makes a canary bad: judged for rollout steps always, acted on automatically when
+    /// `auto_rollback` is on.
+    pub analysis: AnalysisConfig,
+    /// Roll a bad canary back without a human.
+    pub auto_rollback: bool,
 }
 
-/// Automatic rollback thresholds.
+/// When a canary is bad (SPEC §3 `canary.auto_rollback`).
 #[derive(Debug, Clone, PartialEq)]
-pub struct AutoRollbackConfig {
-    /// 5xx share above which the canary is bad.
+pub struct AnalysisConfig {
+    /// 5xx share above which the canary is bad (or the allowed excess over the main pool's
+    /// share, with `relative_to_main`).
     pub error_rate: f64,
-    /// How long the condition must hold.
+    /// Compare with the main pool's 5xx share.
+    pub relative_to_main: bool,
+    /// How long the condition must hold before an automatic rollback.
+    pub hold_for: Duration,
+    /// The sliding window measured.
     pub window: Duration,
-    /// Minimum canary requests per minute for the rate to count.
+    /// Fewer canary requests than this in the window: no verdict.
     pub min_requests: u64,
     /// Optional p99 latency bound.
     pub latency_p99: Option<Duration>,

@@ -124,6 +124,11 @@ pub struct Upstream {
     pub canary: Option<Canary>,
     /// Explicit pool selection by header, for testing the idle color.
     pub preview: Option<Preview>,
+    /// Weights of `proxyctl canary POOL` when `--steps` is not given. Default `[5, 25, 50, 100]`;
+    /// strictly increasing, each 1..=100, ending at 100.
+    pub steps: Option<Vec<u32>>,
+    /// Time at each step; a step advances only if its analysis passed. Default `10m`.
+    pub step_interval: Option<String>,
 }
 
 /// Active health check settings.
@@ -170,6 +175,9 @@ pub struct Canary {
     pub force_header: Option<String>,
     /// Automatic rollback of a bad canary.
     pub auto_rollback: Option<AutoRollback>,
+    /// `true`: `error_rate` is the allowed excess of the canary's 5xx share over the main
+    /// pool's, so an outage hitting both pools does not blame the canary. Default false.
+    pub relative_to_main: Option<bool>,
 }
 
 /// Automatic rollback thresholds.
@@ -181,8 +189,11 @@ pub struct AutoRollback {
     /// ... continuously for this long. Default `2m`.
     #[serde(rename = "for")]
     pub for_: Option<String>,
-    /// ... with at least this many canary requests per minute. Default 20.
+    /// ... with at least this many canary requests per `window`. Default 20.
     pub min_requests: Option<u64>,
+    /// The sliding window the share, the request count and the p99 are measured over.
+    /// Default `1m` (switchyard's addition; the SPEC fixes it at one minute).
+    pub window: Option<String>,
     /// Optional p99 latency bound, e.g. `800ms`. Default: none.
     pub latency_p99: Option<String>,
     /// `false` disables automatic rollback. Default true.

@@ -2,7 +2,7 @@
 //! (pingap stops at the first one; users then fix one error per run). Defaults are filled in
 //! here and nowhere else, so the defaults documented on `raw` are the ones in effect.
 
-use crate::error::{ConfigError, Errors, FieldError, FieldPath};
+use crate::error::{ConfigError, Errors, FieldPath};
 use crate::model::*;
 use crate::raw;
 use ipnet::IpNet;
@@ -140,25 +140,6 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
 
     let deny = deny(raw.deny.as_ref(), &root.key("deny"), &mut errs);
 
-    // Validated so files stay stable, but not acted on by this version: say so.
-    let mut not_in_effect = Vec::new();
-    for (name, u) in &raw.upstreams {
-        if u.canary.is_some() {
-            not_in_effect.push(FieldError {
-                path: upath.key(name).key("canary"),
-                message: "canary stickiness, the force header and automatic rollback are not implemented in this version; the settings are ignored".into(),
-            });
-        }
-        if u.preview.is_some() {
-            not_in_effect.push(FieldError {
-                path: upath.key(name).key("preview"),
-                message:
-                    "preview routing is not implemented in this version; the settings are ignored"
-                        .into(),
-            });
-        }
-    }
-
     errs.finish()?;
     Ok(Config {
         listen,
@@ -175,7 +156,6 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         deny,
-        not_in_effect,
     })
 }
 
@@ -378,7 +358,52 @@ fn upstream(name: &str, u: &raw::Upstream, path: &FieldPath, errs: &mut Errors) 
         passive: passive(u.passive.as_ref(), &path.key("passive"), errs),
         canary: canary(u.canary.as_ref(), &path.key("canary"), errs),
         preview: preview(u.preview.as_ref(), &path.key("preview"), errs),
+        steps: match &u.steps {
+            None => DEFAULT_STEPS.to_vec(),
+            Some(list) => {
+                if let Err(e) = check_steps(list) {
+                    errs.push(path.key("steps"), e);
+                }
+                list.clone()
+            }
+        },
+        step_interval: d("step_interval", &u.step_interval, secs(600), errs),
     }
+}
+
+/// The steps of a rollout when none are configured.
+pub const DEFAULT_STEPS: [u32; 4] = [5, 25, 50, 100];
+
+/// The rules for rollout steps (config `steps` and `proxyctl canary --steps`): at least one,
+/// each 1..=100, strictly increasing, the last 100 — a rollout ends with the canary taking all
+/// the traffic (to hold at a share, use `proxyctl weight`).
+pub fn check_steps(steps: &[u32]) -> Result<(), String> {
+    let shown = || {
+        steps
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if steps.is_empty() {
+        return Err("no steps: give at least one, ending at 100 (e.g. 5,25,50,100)".into());
+    }
+    if steps.len() > 100 {
+        return Err(format!("{} steps; at most 100", steps.len()));
+    }
+    if let Some(s) = steps.iter().find(|s| !(1..=100).contains(*s)) {
+        return Err(format!("step {s} in [{}] is not in 1..=100", shown()));
+    }
+    if steps.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(format!("steps [{}] must be strictly increasing", shown()));
+    }
+    if steps.last() != Some(&100) {
+        return Err(format!(
+            "steps [{}] must end at 100: a rollout ends with the canary taking all traffic",
+            shown()
+        ));
+    }
+    Ok(())
 }
 
 fn health(raw: Option<&raw::Health>, path: &FieldPath, errs: &mut Errors) -> HealthConfig {
@@ -503,34 +528,47 @@ fn canary(raw: Option<&raw::Canary>, path: &FieldPath, errs: &mut Errors) -> Can
             format!("{force_header:?} is not a valid header name"),
         );
     }
-    let auto_rollback = {
-        let def = raw::AutoRollback::default();
-        let a = c.auto_rollback.as_ref().unwrap_or(&def);
-        let apath = path.key("auto_rollback");
-        let error_rate = a.error_rate.unwrap_or(0.05);
-        if !(0.0..=1.0).contains(&error_rate) {
-            errs.push(
-                apath.key("error_rate"),
-                format!("{error_rate} is out of range 0..=1"),
-            );
-        }
-        let window = duration(a.for_.as_deref(), &apath.key("for"), secs(120), false, errs);
-        let latency_p99 = a
-            .latency_p99
-            .as_deref()
-            .map(|s| duration(Some(s), &apath.key("latency_p99"), secs(1), false, errs));
-        (a.enabled != Some(false)).then_some(AutoRollbackConfig {
-            error_rate,
-            window,
-            min_requests: a.min_requests.unwrap_or(20),
-            latency_p99,
-        })
-    };
+    let def = raw::AutoRollback::default();
+    let a = c.auto_rollback.as_ref().unwrap_or(&def);
+    let apath = path.key("auto_rollback");
+    let error_rate = a.error_rate.unwrap_or(0.05);
+    if !(0.0..=1.0).contains(&error_rate) {
+        errs.push(
+            apath.key("error_rate"),
+            format!("{error_rate} is out of range 0..=1"),
+        );
+    }
+    let hold_for = duration(a.for_.as_deref(), &apath.key("for"), secs(120), false, errs);
+    let window = duration(
+        a.window.as_deref(),
+        &apath.key("window"),
+        secs(60),
+        false,
+        errs,
+    );
+    if window < Duration::from_millis(100) {
+        errs.push(
+            apath.key("window"),
+            format!("{window:?} is shorter than 100ms; the window is measured in sixths"),
+        );
+    }
+    let latency_p99 = a
+        .latency_p99
+        .as_deref()
+        .map(|s| duration(Some(s), &apath.key("latency_p99"), secs(1), false, errs));
     CanaryConfig {
         sticky,
         cookie,
         force_header,
-        auto_rollback,
+        analysis: AnalysisConfig {
+            error_rate,
+            relative_to_main: c.relative_to_main.unwrap_or(false),
+            hold_for,
+            window,
+            min_requests: a.min_requests.unwrap_or(20),
+            latency_p99,
+        },
+        auto_rollback: a.enabled != Some(false),
     }
 }
 

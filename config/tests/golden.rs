@@ -63,7 +63,16 @@ fn spec_example_has_the_documented_values() {
     assert_eq!(app.active, "blue");
     assert_eq!(app.pool("blue").unwrap().instances.len(), 2);
     assert_eq!(app.health.expect_json_status, vec!["UP".to_string()]);
-    assert_eq!(app.canary.auto_rollback.as_ref().unwrap().min_requests, 20);
+    assert!(app.canary.auto_rollback);
+    assert_eq!(app.canary.analysis.min_requests, 20);
+    assert_eq!(
+        app.canary.analysis.hold_for,
+        std::time::Duration::from_secs(120)
+    );
+    assert_eq!(app.canary.analysis.latency_p99, None);
+    assert!(!app.canary.analysis.relative_to_main);
+    assert_eq!(app.steps, vec![5, 25, 50, 100]);
+    assert_eq!(app.step_interval, std::time::Duration::from_secs(600));
     assert!(c.routes[0].strip_prefix);
     assert!(c.deny.paths[0].is_match("/ACTUATOR/env"));
 }
@@ -96,6 +105,16 @@ fn defaults_are_the_documented_ones() {
     );
     assert_eq!(u.passive.consecutive_failures, 5);
     assert_eq!(u.canary.sticky, switchyard_config::Sticky::Cookie);
+    assert_eq!(u.canary.cookie, "switchyard_pool");
+    assert_eq!(u.canary.force_header, "X-Canary");
+    assert!(u.canary.auto_rollback);
+    assert_eq!(
+        (u.canary.analysis.error_rate, u.canary.analysis.min_requests),
+        (0.05, 20)
+    );
+    assert_eq!(u.canary.analysis.window, s(60));
+    assert_eq!(u.steps, switchyard_config::DEFAULT_STEPS.to_vec());
+    assert_eq!(u.step_interval, s(600));
     assert_eq!(u.preview.header, "X-Switchyard-Pool");
     assert!(u
         .preview

@@ -42,6 +42,103 @@ pub struct UpstreamStatus {
     pub previous: Option<Weights>,
     /// Pools in name order.
     pub pools: Vec<PoolStatus>,
+    /// What keeps a client on its pool: `cookie`, `header:<Name>` or `none`.
+    #[serde(default)]
+    pub sticky: String,
+    /// The progressive rollout, running or ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// The last automatic rollback, with the numbers that triggered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollback: Option<RollbackInfo>,
+}
+
+/// A progressive rollout (`proxyctl canary POOL`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The canary pool.
+    pub pool: String,
+    /// Its weights.
+    pub steps: Vec<u32>,
+    /// Index into `steps` of the weight in effect.
+    pub step: usize,
+    /// The weight of the step.
+    pub weight: u32,
+    /// Time at each step, milliseconds.
+    pub interval_ms: u64,
+    /// `running`, `paused`, `promoted`, `rolled_back` or `aborted`.
+    pub state: String,
+    /// Time left at this step (running or paused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_left_ms: Option<u64>,
+    /// Why the next step is not taken now, e.g. `waiting for traffic: 7 of 20 requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// When it began (RFC 3339).
+    pub started: String,
+    /// When it ended (RFC 3339), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+    /// The command that stopped it (aborted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<String>,
+    /// Identifies the rollout (the generation it began at).
+    pub id: u64,
+}
+
+/// An automatic rollback and the numbers that triggered it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackInfo {
+    /// The canary pool rolled back.
+    pub pool: String,
+    /// Its weight before.
+    pub weight: u32,
+    /// `auto_error_rate` or `auto_latency`.
+    pub reason: String,
+    /// In words, e.g. `5xx 10.2% (51 of 500 requests in 60s) above 5.0% for 2m`.
+    pub detail: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Canary requests in the window.
+    pub requests: u64,
+    /// Of those, 5xx.
+    pub errors: u64,
+    /// The canary's 5xx share.
+    pub error_ratio: f64,
+    /// The main pool's 5xx share over the same window.
+    pub main_error_ratio: f64,
+    /// The canary's p99, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    /// The time the numbers cover, milliseconds.
+    pub window_ms: u64,
+    /// How long the canary had been bad, milliseconds.
+    pub bad_for_ms: u64,
+}
+
+/// A pool's live numbers over the analysis window (`canary.auto_rollback.window`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveStats {
+    /// The time the numbers cover, milliseconds.
+    pub window_ms: u64,
+    /// Finished requests.
+    pub requests: u64,
+    /// Requests per second.
+    pub rate: f64,
+    /// 5xx answers.
+    pub errors: u64,
+    /// 5xx share.
+    pub error_ratio: f64,
+    /// 99th percentile latency, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    /// For a canary: the analysis' verdict in words (`healthy`, `too few requests: 7 of 20`,
+    /// `bad: ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// For a canary judged bad: for how long, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_for_ms: Option<u64>,
 }
 
 /// Whether a pool takes new requests, is finishing old ones, or is empty.
@@ -69,6 +166,12 @@ pub struct PoolStatus {
     pub inflight: i64,
     /// Instances in config order.
     pub instances: Vec<InstanceStatus>,
+    /// `main`, `canary` (weight > 0, not main) or absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Live numbers (sampled by the canary analysis), once there are some.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveStats>,
 }
 
 /// One instance's state.
@@ -308,6 +411,60 @@ pub enum Request {
     },
     /// Re-read the config file; on error keep the running config and list every problem.
     Reload,
+    /// Start a progressive rollout of `pool`: its first step now, then one step per interval
+    /// while the analysis passes; promoted at 100.
+    Canary {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// The canary pool.
+        pool: String,
+        /// Weights (default: the upstream's `steps`).
+        #[serde(default)]
+        steps: Option<Vec<u32>>,
+        /// Time at each step (default: the upstream's `step_interval`).
+        #[serde(default)]
+        interval_ms: Option<u64>,
+        /// Stream each step and answer when the rollout ends.
+        #[serde(default)]
+        wait: bool,
+        /// Health gate of each step (default all instances).
+        #[serde(default)]
+        min_healthy: MinHealthy,
+    },
+    /// The upstream's rollout, canary and live numbers (an [`UpstreamStatus`]).
+    CanaryStatus {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+    },
+    /// Stop the rollout's clock (the weights stay).
+    CanaryPause {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+    },
+    /// Start the clock again with the time the step had left.
+    CanaryResume {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+    },
+    /// The canary back to 0; the rollout ends as aborted.
+    CanaryAbort {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+    },
+    /// The canary to 100 now (the old main pool drains as after a switch).
+    CanaryPromote {
+        /// Upstream name.
+        #[serde(default)]
+        upstream: Option<String>,
+        /// Even if the canary does not pass the health gate.
+        #[serde(default)]
+        force: bool,
+    },
     /// The audit trail: switches, weight changes, rollbacks, pool changes, reloads, health
     /// changes, ejections. With `follow`, new records are streamed as event lines until the
     /// client disconnects.
@@ -334,6 +491,7 @@ impl Request {
             } => *drain || drain_ms.is_some() || wait_healthy_ms.is_some(),
             Request::Drain { .. } => true,
             Request::Events { follow, .. } => *follow,
+            Request::Canary { wait, .. } => *wait,
             _ => false,
         }
     }
@@ -351,6 +509,12 @@ impl Request {
             Request::PoolAdd { .. } => "pool_add",
             Request::PoolRemove { .. } => "pool_remove",
             Request::Reload => "reload",
+            Request::Canary { .. } => "canary",
+            Request::CanaryStatus { .. } => "canary_status",
+            Request::CanaryPause { .. } => "canary_pause",
+            Request::CanaryResume { .. } => "canary_resume",
+            Request::CanaryAbort { .. } => "canary_abort",
+            Request::CanaryPromote { .. } => "canary_promote",
             Request::Events { .. } => "events",
         }
     }
@@ -379,16 +543,23 @@ pub enum ErrorCode {
     Internal,
     /// Too many control connections at once.
     Busy,
+    /// The canary was rolled back automatically (`canary --wait`); the details carry the
+    /// numbers.
+    RolledBack,
+    /// The rollout was stopped by a human (`canary abort`, or a weight change).
+    Aborted,
     /// A code this client does not know (a newer proxy): treated as a refusal.
     #[serde(other)]
     Unknown,
 }
 
 impl ErrorCode {
-    /// `proxyctl` exit status for this refusal: 4 for timeouts, 1 otherwise.
+    /// `proxyctl` exit status for this refusal: 4 for timeouts, 5 for an automatic rollback,
+    /// 1 otherwise.
     pub fn exit_code(self) -> u8 {
         match self {
             ErrorCode::Timeout => 4,
+            ErrorCode::RolledBack => 5,
             _ => 1,
         }
     }
@@ -492,6 +663,13 @@ pub enum Event {
         /// The record.
         record: AuditRecord,
     },
+    /// A rollout moved: a step, a pause, its end, or a new reason it is waiting.
+    Rollout {
+        /// Upstream.
+        upstream: String,
+        /// The rollout now.
+        rollout: RolloutStatus,
+    },
     /// Requests still in flight on pools being drained.
     Draining {
         /// Upstream.
@@ -593,6 +771,16 @@ pub struct DrainResult {
     pub drained: bool,
     /// Milliseconds waited.
     pub waited_ms: u64,
+}
+
+/// The result of `canary`, `canary abort` and `canary promote`: the weight change and the
+/// rollout after it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryResult {
+    /// The weight change.
+    pub change: Change,
+    /// The rollout.
+    pub rollout: RolloutStatus,
 }
 
 /// The result of a reload.

@@ -1,11 +1,13 @@
-//! `proxyctl` against a fake control server: every exit code (0/1/2/3/4), progress lines when
-//! piped, `--json`, `$SWITCHYARD_SOCKET`, and the requests it sends.
+//! `proxyctl` against a fake control server: every exit code (0/1/2/3/4/5), progress lines
+//! when piped, `--json`, `$SWITCHYARD_SOCKET`, and the requests it sends.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use switchyard_control::protocol::{DrainResult, Status};
+use switchyard_control::protocol::{
+    CanaryResult, DrainResult, LiveStats, RollbackInfo, RolloutStatus, Status,
+};
 use switchyard_control::{
     Change, ControlError, ControlHandler, ControlServer, ErrorCode, Event, EventSender, Peer,
     Reply, Request, PROTOCOL_VERSION,
@@ -93,8 +95,60 @@ impl ControlHandler for Fake {
                     "blue still has 1 request(s) in flight after 1s",
                 ))
             }
+            // `canary good --wait` is promoted, `bad` rolled back, `stopped` aborted.
+            Request::Canary { pool, .. } => {
+                for (step, state) in [(0, "running"), (1, "running")] {
+                    events
+                        .send(Event::Rollout {
+                            upstream: "app".into(),
+                            rollout: rollout(&pool, step, state),
+                        })
+                        .await;
+                }
+                match pool.as_str() {
+                    "bad" => Reply::err(ControlError::new(
+                        ErrorCode::RolledBack,
+                        "app: the canary bad was rolled back automatically at step 2 of 4 (25%): 5xx 10.2% (51 of 500 requests in 60s) above 5.0% for 2m",
+                    )),
+                    "stopped" => Reply::err(ControlError::new(
+                        ErrorCode::Aborted,
+                        "app: the rollout of stopped was stopped by `canary abort` at step 2 of 4",
+                    )),
+                    _ => Reply::ok(CanaryResult {
+                        change: Change {
+                            upstream: "app".into(),
+                            generation: 3,
+                            old_weights: weights(100, 0),
+                            new_weights: weights(95, 5),
+                            changed: true,
+                            forced: false,
+                            instances: None,
+                            drain: None,
+                        },
+                        rollout: rollout(&pool, 3, "promoted"),
+                    }),
+                }
+            }
             _ => Reply::err(ControlError::new(ErrorCode::Invalid, "not in this fake")),
         }
+    }
+}
+
+fn rollout(pool: &str, step: usize, state: &str) -> RolloutStatus {
+    let steps = vec![5, 25, 50, 100];
+    RolloutStatus {
+        pool: pool.into(),
+        weight: steps[step],
+        steps,
+        step,
+        interval_ms: 600_000,
+        state: state.into(),
+        step_left_ms: (state == "running").then_some(492_000),
+        waiting: None,
+        started: "2026-11-29T12:00:00Z".into(),
+        ended: None,
+        ended_by: None,
+        id: 3,
     }
 }
 
@@ -167,6 +221,38 @@ async fn every_exit_code_and_what_is_printed() {
         err.contains("blue still has 1 request(s) in flight after 1s"),
         "{err}"
     );
+
+    // A rollout with --wait: each step on stderr; 0 promoted, 5 rolled back automatically
+    // (with the numbers), 1 stopped by a human.
+    let (code, out, err) = run(&sock, &["canary", "good", "--wait"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("app: rollout of good: step 1 of 4 (5%, steps 5,25,50,100), running, 8m12s left at this step"),
+        "{err}"
+    );
+    assert!(err.contains("step 2 of 4 (25%"), "{err}");
+    assert!(out.contains("rollout of good: step 4 of 4 (100%"), "{out}");
+    assert!(out.contains("promoted"), "{out}");
+    let (code, _, err) = run(&sock, &["canary", "bad", "--wait"]).await;
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("5xx 10.2% (51 of 500 requests in 60s) above 5.0% for 2m"),
+        "{err}"
+    );
+    let (code, _, err) = run(&sock, &["canary", "stopped", "--wait"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("stopped by `canary abort`"), "{err}");
+    // Usage errors: rollout options with an action, --force without promote, bad steps.
+    for args in [
+        &["canary", "pause", "--wait"][..],
+        &["canary", "status", "--steps", "5,100"],
+        &["canary", "green", "--force"],
+        &["canary", "green", "--steps", "5,x"],
+        &["canary", "green", "--interval", "soon"],
+    ] {
+        let (code, _, err) = run(&sock, args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+    }
 
     // --json: one JSON document on stdout, even for a refusal.
     let (code, out, _) = run(&sock, &["--json", "switch", "refused"]).await;
@@ -251,12 +337,43 @@ fn sample_status() -> Status {
             main: "blue".into(),
             weights: weights(90, 10),
             previous: Some(weights(100, 0)),
+            sticky: "cookie".into(),
+            rollout: Some(RolloutStatus {
+                pool: "green".into(),
+                steps: vec![5, 10, 50, 100],
+                step: 1,
+                weight: 10,
+                interval_ms: 600_000,
+                state: "running".into(),
+                step_left_ms: Some(0),
+                waiting: Some("waiting for traffic: 7 of 20 requests".into()),
+                started: "2026-11-29T12:00:00Z".into(),
+                ended: None,
+                ended_by: None,
+                id: 4,
+            }),
+            last_rollback: Some(RollbackInfo {
+                pool: "green".into(),
+                weight: 25,
+                reason: "auto_error_rate".into(),
+                detail: "5xx 10.2% (51 of 500 requests in 60s) above 5.0% for 2m".into(),
+                at: "2026-11-29T11:00:00.000Z".into(),
+                requests: 500,
+                errors: 51,
+                error_ratio: 0.102,
+                main_error_ratio: 0.0,
+                p99_ms: Some(12.5),
+                window_ms: 60_000,
+                bad_for_ms: 120_000,
+            }),
             pools: vec![
                 PoolStatus {
                     name: "blue".into(),
                     weight: 90,
                     phase: PoolPhase::Active,
                     inflight: 3,
+                    role: Some("main".into()),
+                    live: None,
                     instances: vec![
                         inst("127.0.0.1:8081", HealthState::Healthy, 2, |_| {}),
                         inst("127.0.0.1:8083", HealthState::Ejected, 1, |i| {
@@ -269,6 +386,17 @@ fn sample_status() -> Status {
                     weight: 10,
                     phase: PoolPhase::Active,
                     inflight: 0,
+                    role: Some("canary".into()),
+                    live: Some(LiveStats {
+                        window_ms: 60_000,
+                        requests: 7,
+                        rate: 0.1,
+                        errors: 0,
+                        error_ratio: 0.0,
+                        p99_ms: Some(12.5),
+                        verdict: Some("too few requests: 7 of 20".into()),
+                        bad_for_ms: None,
+                    }),
                     instances: vec![inst("app_green:8080", HealthState::Unhealthy, 0, |i| {
                         i.resolved = Some("172.18.0.5:8080".into());
                         i.last_check =
@@ -414,6 +542,63 @@ async fn every_subcommand_sends_its_request_line() {
                 limit: Some(100),
             },
         ),
+        (
+            vec!["canary", "green"],
+            Request::Canary {
+                upstream: None,
+                pool: s("green"),
+                steps: None,
+                interval_ms: None,
+                wait: false,
+                min_healthy: MinHealthy::All,
+            },
+        ),
+        (
+            vec![
+                "--upstream",
+                "api",
+                "canary",
+                "green",
+                "--steps",
+                "5,50,100",
+                "--interval",
+                "90s",
+                "--wait",
+                "--min-healthy",
+                "50%",
+            ],
+            Request::Canary {
+                upstream: Some(s("api")),
+                pool: s("green"),
+                steps: Some(vec![5, 50, 100]),
+                interval_ms: Some(90_000),
+                wait: true,
+                min_healthy: MinHealthy::Percent(50),
+            },
+        ),
+        (
+            vec!["canary", "status"],
+            Request::CanaryStatus { upstream: None },
+        ),
+        (
+            vec!["canary", "pause"],
+            Request::CanaryPause { upstream: None },
+        ),
+        (
+            vec!["canary", "resume"],
+            Request::CanaryResume { upstream: None },
+        ),
+        (
+            vec!["canary", "abort"],
+            Request::CanaryAbort { upstream: None },
+        ),
+        (
+            vec!["canary", "promote", "--force"],
+            Request::CanaryPromote {
+                upstream: None,
+                force: true,
+            },
+        ),
     ];
     for (args, expected) in &cases {
         let (code, out, err) = run(&sock, args).await;
@@ -445,11 +630,21 @@ async fn status_is_readable_for_humans_and_complete_in_json() {
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
-        lines[0], "app  generation 7  main blue  weights blue=90 green=10",
+        lines[0], "app  generation 7  main blue  weights blue=90 green=10  sticky cookie",
+        "{out}"
+    );
+    assert_eq!(
+        lines[1],
+        "  rollout of green: step 2 of 4 (10%, steps 5,10,50,100), running; waiting for traffic: 7 of 20 requests",
+        "{out}"
+    );
+    assert_eq!(
+        lines[2],
+        "  last automatic rollback: green at 2026-11-29T11:00:00.000Z (auto_error_rate): 5xx 10.2% (51 of 500 requests in 60s) above 5.0% for 2m",
         "{out}"
     );
     assert!(
-        lines[1].contains("POOL") && lines[1].contains("IN-FLIGHT"),
+        lines[3].contains("POOL") && lines[3].contains("IN-FLIGHT") && lines[3].contains("P99"),
         "{out}"
     );
     let blue = lines
@@ -475,6 +670,17 @@ async fn status_is_readable_for_humans_and_complete_in_json() {
     assert!(
         green.contains("app_green:8080 (172.18.0.5:8080) unhealthy (GET /actuator/health -> 503 {\"status\":\"DOWN\"})"),
         "{green}"
+    );
+    assert!(
+        green.contains(" canary ")
+            && green.contains("0.1")
+            && green.contains("0.0%")
+            && green.contains("12.5ms"),
+        "{green}"
+    );
+    assert!(
+        out.contains("canary analysis: too few requests: 7 of 20"),
+        "{out}"
     );
     let (code, out, _) = run(&sock, &["--json", "status"]).await;
     assert_eq!(code, 0);

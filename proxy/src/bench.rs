@@ -4,7 +4,6 @@
 pub use crate::routing::{DenyList, Route, RouteTable};
 use crate::state::{Shared, Snapshot};
 use crate::upstream::{Candidates, UpstreamState};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 fn config(pools: &[(&str, usize)], balance: &str) -> switchyard_config::Config {
@@ -49,12 +48,16 @@ impl Upstream {
     pub fn new(pools: &[(&str, usize)], balance: &str) -> Self {
         let cfg = config(pools, balance);
         let up = Arc::new(cfg.upstreams[0].clone());
-        let weights = up
-            .pools
-            .iter()
-            .map(|p| (p.name.clone(), u32::from(p.name == up.active) * 100))
-            .collect();
-        let state = UpstreamState::build(up, &weights, &BTreeMap::new(), 1, None, None);
+        let rt = crate::upstream::Runtime {
+            weights: up
+                .pools
+                .iter()
+                .map(|p| (p.name.clone(), u32::from(p.name == up.active) * 100))
+                .collect(),
+            generation: 1,
+            ..Default::default()
+        };
+        let state = UpstreamState::build(up, &rt, None);
         for p in &state.pools {
             for i in &p.instances {
                 for _ in 0..2 {
@@ -98,7 +101,12 @@ impl Routing {
     /// A snapshot with one upstream of two pools.
     pub fn new() -> Self {
         let cfg = Arc::new(config(&[("blue", 2), ("green", 2)], "round_robin"));
-        Routing(Shared::new(Snapshot::build(cfg, &BTreeMap::new(), None)))
+        Routing(Shared::new(Snapshot::build(
+            cfg,
+            &crate::state::Restored::default(),
+            None,
+            crate::routing::sticky::StickyKey::generate,
+        )))
     }
 
     /// What a request does first: load the snapshot.

@@ -18,15 +18,19 @@
 //! - `runtime`: [`start`], [`Handle`], [`StartOptions`], [`StartError`]: threads and wiring.
 //! - `listen`: binding (TLS), the accept loop, the shutdown drain, write coalescing.
 //! - `proxy`: the Pingora `ProxyHttp` hooks (the request path).
-//! - `routing`: pure decisions: route table, deny list, the per-request pool decision.
+//! - `routing`: pure decisions: route table, deny list, the per-request pool decision, sticky
+//!   buckets.
+//! - `canary`: pure canary logic: the rollout state machine and the analysis verdict.
 //! - `upstream`: pools, instances, health atomics, instance selection, request counters.
 //! - `state`: the `ArcSwap`ed routing snapshot, its single writer, the state file.
-//! - `ops`: the operations (switch, weights, rollback, pools, drain, reload, status).
+//! - `ops`: the operations (switch, weights, rollback, pools, drain, reload, status, canary)
+//!   and the autopilot that advances rollouts and rolls bad canaries back.
 //! - `checks`: active health checks and DNS resolution ([`Resolve`]).
 //! - `telemetry`: metrics, access log, audit trail.
 //! - `surfaces`: the admin listener and the control-socket handler.
 //! - [`demo`]: `switchyard demo` and the Spring-like demo app.
 
+mod canary;
 mod checks;
 mod listen;
 mod ops;

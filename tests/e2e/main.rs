@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod canary;
 mod control_socket;
 mod faults;
 mod health;

@@ -578,7 +578,9 @@ async fn acknowledged_changes_survive_a_restart_and_a_corrupt_file_is_moved_asid
 #[tokio::test]
 async fn split_counts_match_weights_on_a_keepalive_connection() {
     trace_init();
-    let (_blue, _green, px) = blue_green(false, "").await;
+    // Without stickiness the weights alone decide (SPEC §4 invariant 5); with the default
+    // cookie stickiness each new client gets a random bucket (`canary.rs`).
+    let (_blue, _green, px) = blue_green(false, "    canary: {sticky: none}\n").await;
     px.handle().set_weight(None, "green", 30).unwrap();
     let mut c = Conn::open(px.addr).await.unwrap();
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();

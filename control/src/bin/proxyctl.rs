@@ -1,8 +1,9 @@
 //! `proxyctl`: the control client (SPEC §5).
 //!
-//! Exit codes: 0 done; 1 refused by the proxy (unhealthy, unknown pool, invalid); 2 usage
-//! error; 3 cannot reach the control socket; 4 timed out waiting (what is still pending is
-//! printed). Human-readable output by default, `--json` prints the proxy's reply as one JSON
+//! Exit codes: 0 done; 1 refused by the proxy (unhealthy, unknown pool, invalid), or a
+//! rollout stopped by a human; 2 usage error; 3 cannot reach the control socket; 4 timed out
+//! waiting (what is still pending is printed); 5 the canary was rolled back automatically
+//! (`canary --wait`; the numbers are printed). Human-readable output by default, `--json` prints the proxy's reply as one JSON
 //! document. Progress of waiting commands goes to stderr: a live line on a terminal, plain
 //! lines otherwise.
 
@@ -13,8 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchyard_control::protocol::{
-    AuditRecord, Change, DrainResult, Event, HealthState, PoolPhase, ReloadResult, Reply, Request,
-    Status,
+    AuditRecord, CanaryResult, Change, DrainResult, Event, HealthState, LiveStats, PoolPhase,
+    ReloadResult, Reply, Request, RolloutStatus, Status, UpstreamStatus,
 };
 use switchyard_control::{ClientError, ControlClient, MinHealthy, Weights};
 
@@ -23,7 +24,7 @@ use switchyard_control::{ClientError, ControlClient, MinHealthy, Weights};
 #[command(
     version,
     about,
-    after_help = "Exit codes: 0 done, 1 refused, 2 usage, 3 cannot reach the socket, 4 timed out waiting."
+    after_help = "Exit codes: 0 done, 1 refused (or a rollout stopped by a human), 2 usage, 3 cannot reach the socket, 4 timed out waiting, 5 the canary was rolled back automatically."
 )]
 struct Cli {
     /// Control socket path.
@@ -108,6 +109,29 @@ enum Cmd {
     },
     /// Re-read the config file; on error the running config stays and every problem is printed.
     Reload,
+    /// Roll POOL out progressively (the proxy runs it: one step per interval while the
+    /// canary's analysis passes, rolled back automatically when it fails), or act on the
+    /// rollout in progress: status, pause, resume, abort, promote.
+    Canary {
+        /// POOL to roll out, or status | pause | resume | abort | promote.
+        target: String,
+        /// Weights of the steps, ending at 100 (default: the upstream's `steps`).
+        #[arg(long, value_delimiter = ',', value_name = "5,25,50,100")]
+        steps: Option<Vec<u32>>,
+        /// Time at each step (default: the upstream's `step_interval`).
+        #[arg(long, value_name = "DURATION")]
+        interval: Option<humantime::Duration>,
+        /// Print each step and wait until the rollout ends: exit 0 promoted, 5 rolled back
+        /// automatically, 1 stopped by a human.
+        #[arg(long)]
+        wait: bool,
+        /// Healthy instances required at each step: `all` (default), a count, or `50%`.
+        #[arg(long, value_name = "N|P%", default_value = "all")]
+        min_healthy: MinHealthy,
+        /// `promote` even if the canary is not healthy (recorded as forced).
+        #[arg(long)]
+        force: bool,
+    },
     /// The audit trail: switches, rollbacks (who, why), weight and pool changes, reloads,
     /// health changes, ejections.
     Events {
@@ -163,9 +187,50 @@ fn ms(d: humantime::Duration) -> u64 {
     Duration::from(d).as_millis() as u64
 }
 
-fn request(cli: &Cli) -> Request {
+/// The request line for the command line; `Err` is a usage error (exit 2).
+fn request(cli: &Cli) -> Result<Request, String> {
     let upstream = cli.upstream.clone();
-    match &cli.cmd {
+    if let Cmd::Canary {
+        target,
+        steps,
+        interval,
+        wait,
+        min_healthy,
+        force,
+    } = &cli.cmd
+    {
+        let verb = matches!(
+            target.as_str(),
+            "status" | "pause" | "resume" | "abort" | "promote"
+        );
+        if verb && (steps.is_some() || interval.is_some() || *wait) {
+            return Err(format!(
+                "--steps, --interval and --wait start a rollout: `proxyctl canary POOL ...`, not `canary {target}`"
+            ));
+        }
+        if *force && target != "promote" {
+            return Err("--force goes with `canary promote`".into());
+        }
+        return Ok(match target.as_str() {
+            "status" => Request::CanaryStatus { upstream },
+            "pause" => Request::CanaryPause { upstream },
+            "resume" => Request::CanaryResume { upstream },
+            "abort" => Request::CanaryAbort { upstream },
+            "promote" => Request::CanaryPromote {
+                upstream,
+                force: *force,
+            },
+            pool => Request::Canary {
+                upstream,
+                pool: pool.to_string(),
+                steps: steps.clone(),
+                interval_ms: interval.map(ms),
+                wait: *wait,
+                min_healthy: *min_healthy,
+            },
+        });
+    }
+    Ok(match &cli.cmd {
         Cmd::Status => Request::Status,
         Cmd::Switch {
             pool,
@@ -232,7 +297,9 @@ fn request(cli: &Cli) -> Request {
             follow: *follow,
             limit: Some(*limit),
         },
-    }
+        // Handled above.
+        Cmd::Canary { .. } => Request::Status,
+    })
 }
 
 /// Shows progress events on stderr.
@@ -317,6 +384,9 @@ impl Progress {
                     println!("{}", describe_record(r));
                 }
             }
+            Event::Rollout { upstream, rollout } => {
+                self.println(format!("{upstream}: {}", describe_rollout(rollout)));
+            }
             Event::Draining {
                 upstream,
                 inflight,
@@ -398,66 +468,155 @@ fn describe_record(r: &AuditRecord) -> String {
     )
 }
 
+/// `8m12s`, `45s`, `1.5s`.
+fn short_duration(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs >= 3600 {
+        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    } else if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else if ms >= 10_000 {
+        format!("{secs}s")
+    } else {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    }
+}
+
+/// One line about a rollout.
+fn describe_rollout(r: &RolloutStatus) -> String {
+    let steps: Vec<String> = r.steps.iter().map(|s| s.to_string()).collect();
+    let mut s = format!(
+        "rollout of {}: step {} of {} ({}%, steps {}), {}",
+        r.pool,
+        r.step + 1,
+        r.steps.len(),
+        r.weight,
+        steps.join(","),
+        r.state.replace('_', " ")
+    );
+    if let (Some(left), "running" | "paused") = (r.step_left_ms, r.state.as_str()) {
+        if left > 0 {
+            s.push_str(&format!(", {} left at this step", short_duration(left)));
+        }
+    }
+    if let Some(w) = &r.waiting {
+        s.push_str(&format!("; {w}"));
+    }
+    if let Some(by) = &r.ended_by {
+        s.push_str(&format!(" by `{by}`"));
+    }
+    s
+}
+
+/// REQ/S, 5XX and P99 of a pool.
+fn live_columns(l: Option<&LiveStats>) -> String {
+    match l {
+        Some(l) if l.requests > 0 => format!(
+            "{:>8.1} {:>6} {:>8}",
+            l.rate,
+            format!("{:.1}%", l.error_ratio * 100.0),
+            l.p99_ms
+                .map(|ms| if ms >= 1000.0 {
+                    format!("{:.2}s", ms / 1000.0)
+                } else {
+                    format!("{ms:.1}ms")
+                })
+                .unwrap_or_else(|| "-".into())
+        ),
+        _ => format!("{:>8} {:>6} {:>8}", "-", "-", "-"),
+    }
+}
+
+fn print_upstream(u: &UpstreamStatus) {
+    let canary = u.pools.iter().any(|p| p.role.as_deref() == Some("canary"));
+    println!(
+        "{}  generation {}  main {}  weights {}{}",
+        u.name,
+        u.generation,
+        u.main,
+        fmt_weights(&u.weights),
+        if canary && !u.sticky.is_empty() {
+            format!("  sticky {}", u.sticky)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(r) = &u.rollout {
+        println!("  {}", describe_rollout(r));
+    }
+    if let Some(b) = &u.last_rollback {
+        println!(
+            "  last automatic rollback: {} at {} ({}): {}",
+            b.pool, b.at, b.reason, b.detail
+        );
+    }
+    println!(
+        "  {:<12} {:>6}  {:<6} {:<9} {:>9} {:>8} {:>6} {:>8}  INSTANCES",
+        "POOL", "WEIGHT", "ROLE", "STATE", "IN-FLIGHT", "REQ/S", "5XX", "P99"
+    );
+    for p in &u.pools {
+        let phase = match p.phase {
+            PoolPhase::Active => "active",
+            PoolPhase::Draining => "draining",
+            PoolPhase::Drained => "drained",
+        };
+        let inst: Vec<String> = p
+            .instances
+            .iter()
+            .map(|i| {
+                let mut t = i.addr.clone();
+                if let Some(r) = &i.resolved {
+                    if *r != i.addr {
+                        t.push_str(&format!(" ({r})"));
+                    }
+                }
+                if let Some(e) = &i.resolve_error {
+                    t.push_str(&format!(" [dns: {e}]"));
+                }
+                t.push_str(&format!(" {}", i.health));
+                if let Some(secs) = i.ejected_for_secs {
+                    t.push_str(&format!(" for {secs}s more"));
+                }
+                if i.health != HealthState::Healthy {
+                    if let Some(c) = &i.last_check {
+                        t.push_str(&format!(" ({c})"));
+                    }
+                }
+                if i.inflight > 0 {
+                    t.push_str(&format!(" [{} in flight]", i.inflight));
+                }
+                t
+            })
+            .collect();
+        println!(
+            "  {:<12} {:>6}  {:<6} {:<9} {:>9} {}  {}",
+            p.name,
+            p.weight,
+            p.role.as_deref().unwrap_or("-"),
+            phase,
+            p.inflight,
+            live_columns(p.live.as_ref()),
+            if inst.is_empty() {
+                "-".to_string()
+            } else {
+                inst.join(", ")
+            }
+        );
+        if let Some(v) = p.live.as_ref().and_then(|l| l.verdict.as_ref()) {
+            let bad_for = p
+                .live
+                .as_ref()
+                .and_then(|l| l.bad_for_ms)
+                .map(|ms| format!(" for {}", short_duration(ms)))
+                .unwrap_or_default();
+            println!("  {:<12} canary analysis: {v}{bad_for}", "");
+        }
+    }
+}
+
 fn print_status(s: &Status) {
     for u in &s.upstreams {
-        println!(
-            "{}  generation {}  main {}  weights {}",
-            u.name,
-            u.generation,
-            u.main,
-            fmt_weights(&u.weights)
-        );
-        println!(
-            "  {:<12} {:>6}  {:<9} {:>9}  INSTANCES",
-            "POOL", "WEIGHT", "STATE", "IN-FLIGHT"
-        );
-        for p in &u.pools {
-            let phase = match p.phase {
-                PoolPhase::Active => "active",
-                PoolPhase::Draining => "draining",
-                PoolPhase::Drained => "drained",
-            };
-            let inst: Vec<String> = p
-                .instances
-                .iter()
-                .map(|i| {
-                    let mut t = i.addr.clone();
-                    if let Some(r) = &i.resolved {
-                        if *r != i.addr {
-                            t.push_str(&format!(" ({r})"));
-                        }
-                    }
-                    if let Some(e) = &i.resolve_error {
-                        t.push_str(&format!(" [dns: {e}]"));
-                    }
-                    t.push_str(&format!(" {}", i.health));
-                    if let Some(secs) = i.ejected_for_secs {
-                        t.push_str(&format!(" for {secs}s more"));
-                    }
-                    if i.health != HealthState::Healthy {
-                        if let Some(c) = &i.last_check {
-                            t.push_str(&format!(" ({c})"));
-                        }
-                    }
-                    if i.inflight > 0 {
-                        t.push_str(&format!(" [{} in flight]", i.inflight));
-                    }
-                    t
-                })
-                .collect();
-            println!(
-                "  {:<12} {:>6}  {:<9} {:>9}  {}",
-                p.name,
-                p.weight,
-                phase,
-                p.inflight,
-                if inst.is_empty() {
-                    "-".to_string()
-                } else {
-                    inst.join(", ")
-                }
-            );
-        }
+        print_upstream(u);
     }
 }
 
@@ -496,6 +655,29 @@ fn print_result(cmd: &Cmd, reply: &Reply) {
                 }
             }
         }
+        Cmd::Canary { target, .. } => match target.as_str() {
+            "status" => {
+                if let Ok(u) = serde_json::from_value::<UpstreamStatus>(v) {
+                    print_upstream(&u);
+                }
+            }
+            "pause" | "resume" => {
+                if let Ok(r) = serde_json::from_value::<RolloutStatus>(v) {
+                    println!("{}", describe_rollout(&r));
+                }
+            }
+            _ => {
+                if let Ok(r) = serde_json::from_value::<CanaryResult>(v) {
+                    println!("{}", describe_change(&r.change));
+                    if !r.rollout.pool.is_empty() {
+                        println!("{}: {}", r.change.upstream, describe_rollout(&r.rollout));
+                    }
+                    if r.change.forced {
+                        println!("forced: the pool did not pass the health gate");
+                    }
+                }
+            }
+        },
         Cmd::Reload => {
             if let Ok(r) = serde_json::from_value::<ReloadResult>(v) {
                 println!("reloaded: {}", r.summary);
@@ -539,7 +721,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let req = request(&cli);
+    let req = match request(&cli) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("proxyctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let progress = Progress::new(!cli.json);
     let result: Result<Reply, ClientError> = rt.block_on(async {
         let mut client = ControlClient::connect(&cli.socket).await?;

@@ -9,6 +9,8 @@
 //! - `GET /status/NNN`: answers with that status;
 //! - `GET /hello`: `hello` (5 bytes, for throughput benchmarks);
 //! - `GET /ws`: a raw upgrade (101) that echoes bytes until either side closes;
+//! - `ANY /demo/fail?percent=N`: from now on answer N% of requests with `500` (the demo's bad
+//!   canary; `percent=0` heals it);
 //! - anything else: `{"color":"blue","requests":N,"path":"..."}`.
 //!
 //! Knobs for tests: [`Mode`] (fail with a status, hang, reset the connection), the health
@@ -45,6 +47,8 @@ pub enum Mode {
     Hang,
     /// Close the connection without answering.
     Reset,
+    /// Answer this share of requests (percent, spread evenly) with `500`, the rest normally.
+    FailShare(u8),
 }
 
 /// What the health endpoint answers.
@@ -367,6 +371,19 @@ async fn handle(
             }
         };
     }
+    if path == "/demo/fail" {
+        let percent = query_u64(req.uri(), "percent").unwrap_or(100).min(100) as u8;
+        *lock(&st.mode) = if percent == 0 {
+            Mode::Normal
+        } else {
+            Mode::FailShare(percent)
+        };
+        return Ok(full(
+            200,
+            "application/json",
+            format!(r#"{{"color":"{}","fail_percent":{percent}}}"#, st.name),
+        ));
+    }
     let n = st.hits.fetch_add(1, Ordering::AcqRel) + 1;
     if st.record {
         lock(&st.seen).push(Seen {
@@ -403,6 +420,15 @@ async fn handle(
                 "reset by test",
             ))
         }
+        // Request n fails when n * p / 100 steps up: exactly p in every 100, evenly spread.
+        Mode::FailShare(p) if (n * u64::from(p)) / 100 != ((n - 1) * u64::from(p)) / 100 => {
+            return Ok(full(
+                500,
+                "text/plain",
+                format!("{} fails {p}% of requests\n", st.name),
+            ))
+        }
+        Mode::FailShare(_) => {}
     }
     match path.as_str() {
         "/hello" => Ok(full(200, "text/plain", "hello")),

@@ -13,6 +13,10 @@
 //! - `drain`: waiting for pools to drain.
 //! - `reload`: re-reading the config file.
 //! - `status`: the status document.
+//! - `canary`: progressive rollouts (start, pause, resume, abort, promote, wait) and the
+//!   changes the autopilot makes.
+//! - `autopilot`: the task that samples every pool's counters, judges canaries, advances
+//!   rollouts and rolls bad canaries back.
 
 use crate::checks::dns::Resolve;
 use crate::routing::weights::fmt_weights;
@@ -27,6 +31,8 @@ use std::time::Instant;
 use switchyard_control::protocol::{Change, ControlError, ErrorCode};
 use switchyard_control::{MinHealthy, Peer};
 
+pub(crate) mod autopilot;
+mod canary;
 mod drain;
 mod gate;
 mod pools;
@@ -35,6 +41,7 @@ mod status;
 mod weights;
 
 pub(crate) use drain::drain_timeout_error;
+pub(crate) use status::upstream_status;
 
 /// Who asked for a change (for the audit log).
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +52,8 @@ pub(crate) enum Actor {
     Library,
     /// A signal (SIGHUP reload).
     Signal,
+    /// The proxy itself (a rollout step, an automatic rollback).
+    Proxy,
 }
 
 impl Actor {
@@ -65,6 +74,7 @@ impl Actor {
             Actor::Socket(_) => "socket",
             Actor::Library => "library",
             Actor::Signal => "signal",
+            Actor::Proxy => "proxy",
         }
     }
 }
@@ -89,6 +99,8 @@ pub(crate) struct Controller {
     /// Reconfigured by a reload.
     pub(crate) access_log: Arc<AccessLog>,
     pub(crate) started: Instant,
+    /// What the autopilot last measured (live numbers, why a rollout waits).
+    pub(crate) observed: Arc<autopilot::Observations>,
 }
 
 pub(crate) fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
@@ -176,6 +188,18 @@ impl Controller {
         cmd: &str,
         build: impl FnOnce(&UpstreamState, &mut bool) -> Result<Option<UpstreamState>, ControlError>,
     ) -> Result<Change, ControlError> {
+        self.apply_noted(upstream, actor, cmd, None, build)
+    }
+
+    /// `apply_gated` with a note for the audit trail (why the proxy made this change).
+    pub(crate) fn apply_noted(
+        &self,
+        upstream: Option<&str>,
+        actor: Actor,
+        cmd: &str,
+        note: Option<&str>,
+        build: impl FnOnce(&UpstreamState, &mut bool) -> Result<Option<UpstreamState>, ControlError>,
+    ) -> Result<Change, ControlError> {
         let mut forced = false;
         let guard = self.shared.lock();
         let snap = self.shared.load();
@@ -220,18 +244,19 @@ impl Controller {
             new = %fmt_weights(&new_weights),
             generation = next.generation,
             forced,
+            note,
             "routing changed"
         );
-        let mut r = events::record(
-            cmd,
-            actor.kind(),
-            format!(
-                "{}: {} -> {}",
-                next.name(),
-                fmt_weights(&old_weights),
-                fmt_weights(&new_weights)
-            ),
+        let mut message = format!(
+            "{}: {} -> {}",
+            next.name(),
+            fmt_weights(&old_weights),
+            fmt_weights(&new_weights)
         );
+        if let Some(n) = note {
+            message.push_str(&format!(" ({n})"));
+        }
+        let mut r = events::record(cmd, actor.kind(), message);
         r.upstream = Some(next.name().to_string());
         r.uid = actor.uid();
         r.pid = actor.pid();

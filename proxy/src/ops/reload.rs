@@ -6,7 +6,6 @@ use crate::checks::dns;
 use crate::routing::weights::fmt_weights;
 use crate::state::Snapshot;
 use crate::telemetry::events;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use switchyard_control::protocol::{ControlError, ErrorCode, ReloadResult};
 
@@ -98,7 +97,12 @@ impl Controller {
         .map(|(k, _)| k.to_string())
         .collect();
         let (dest, format) = (config.access_log.clone(), config.access_log_format);
-        let new_snap = Snapshot::build(Arc::new(config), &BTreeMap::new(), Some(&old));
+        let new_snap = Snapshot::build(
+            Arc::new(config),
+            &crate::state::Restored::default(),
+            Some(&old),
+            crate::routing::sticky::StickyKey::generate,
+        );
         let mut warnings = reset_weights(&old, &new_snap);
         self.shared
             .commit(&guard, new_snap, &self.state_file)

@@ -1,10 +1,14 @@
 //! `status`: the state of every upstream, pool and instance, as `proxyctl status` and
 //! `GET /status` show it.
 
+use super::autopilot::Observed;
+use super::canary::rollout_status;
 use super::Controller;
+use crate::canary::rollout::unix_ms;
 use crate::upstream::health::now_ms;
 use crate::upstream::UpstreamState;
 use std::sync::atomic::Ordering;
+use switchyard_config::Sticky;
 use switchyard_control::protocol::{InstanceStatus, PoolPhase, PoolStatus, UpstreamStatus};
 use switchyard_control::{Status, PROTOCOL_VERSION};
 
@@ -12,16 +16,21 @@ impl Controller {
     /// The state of every upstream.
     pub(crate) fn status(&self) -> Status {
         let snap = self.shared.load();
+        let observed = self.observed.get();
         Status {
             protocol: PROTOCOL_VERSION,
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
-            upstreams: snap.upstreams.iter().map(|u| upstream_status(u)).collect(),
+            upstreams: snap
+                .upstreams
+                .iter()
+                .map(|u| upstream_status(u, observed.get(u.name())))
+                .collect(),
         }
     }
 }
 
-pub(crate) fn upstream_status(u: &UpstreamState) -> UpstreamStatus {
+pub(crate) fn upstream_status(u: &UpstreamState, observed: Option<&Observed>) -> UpstreamStatus {
     let now = now_ms();
     UpstreamStatus {
         name: u.name().to_string(),
@@ -29,12 +38,35 @@ pub(crate) fn upstream_status(u: &UpstreamState) -> UpstreamStatus {
         main: u.pools[u.main].pool.name.clone(),
         weights: u.weights(),
         previous: u.previous.clone(),
+        sticky: match &u.config.canary.sticky {
+            Sticky::None => "none".into(),
+            Sticky::Cookie => "cookie".into(),
+            Sticky::Header(h) => format!("header:{h}"),
+        },
+        rollout: u.rollout.as_ref().map(|r| {
+            let waiting = observed
+                .and_then(|o| o.waiting.clone())
+                .filter(|(id, _)| *id == r.id)
+                .map(|(_, w)| w);
+            rollout_status(r, unix_ms(), waiting)
+        }),
+        last_rollback: u.last_rollback.clone(),
         pools: u
             .pools
             .iter()
             .map(|p| {
                 let inflight = p.pool.inflight.load(Ordering::Acquire);
+                let index = u.pool_index(&p.pool.name);
+                let role = if index == Some(u.main) {
+                    Some("main".to_string())
+                } else if p.weight > 0 {
+                    Some("canary".to_string())
+                } else {
+                    None
+                };
                 PoolStatus {
+                    role,
+                    live: observed.and_then(|o| o.pools.get(&p.pool.name).cloned()),
                     name: p.pool.name.clone(),
                     weight: p.weight,
                     phase: match (p.weight, inflight) {

@@ -1,5 +1,6 @@
 //! Weight changes: `switch`, `weight`, `weights` and `rollback`. Each builds the new weights
-//! from the current upstream state and goes through [`Controller::apply_gated`].
+//! from the current upstream state and goes through [`Controller::apply_gated`]. A human weight
+//! change ends a live rollout (as aborted): from then on the weights are the human's.
 
 use super::{err, Actor, Controller, Gate};
 use crate::routing::weights;
@@ -39,7 +40,7 @@ impl Controller {
                 .iter()
                 .map(|p| (p.pool.name.clone(), u32::from(p.pool.name == pool) * 100))
                 .collect();
-            Ok(Some(u.with_changes(Some(&w), None)))
+            Ok(Some(u.with_weights_by_human(&w, "switch")))
         })
     }
 
@@ -90,7 +91,7 @@ impl Controller {
                 return Ok(None);
             }
             Self::gate_new_traffic(u, &w, gate, forced)?;
-            Ok(Some(u.with_changes(Some(&w), None)))
+            Ok(Some(u.with_weights_by_human(&w, "weight")))
         })
     }
 
@@ -114,7 +115,7 @@ impl Controller {
                 return Ok(None);
             }
             Self::gate_new_traffic(u, &w, gate, forced)?;
-            Ok(Some(u.with_changes(Some(&w), None)))
+            Ok(Some(u.with_weights_by_human(&w, "weights")))
         })
     }
 
@@ -148,7 +149,7 @@ impl Controller {
                 ));
             };
             Self::check_targets(u, &prev)?;
-            Ok(Some(u.with_changes(Some(&prev), None)))
+            Ok(Some(u.with_weights_by_human(&prev, "rollback")))
         })
     }
 }

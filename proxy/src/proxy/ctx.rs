@@ -94,6 +94,8 @@ pub(crate) struct RequestCtx {
     pub(crate) guard: Option<InstanceGuard>,
     /// The instance of the current attempt.
     pub(crate) instance: Option<Arc<Instance>>,
+    /// A sticky bucket assigned to this client now, sent back as a cookie.
+    pub(crate) set_cookie: Option<u8>,
     /// A genuine upgrade request (`genuine_upgrade`): no timeouts once it is a tunnel.
     pub(crate) upgrade: bool,
     /// Why the last attempt failed, in words a client may see (never an address).

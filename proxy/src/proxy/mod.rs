@@ -10,12 +10,14 @@
 //! each concern has its own module:
 //!
 //! - `ctx`: per-request state and the in-flight guards.
+//! - `choose`: reading the request for the pool decision (preview, force, sticky bucket).
 //! - `forward`: path rewrite and forwarding headers.
 //! - `retry`: what may be retried.
 //! - `passive`: passive ejection and fail-open notices.
 //! - `reply`: answers the proxy writes itself, and failure statuses.
 //! - `log`: the end of a request (stats, access log).
 
+pub(crate) mod choose;
 mod ctx;
 mod forward;
 mod log;
@@ -31,6 +33,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::upstream::health::now_ms;
 use crate::upstream::{Candidates, UpstreamState};
 use async_trait::async_trait;
+use choose::{choose, Choice};
 use ctx::{ActiveGuard, InstanceGuard, PoolGuard, RequestCtx};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -56,7 +59,7 @@ enum Decision {
     Pool {
         route: usize,
         upstream: Arc<UpstreamState>,
-        pool: usize,
+        choice: Choice,
         guard: PoolGuard,
     },
 }
@@ -109,6 +112,11 @@ impl ProxyHttp for Switchyard {
             Cow::Borrowed(_) => None,
         };
         let path = normalized.as_deref().unwrap_or(raw);
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let headers = &session.req_header().headers;
         let (snap, decision) = self.shared.bind(|snap| {
             if snap.deny.denies(path) {
                 return Decision::Deny(snap.deny.status);
@@ -117,12 +125,12 @@ impl ProxyHttp for Switchyard {
                 return Decision::NoRoute;
             };
             let upstream = snap.upstreams[r.upstream].clone();
-            let pool = upstream.pick_pool();
-            let guard = PoolGuard::new(upstream.pools[pool].pool.clone());
+            let choice = choose(&upstream, &snap.sticky, headers, client);
+            let guard = PoolGuard::new(upstream.pools[choice.pool].pool.clone());
             Decision::Pool {
                 route,
                 upstream,
-                pool,
+                choice,
                 guard,
             }
         });
@@ -147,11 +155,18 @@ impl ProxyHttp for Switchyard {
             Decision::Pool {
                 route,
                 upstream,
-                pool,
+                choice,
                 guard,
             } => {
+                if choice.preview_refused {
+                    self.metrics
+                        .preview_refused
+                        .with_label_values(&[upstream.name()])
+                        .inc();
+                }
+                ctx.set_cookie = choice.set_cookie;
                 ctx.normalized = normalized;
-                ctx.pool = Some(pool);
+                ctx.pool = Some(choice.pool);
                 ctx.pool_guard = Some(guard);
                 ctx.route = Some(route);
                 ctx.upstream = Some(upstream);
@@ -256,6 +271,17 @@ impl ProxyHttp for Switchyard {
             // The app refused the upgrade: the connection layer already treats what follows
             // the head as a tunnel, so it must not carry another request.
             session.set_keepalive(None);
+        }
+        if let (Some(bucket), Some(snap), Some(up)) = (ctx.set_cookie, &ctx.snapshot, &ctx.upstream)
+        {
+            // The client's sticky bucket, assigned on this request (SPEC §4): only while a
+            // canary has weight, which is when `choose` assigns one.
+            let cookie = format!(
+                "{}={}; Path=/; HttpOnly; SameSite=Lax",
+                up.config.canary.cookie,
+                snap.sticky.cookie_value(bucket)
+            );
+            resp.append_header(http::header::SET_COOKIE, cookie)?;
         }
         Ok(())
     }

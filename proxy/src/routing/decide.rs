@@ -1,11 +1,49 @@
-//! The per-request pool decision: which pool of an upstream a request goes to.
+//! The per-request pool decision (SPEC §4): which pool of an upstream a request goes to.
 //!
-//! Today the weights alone decide, through [`Split`]: a schedule of 100 slots holding pool
-//! indices in proportion to the weights, interleaved by smooth weighted round robin (nginx's
-//! algorithm), so every 100 consecutive requests split exactly. A `Split` is built when the
-//! weights change, never per request: picking is one relaxed atomic increment and an index.
+//! In order: the preview header (from an allowed address; any pool, also one at weight 0),
+//! the force header (`true`: the canary, `false`: the main pool), the client's sticky bucket,
+//! and the weights. The caller reads the request into [`Facts`]; [`Split::decide`] is pure:
+//! no I/O, no lock, no allocation — an index into tables built when the weights change.
+//!
+//! - Weights: a schedule of 100 slots holding pool indices in proportion to the weights,
+//!   interleaved by smooth weighted round robin (nginx's algorithm), so every 100 consecutive
+//!   requests split exactly; picking is one relaxed atomic increment.
+//! - Buckets: 100 buckets, each owned by one pool. The pools that have weight next to the
+//!   *base* pool own the lowest buckets in proportion to their weights (in pool order), the
+//!   base pool the rest; so growing a canary only adds clients to it and a canary at 0 owns
+//!   none. The base pool is the one that last had all the traffic: while the canary is below
+//!   half it is the main pool, as SPEC §4 says ("canary pools own the lowest buckets"); when
+//!   the canary passes 50 % (a step of 60, say) and becomes the main pool, the base does not
+//!   change, so no client moves back from the canary to the old pool.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Number of sticky buckets.
+pub(crate) const BUCKETS: usize = 100;
+
+/// What the request says about its pool, read by the caller.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Facts {
+    /// The pool named by the preview header, when the client may use it.
+    pub(crate) preview: Option<usize>,
+    /// The force header: `Some(true)` canary, `Some(false)` main pool.
+    pub(crate) force: Option<bool>,
+    /// The client's sticky bucket (0..100), from its cookie or header.
+    pub(crate) bucket: Option<u8>,
+}
+
+/// Which rule decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rule {
+    /// The preview header.
+    Preview,
+    /// The force header.
+    Forced,
+    /// The sticky bucket.
+    Sticky,
+    /// The weights.
+    Weights,
+}
 
 /// One upstream's weights, compiled for the request path.
 #[derive(Debug)]
@@ -14,21 +52,44 @@ pub(crate) struct Split {
     weights: Vec<u32>,
     /// Index of the main pool (largest weight; on a tie the previous main stays main).
     main: usize,
+    /// The pool owning the highest buckets (see the module docs).
+    base: usize,
+    /// The heaviest pool with weight other than the main one (`X-Canary: true`).
+    canary: Option<usize>,
     /// Pool indices in proportion to the weights, interleaved.
     slots: Vec<u8>,
+    /// Bucket -> pool index.
+    buckets: [u8; BUCKETS],
     /// Position in `slots`.
     counter: AtomicUsize,
 }
 
 impl Split {
-    /// Compile `weights` (one per pool index). `prev_main` keeps its role on a tie.
-    pub(crate) fn new(weights: Vec<u32>, prev_main: Option<usize>) -> Split {
+    /// Compile `weights` (one per pool index). `prev_main` keeps its role on a tie;
+    /// `prev_base` stays the base pool while it has weight.
+    pub(crate) fn new(
+        weights: Vec<u32>,
+        prev_main: Option<usize>,
+        prev_base: Option<usize>,
+    ) -> Split {
         let main = main_pool(&weights, prev_main);
+        let base = base_pool(&weights, main, prev_base);
+        let canary = weights
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| *i != main && **w > 0)
+            // Heaviest; on a tie the first in pool order.
+            .max_by_key(|(i, w)| (**w, std::cmp::Reverse(*i)))
+            .map(|(i, _)| i);
         let slots = weighted_slots(&weights, main);
+        let buckets = bucket_owners(&weights, base);
         Split {
             weights,
             main,
+            base,
+            canary,
             slots,
+            buckets,
             counter: AtomicUsize::new(0),
         }
     }
@@ -38,9 +99,40 @@ impl Split {
         self.main
     }
 
+    /// The base pool's index (owner of the highest buckets).
+    pub(crate) fn base(&self) -> usize {
+        self.base
+    }
+
+    /// The pool `X-Canary: true` goes to, if any pool besides the main one has weight.
+    pub(crate) fn canary(&self) -> Option<usize> {
+        self.canary
+    }
+
     /// The weight of pool `i`.
     pub(crate) fn weight(&self, i: usize) -> u32 {
         self.weights.get(i).copied().unwrap_or(0)
+    }
+
+    /// The pool owning `bucket` (taken modulo 100).
+    pub(crate) fn owner(&self, bucket: u8) -> usize {
+        usize::from(self.buckets[usize::from(bucket) % BUCKETS])
+    }
+
+    /// The pool for a request, and the rule that chose it (SPEC §4 order).
+    pub(crate) fn decide(&self, facts: &Facts) -> (usize, Rule) {
+        if let Some(p) = facts.preview {
+            return (p, Rule::Preview);
+        }
+        match facts.force {
+            Some(true) => return (self.canary.unwrap_or(self.main), Rule::Forced),
+            Some(false) => return (self.main, Rule::Forced),
+            None => {}
+        }
+        if let Some(b) = facts.bucket {
+            return (self.owner(b), Rule::Sticky);
+        }
+        (self.pick(), Rule::Weights)
     }
 
     /// The pool for the next request by weight. Exact over every 100 consecutive calls.
@@ -66,6 +158,36 @@ fn main_pool(weights: &[u32], prev_main: Option<usize>) -> usize {
         .filter(|&i| weights.get(i) == Some(&max))
         .or_else(|| weights.iter().position(|w| *w == max))
         .unwrap_or(0)
+}
+
+/// A pool with all the traffic is the base; otherwise the previous base while it has weight;
+/// otherwise the main pool.
+fn base_pool(weights: &[u32], main: usize, prev_base: Option<usize>) -> usize {
+    if let Some(all) = weights.iter().position(|w| *w >= 100) {
+        return all;
+    }
+    prev_base
+        .filter(|&i| weights.get(i).is_some_and(|w| *w > 0))
+        .unwrap_or(main)
+}
+
+/// Bucket owners: the other weighted pools from bucket 0 up, in pool order, the base the rest.
+fn bucket_owners(weights: &[u32], base: usize) -> [u8; BUCKETS] {
+    let base_idx = u8::try_from(base).unwrap_or(0);
+    let mut out = [base_idx; BUCKETS];
+    let mut next = 0usize;
+    for (i, w) in weights.iter().enumerate() {
+        if i == base || *w == 0 {
+            continue;
+        }
+        let Ok(idx) = u8::try_from(i) else { continue };
+        let end = (next + *w as usize).min(BUCKETS);
+        for b in &mut out[next..end] {
+            *b = idx;
+        }
+        next = end;
+    }
+    out
 }
 
 /// Pool indices in proportion to the weights, spread out by smooth weighted round robin.
@@ -104,7 +226,7 @@ mod tests {
     #[test]
     fn weighted_split_is_exact_per_hundred_and_spread_out() {
         // blue, green, canary
-        let s = Split::new(vec![95, 5, 0], None);
+        let s = Split::new(vec![95, 5, 0], None, None);
         let mut counts = [0u32; 3];
         for _ in 0..1000 {
             counts[s.pick()] += 1;
@@ -123,16 +245,126 @@ mod tests {
 
     #[test]
     fn weights_that_do_not_sum_to_100_never_build_a_huge_schedule() {
-        let s = Split::new(vec![u32::MAX, 101], None);
+        let s = Split::new(vec![u32::MAX, 101], None, None);
         assert_eq!(s.slots(), &[0]);
         assert_eq!(s.pick(), 0);
-        assert_eq!(Split::new(vec![0, 0], None).slots(), &[0]);
+        assert_eq!(Split::new(vec![0, 0], None, None).slots(), &[0]);
     }
 
     #[test]
     fn tie_keeps_previous_main() {
-        assert_eq!(Split::new(vec![50, 50], Some(1)).main(), 1);
-        assert_eq!(Split::new(vec![50, 50], Some(0)).main(), 0);
-        assert_eq!(Split::new(vec![40, 60], Some(0)).main(), 1);
+        assert_eq!(Split::new(vec![50, 50], Some(1), None).main(), 1);
+        assert_eq!(Split::new(vec![50, 50], Some(0), None).main(), 0);
+        assert_eq!(Split::new(vec![40, 60], Some(0), None).main(), 1);
+    }
+
+    /// The pools owning buckets 0..100.
+    fn owners(s: &Split) -> Vec<usize> {
+        (0..100).map(|b| s.owner(b)).collect()
+    }
+
+    #[test]
+    fn canaries_own_the_lowest_buckets_and_growing_only_adds_clients() {
+        // blue (main, base), green canary 5 -> 25 -> 50 -> 60 -> 100 -> 0.
+        let mut prev_main = None;
+        let mut prev_base = None;
+        let mut on_green: Vec<u8> = Vec::new();
+        for g in [5u32, 25, 50, 60, 100] {
+            let s = Split::new(vec![100 - g, g], prev_main, prev_base);
+            let now: Vec<u8> = (0..100u8).filter(|b| s.owner(*b) == 1).collect();
+            assert_eq!(now.len(), g as usize, "green at {g}");
+            assert!(
+                on_green.iter().all(|b| now.contains(b)),
+                "a client on green moved back at {g}"
+            );
+            assert_eq!(now.first().copied(), Some(0), "the lowest buckets");
+            on_green = now;
+            prev_main = Some(s.main());
+            prev_base = Some(s.base());
+        }
+        assert_eq!(
+            prev_base,
+            Some(1),
+            "green had all the traffic: it is the base now"
+        );
+        let s = Split::new(vec![0, 100], prev_main, prev_base);
+        assert!(owners(&s).iter().all(|p| *p == 1));
+        // A canary at 0 owns nothing.
+        let s = Split::new(vec![100, 0], None, None);
+        assert!(owners(&s).iter().all(|p| *p == 0));
+        // Two canaries, in pool order, below the base.
+        let s = Split::new(vec![80, 15, 5], None, None);
+        let o = owners(&s);
+        assert!(o[..15].iter().all(|p| *p == 1) && o[15..20].iter().all(|p| *p == 2));
+        assert!(o[20..].iter().all(|p| *p == 0));
+        assert_eq!(s.canary(), Some(1), "the heaviest canary");
+    }
+
+    #[test]
+    fn decision_order_is_preview_force_sticky_weights() {
+        let s = Split::new(vec![95, 5, 0], None, None);
+        let f = |preview, force, bucket| Facts {
+            preview,
+            force,
+            bucket,
+        };
+        assert_eq!(
+            s.decide(&f(Some(2), Some(true), Some(0))),
+            (2, Rule::Preview)
+        );
+        assert_eq!(s.decide(&f(None, Some(true), Some(99))), (1, Rule::Forced));
+        assert_eq!(s.decide(&f(None, Some(false), Some(0))), (0, Rule::Forced));
+        assert_eq!(s.decide(&f(None, None, Some(4))), (1, Rule::Sticky));
+        assert_eq!(s.decide(&f(None, None, Some(5))), (0, Rule::Sticky));
+        assert_eq!(s.decide(&f(None, None, None)).1, Rule::Weights);
+        // No canary: `X-Canary: true` goes to the main pool.
+        let s = Split::new(vec![100, 0, 0], None, None);
+        assert_eq!(s.decide(&f(None, Some(true), None)), (0, Rule::Forced));
+    }
+
+    /// SPEC §4 invariant 5 over 100k decisions, without stickiness.
+    #[test]
+    fn split_accuracy_without_stickiness_over_100k_decisions() {
+        for w in [1u32, 5, 25, 50] {
+            let s = Split::new(vec![100 - w, w], None, None);
+            let n = 100_000u32;
+            let mut green = 0u32;
+            for _ in 0..n {
+                if s.decide(&Facts::default()).0 == 1 {
+                    green += 1;
+                }
+            }
+            let share = f64::from(green) / f64::from(n);
+            let p = f64::from(w) / 100.0;
+            let sd = (p * (1.0 - p) / f64::from(n)).sqrt();
+            let bound = (0.005f64).max(3.0 * sd);
+            assert!(
+                (share - p).abs() <= bound,
+                "weight {w}: share {share:.5}, bound {bound:.5}"
+            );
+        }
+    }
+
+    /// The same with cookies assigned at random on first sight (each request a new client).
+    #[test]
+    fn split_accuracy_with_random_buckets() {
+        for w in [1u32, 5, 25, 50] {
+            let s = Split::new(vec![100 - w, w], None, None);
+            let n = 100_000u32;
+            let green = (0..n)
+                .filter(|_| {
+                    let f = Facts {
+                        bucket: Some(fastrand::u8(0..100)),
+                        ..Facts::default()
+                    };
+                    s.decide(&f).0 == 1
+                })
+                .count();
+            let share = green as f64 / f64::from(n);
+            let p = f64::from(w) / 100.0;
+            // Random, so allow 4 standard deviations (a false alarm about once in 16,000 runs).
+            let bound = (0.005f64).max(4.0 * (p * (1.0 - p) / f64::from(n)).sqrt());
+            assert!((share - p).abs() <= bound, "weight {w}: share {share:.5}");
+        }
     }
 }

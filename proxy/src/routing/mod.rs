@@ -6,6 +6,7 @@
 //! - [`routes`]: the route table (path prefix -> upstream, prefix stripping).
 //! - [`deny`]: the deny list.
 //! - [`decide`]: the per-request pool decision ([`decide::Split`]).
+//! - [`sticky`]: sticky buckets from cookies and headers.
 //! - [`weights`]: the rules every set of weights obeys.
 //! - [`normalize`]: the path the deny list and the routes see.
 
@@ -16,6 +17,7 @@ pub(crate) mod decide;
 pub(crate) mod deny;
 pub(crate) mod normalize;
 pub(crate) mod routes;
+pub(crate) mod sticky;
 pub(crate) mod weights;
 
 pub use deny::DenyList;

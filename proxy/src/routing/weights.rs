@@ -74,6 +74,42 @@ pub(crate) fn carry_over<'a>(
     Some(next)
 }
 
+/// `w` with `pool` at `value` (0..=100): the difference is taken from (or given to) the other
+/// pools, heaviest first — for two pools, the other one simply gets `100 - value`. `None` when
+/// `pool` is unknown, `value` is above 100, or the weight to give back has no pool to go to
+/// (`pool` had everything and is set lower while every other pool is at 0 — the caller must
+/// say where the traffic goes).
+pub(crate) fn with_pool_at(w: &Weights, pool: &str, value: u32) -> Option<Weights> {
+    let old = *w.get(pool)?;
+    if value > 100 {
+        return None;
+    }
+    let mut out = w.clone();
+    out.insert(pool.to_string(), value);
+    // Others heaviest first; on a tie in name order (BTreeMap order, stable sort).
+    let mut others: Vec<(String, u32)> = w
+        .iter()
+        .filter(|(k, _)| k.as_str() != pool)
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    others.sort_by_key(|o| std::cmp::Reverse(o.1));
+    if value > old {
+        let mut need = value - old;
+        for (name, have) in &others {
+            let take = need.min(*have);
+            out.insert(name.clone(), have - take);
+            need -= take;
+        }
+        if need > 0 {
+            return None;
+        }
+    } else if value < old {
+        let (name, have) = others.iter().find(|(_, v)| *v > 0)?;
+        out.insert(name.clone(), have + (old - value));
+    }
+    check(&out).ok().map(|_| out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +156,35 @@ mod tests {
             "a removed pool without weight does not matter"
         );
         assert_eq!(carry_over(&w(&[("blue", 200)]), ["blue"]), None);
+    }
+
+    #[test]
+    fn a_pool_set_to_a_value_takes_from_the_heaviest_others() {
+        let two = w(&[("blue", 95), ("green", 5)]);
+        assert_eq!(
+            with_pool_at(&two, "green", 25),
+            Some(w(&[("blue", 75), ("green", 25)]))
+        );
+        assert_eq!(
+            with_pool_at(&two, "green", 100),
+            Some(w(&[("blue", 0), ("green", 100)]))
+        );
+        assert_eq!(
+            with_pool_at(&two, "green", 0),
+            Some(w(&[("blue", 100), ("green", 0)]))
+        );
+        let three = w(&[("blue", 80), ("canary", 5), ("green", 15)]);
+        assert_eq!(
+            with_pool_at(&three, "green", 0),
+            Some(w(&[("blue", 95), ("canary", 5), ("green", 0)]))
+        );
+        assert_eq!(
+            with_pool_at(&three, "green", 98),
+            Some(w(&[("blue", 0), ("canary", 2), ("green", 98)]))
+        );
+        assert_eq!(with_pool_at(&three, "green", 101), None);
+        assert_eq!(with_pool_at(&three, "nope", 1), None);
+        let all = w(&[("blue", 100), ("green", 0)]);
+        assert_eq!(with_pool_at(&all, "blue", 50), None, "nowhere to put 50");
     }
 }

@@ -16,6 +16,7 @@ use crate::checks::dns::{self, Resolve, SystemResolver};
 use crate::listen::{self, BoundListener, ListenError};
 use crate::ops::Controller;
 use crate::proxy::Switchyard;
+use crate::routing::sticky::StickyKey;
 use crate::state::{persist, Shared, Snapshot};
 use crate::surfaces;
 use crate::telemetry::events::EventLog;
@@ -138,9 +139,6 @@ const FD_RESERVE: u64 = 64;
 
 /// Start a proxy from a validated config.
 pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
-    for w in &config.not_in_effect {
-        tracing::warn!(key = %w.path, "{}", w.message);
-    }
     let listeners: Vec<BoundListener> = config
         .listen
         .iter()
@@ -159,8 +157,8 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let control_socket = ControlServer::bind(&config.control.socket, config.control.mode)?;
     let restored = persist::load(&config.state_file, &config);
-    if !restored.is_empty() {
-        tracing::info!(path = %config.state_file.display(), upstreams = restored.len(), "routing state restored from the state file");
+    if !restored.upstreams.is_empty() {
+        tracing::info!(path = %config.state_file.display(), upstreams = restored.upstreams.len(), "routing state restored from the state file");
     }
     let health_client = crate::checks::active::client().map_err(|e| StartError::Runtime {
         what: "health-check client",
@@ -171,7 +169,16 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         config.clone(),
         &restored,
         None,
+        StickyKey::generate,
     )));
+    if restored.sticky.is_none() && shared.load().upstreams.iter().any(|u| u.canary_active()) {
+        // A canary runs (restored from an older state file) and cookies are about to be
+        // issued with a new key: keep it, or a restart before the next change would move
+        // every client again.
+        if let Err(e) = persist::save(&config.state_file, &shared.load()) {
+            tracing::warn!(path = %config.state_file.display(), error = %e, "cannot save the new sticky-cookie key; a restart will issue new cookies");
+        }
+    }
     let registry = opts.registry.clone().unwrap_or_default();
     let metrics = Arc::new(crate::telemetry::metrics::Metrics::register(
         &registry,
@@ -206,6 +213,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         metrics: metrics.clone(),
         access_log: access_log.clone(),
         started: Instant::now(),
+        observed: Default::default(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut threads = Vec::new();
@@ -217,6 +225,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         let shared = shared.clone();
         let resolver = opts.resolver.clone();
         let handler = Arc::new(surfaces::control::SocketHandler(controller.clone()));
+        let autopilot = controller.clone();
         let shutdown = shutdown_rx.clone();
         let events = events.clone();
         let admin = surfaces::admin::Admin {
@@ -240,6 +249,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
                 tokio::select! {
                     _ = dns::run(shared.clone(), resolver) => {}
                     _ = crate::checks::active::run(shared.clone(), events, health_client) => {}
+                    _ = crate::ops::autopilot::run(autopilot) => {}
                     _ = async move {
                         match admin_listener {
                             Some(l) => surfaces::admin::serve(l, admin).await,

@@ -150,7 +150,6 @@ impl Shared {
 mod tests {
     use super::*;
     use crate::upstream::{Pool, Weights};
-    use std::collections::BTreeMap;
     use std::sync::atomic::AtomicBool;
 
     fn shared() -> Shared {
@@ -158,7 +157,12 @@ mod tests {
             "listen: [{addr: '127.0.0.1:0'}]\nupstreams:\n  app:\n    pools:\n      blue: ['127.0.0.1:1']\n      green: ['127.0.0.1:2']\n    active: blue\nroutes: [{path_prefix: /, upstream: app}]\n",
         )
         .unwrap();
-        Shared::new(Snapshot::build(Arc::new(cfg), &BTreeMap::new(), None))
+        Shared::new(Snapshot::build(
+            Arc::new(cfg),
+            &Restored::default(),
+            None,
+            crate::routing::sticky::StickyKey::generate,
+        ))
     }
 
     /// What a switch does: store `pool`=100 (pools: 0 blue, 1 green).

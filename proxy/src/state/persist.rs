@@ -9,14 +9,22 @@
 //! Instance lists changed at run time (`pool set`) are saved together with the config's list
 //! at that time: on restart the saved list wins unless the config's list was edited since (then
 //! the operator's newer intent, the file, wins).
+//!
+//! Also kept: each upstream's rollout (so a restart mid-rollout resumes at the same step), its
+//! last automatic rollback (so `status` still says why), the pool owning the highest sticky
+//! buckets, and the sticky-cookie key (so cookies issued before a restart stay valid).
 
 use super::{Restored, Snapshot};
+use crate::canary::rollout::Rollout;
+use crate::routing::sticky::StickyKey;
 use crate::routing::weights;
+use crate::upstream::Runtime;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use switchyard_config::{Config, InstanceAddr};
+use switchyard_control::protocol::RollbackInfo;
 use switchyard_control::Weights;
 
 const VERSION: u32 = 1;
@@ -25,6 +33,9 @@ const VERSION: u32 = 1;
 struct StateFile {
     version: u32,
     upstreams: BTreeMap<String, UpstreamRecord>,
+    /// 32 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sticky_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,6 +46,12 @@ struct UpstreamRecord {
     previous: Option<Weights>,
     #[serde(default)]
     pools: BTreeMap<String, PoolRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rollout: Option<Rollout>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_rollback: Option<RollbackInfo>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,17 +88,22 @@ pub(crate) fn save(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
                         )
                     })
                     .collect();
+                let rt = u.runtime();
                 (
                     u.name().to_string(),
                     UpstreamRecord {
-                        generation: u.generation,
-                        weights: u.weights(),
-                        previous: u.previous.clone(),
+                        generation: rt.generation,
+                        weights: rt.weights,
+                        previous: rt.previous,
                         pools,
+                        base: rt.base,
+                        rollout: rt.rollout,
+                        last_rollback: rt.last_rollback,
                     },
                 )
             })
             .collect(),
+        sticky_key: Some(snap.sticky.to_hex()),
     };
     let mut bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
@@ -119,21 +141,29 @@ fn set_aside(path: &Path, why: &str) {
 /// Read the state file. Missing file: nothing to restore. Corrupt file: moved aside, logged,
 /// nothing restored. Entries that no longer fit the config (unknown pools, weights not summing
 /// to 100) are skipped with a warning.
-pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
+pub(crate) fn load(path: &Path, config: &Config) -> Restored {
     let text = match std::fs::read(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Restored::default(),
         Err(e) => {
             tracing::error!(path = %path.display(), error = %e, "cannot read the state file; starting from the config's active pools");
-            return BTreeMap::new();
+            return Restored::default();
         }
     };
     let file: StateFile = match serde_json::from_slice(&text) {
         Ok(f) => f,
         Err(e) => {
             set_aside(path, &e.to_string());
-            return BTreeMap::new();
+            return Restored::default();
         }
+    };
+    let sticky = match file.sticky_key.as_deref().map(StickyKey::from_hex) {
+        Some(None) => {
+            set_aside(path, "sticky_key is not 32 hex digits");
+            return Restored::default();
+        }
+        Some(Some(k)) => Some(k),
+        None => None,
     };
     // Weights that break the rules (a weight above 100, a sum other than 100) were never
     // written by a proxy: the file was damaged or edited. Treat it as corrupt, not as a
@@ -146,7 +176,7 @@ pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
     });
     if let Some(why) = broken {
         set_aside(path, &why);
-        return BTreeMap::new();
+        return Restored::default();
     }
     let mut out = BTreeMap::new();
     for (name, rec) in file.upstreams {
@@ -184,17 +214,31 @@ pub(crate) fn load(path: &Path, config: &Config) -> BTreeMap<String, Restored> {
             }
         }
         let previous = rec.previous.and_then(|p| weights::carry_over(&p, pools()));
+        let names: Vec<&str> = pools().collect();
+        let rollout = rec.rollout.filter(|r| {
+            let ok = r.is_valid_for(&names);
+            if !ok {
+                tracing::warn!(upstream = %name, pool = %r.pool, "the saved rollout does not fit the config (pool gone or steps invalid); it is dropped");
+            }
+            ok
+        });
         out.insert(
             name,
-            Restored {
+            Runtime {
                 weights,
                 instances,
                 generation: rec.generation,
                 previous,
+                base: rec.base.filter(|b| names.contains(&b.as_str())),
+                rollout,
+                last_rollback: rec.last_rollback,
             },
         );
     }
-    out
+    Restored {
+        upstreams: out,
+        sticky,
+    }
 }
 
 #[cfg(test)]
@@ -210,7 +254,7 @@ mod tests {
     }
 
     /// Write a state file with these weights and rollback target (JSON), and load it.
-    fn restore(cfg: &Config, weights: &str, previous: &str) -> BTreeMap<String, Restored> {
+    fn restore(cfg: &Config, weights: &str, previous: &str) -> BTreeMap<String, Runtime> {
         std::fs::write(
             &cfg.state_file,
             format!(
@@ -218,7 +262,7 @@ mod tests {
             ),
         )
         .unwrap();
-        load(&cfg.state_file, cfg)
+        load(&cfg.state_file, cfg).upstreams
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! route table, the deny list and each upstream's `UpstreamState` — built from a config, the
 //! state file or the previous snapshot.
 
+use crate::routing::sticky::StickyKey;
 use crate::routing::weights;
 use crate::routing::{DenyList, RouteTable};
-use crate::upstream::{UpstreamState, Weights};
+use crate::upstream::{Runtime, UpstreamState, Weights};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use switchyard_config::{Config, InstanceAddr};
@@ -17,27 +18,31 @@ pub(crate) struct Snapshot {
     pub(crate) deny: DenyList,
     /// In the order of `config.upstreams`.
     pub(crate) upstreams: Vec<Arc<UpstreamState>>,
+    /// The secret behind sticky cookies (kept in the state file, never changed).
+    pub(crate) sticky: Arc<StickyKey>,
     /// Set when the snapshot is stored: 1, 2, 3... (see [`super::Shared::bind`]).
     pub(crate) version: u64,
 }
 
-/// Runtime state restored for one upstream (from the state file).
+/// What the state file gave back.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Restored {
-    pub(crate) weights: Weights,
-    pub(crate) instances: BTreeMap<String, Vec<InstanceAddr>>,
-    pub(crate) generation: u64,
-    pub(crate) previous: Option<Weights>,
+    /// Per upstream.
+    pub(crate) upstreams: BTreeMap<String, Runtime>,
+    /// The sticky-cookie key, if the file had one.
+    pub(crate) sticky: Option<StickyKey>,
 }
 
 impl Snapshot {
     /// Build from config. Per upstream, runtime state comes from `restored` when given
     /// (state file), else from `old` (a reload keeps weights and pools changed at run time
-    /// where they still exist), else from the config's `active`.
+    /// where they still exist), else from the config's `active`. The sticky key comes from
+    /// `old`, else `restored`, else `sticky`.
     pub(crate) fn build(
         config: Arc<Config>,
-        restored: &BTreeMap<String, Restored>,
+        restored: &Restored,
         old: Option<&Snapshot>,
+        sticky: impl FnOnce() -> StickyKey,
     ) -> Snapshot {
         let upstreams: Vec<Arc<UpstreamState>> = config
             .upstreams
@@ -51,6 +56,7 @@ impl Snapshot {
                     .map(|p| (p.name.clone(), u32::from(p.name == uc.active) * 100))
                     .collect();
                 let state = if let Some(r) = restored
+                    .upstreams
                     .get(&uc.name)
                     .filter(|r| {
                         let ok = weighted_pools_have_instances(uc, &r.weights, &r.instances);
@@ -60,14 +66,7 @@ impl Snapshot {
                         ok
                     })
                 {
-                    UpstreamState::build(
-                        ucfg,
-                        &r.weights,
-                        &r.instances,
-                        r.generation,
-                        r.previous.clone(),
-                        old_state.map(|a| &**a),
-                    )
+                    UpstreamState::build(ucfg, r, old_state.map(|a| &**a))
                 } else if let Some(o) = old_state {
                     // Run-time weights survive while the pools that have weight exist (new
                     // pools get 0); a rollback target naming a removed pool is dropped.
@@ -91,24 +90,47 @@ impl Snapshot {
                         .collect();
                     // A pool keeping its weight must still have instances (the file may have
                     // emptied its list); otherwise the file's `active` takes over.
-                    let weights = weights::carry_over(&o.weights(), pools())
-                        .filter(|w| weighted_pools_have_instances(uc, w, &instances))
-                        .unwrap_or(initial);
+                    let kept = weights::carry_over(&o.weights(), pools())
+                        .filter(|w| weighted_pools_have_instances(uc, w, &instances));
+                    let reset = kept.is_none();
+                    let weights = kept.unwrap_or(initial);
                     let previous = o
                         .previous
                         .as_ref()
                         .and_then(|p| weights::carry_over(p, pools()))
                         .filter(|p| weighted_pools_have_instances(uc, p, &instances));
-                    UpstreamState::build(
-                        ucfg,
-                        &weights,
-                        &instances,
-                        o.generation + 1,
+                    // A rollout keeps going while its pool exists; the last rollback stays
+                    // on record while its pool exists.
+                    let pool_exists = |p: &str| uc.pool(p).is_some();
+                    // The weights could not be kept: a live rollout cannot go on from them.
+                    let rollout = o.rollout.clone().filter(|r| pool_exists(&r.pool)).map(|r| {
+                        if reset && r.is_live() {
+                            r.ended(crate::canary::rollout::Phase::Aborted {
+                                at_ms: crate::canary::rollout::unix_ms(),
+                                by: "reload".into(),
+                            })
+                        } else {
+                            r
+                        }
+                    });
+                    let last_rollback = o.last_rollback.clone().filter(|r| pool_exists(&r.pool));
+                    let rt = Runtime {
+                        weights,
+                        instances,
+                        generation: o.generation + 1,
                         previous,
-                        Some(o),
-                    )
+                        base: None,
+                        rollout,
+                        last_rollback,
+                    };
+                    UpstreamState::build(ucfg, &rt, Some(o))
                 } else {
-                    UpstreamState::build(ucfg, &initial, &BTreeMap::new(), 1, None, None)
+                    let rt = Runtime {
+                        weights: initial,
+                        generation: 1,
+                        ..Runtime::default()
+                    };
+                    UpstreamState::build(ucfg, &rt, None)
                 };
                 Arc::new(state)
             })
@@ -121,11 +143,16 @@ impl Snapshot {
                 .unwrap_or(0)
         });
         let deny = DenyList::new(&config.deny);
+        let sticky = old
+            .map(|o| o.sticky.clone())
+            .or_else(|| restored.sticky.clone().map(Arc::new))
+            .unwrap_or_else(|| Arc::new(sticky()));
         Snapshot {
             config,
             routes,
             deny,
             upstreams,
+            sticky,
             version: 0,
         }
     }
@@ -141,6 +168,7 @@ impl Snapshot {
             config: self.config.clone(),
             routes: self.routes.clone(),
             deny: self.deny.clone(),
+            sticky: self.sticky.clone(),
             upstreams: self
                 .upstreams
                 .iter()

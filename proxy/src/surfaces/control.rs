@@ -3,7 +3,9 @@
 //! `Handle::execute` calls, so the library and the socket behave identically.
 //!
 //! Commands: `status`, `switch` (with `--wait-healthy` and `--drain`), `rollback`, `weight`,
-//! `weights`, `drain`, `pool_set`, `pool_add`, `pool_remove`, `reload`, `events`.
+//! `weights`, `drain`, `pool_set`, `pool_add`, `pool_remove`, `reload`, `canary` (with
+//! `--wait`), `canary_status`, `canary_pause`, `canary_resume`, `canary_abort`,
+//! `canary_promote`, `events`.
 
 use crate::ops::{drain_timeout_error, Actor, Controller, Gate};
 use std::sync::Arc;
@@ -152,6 +154,54 @@ pub(crate) async fn execute(
                 .await,
         ),
         Request::Reload => reply(this.reload(actor).await),
+        Request::Canary {
+            upstream,
+            pool,
+            steps,
+            interval_ms,
+            wait,
+            min_healthy,
+        } => {
+            let started = this
+                .off_runtime(move |c| {
+                    c.canary_start(
+                        upstream.as_deref(),
+                        &pool,
+                        steps,
+                        interval_ms.map(ms),
+                        min_healthy,
+                        actor,
+                    )
+                })
+                .await;
+            match started {
+                Ok(s) if wait => reply(this.canary_wait(s, events).await),
+                other => reply(other),
+            }
+        }
+        Request::CanaryStatus { upstream } => {
+            let snap = this.shared.load();
+            reply(
+                Controller::upstream(&snap, upstream.as_deref())
+                    .map(|u| crate::ops::upstream_status(&u, this.observed.get().get(u.name()))),
+            )
+        }
+        Request::CanaryPause { upstream } => reply(
+            this.off_runtime(move |c| c.canary_pause(upstream.as_deref(), true, actor))
+                .await,
+        ),
+        Request::CanaryResume { upstream } => reply(
+            this.off_runtime(move |c| c.canary_pause(upstream.as_deref(), false, actor))
+                .await,
+        ),
+        Request::CanaryAbort { upstream } => reply(
+            this.off_runtime(move |c| c.canary_abort(upstream.as_deref(), actor))
+                .await,
+        ),
+        Request::CanaryPromote { upstream, force } => reply(
+            this.off_runtime(move |c| c.canary_promote(upstream.as_deref(), force, actor))
+                .await,
+        ),
         Request::Events { follow, limit } => {
             // Subscribe first so nothing falls between the history and the stream.
             let mut rx = this.events.subscribe();

@@ -22,6 +22,7 @@ pub(crate) struct Metrics {
     pub(crate) switches: IntCounterVec,
     pub(crate) rollbacks: IntCounterVec,
     pub(crate) reloads: IntCounterVec,
+    pub(crate) preview_refused: IntCounterVec,
     pub(crate) access_log_dropped: IntCounter,
     pub(crate) events_dropped: IntCounter,
     /// Requests that reached no pool (denied, no route): `upstream="none",pool="none"`.
@@ -57,6 +58,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let preview_refused = IntCounterVec::new(
+            Opts::new(
+                "switchyard_preview_refused_total",
+                "Requests whose preview header was ignored: the client is not in preview.allow_from",
+            ),
+            &["upstream"],
+        )?;
         let access_log_dropped = IntCounter::new(
             "switchyard_access_log_dropped_total",
             "Access log lines dropped because the writer fell behind (logging never blocks requests)",
@@ -70,6 +78,7 @@ impl Metrics {
         registry.register(Box::new(switches.clone()))?;
         registry.register(Box::new(rollbacks.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(preview_refused.clone()))?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(StateCollector::new(
             shared,
@@ -90,6 +99,7 @@ impl Metrics {
             switches,
             rollbacks,
             reloads,
+            preview_refused,
             access_log_dropped,
             events_dropped,
             unrouted,
@@ -100,6 +110,7 @@ impl Metrics {
     /// the first switch to see the series).
     pub(crate) fn touch_upstream(&self, upstream: &str) {
         self.switches.with_label_values(&[upstream]);
+        self.preview_refused.with_label_values(&[upstream]);
         for reason in ["manual", "auto_error_rate", "auto_latency"] {
             self.rollbacks.with_label_values(&[upstream, reason]);
         }

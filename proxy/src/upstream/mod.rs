@@ -22,12 +22,32 @@ pub(crate) use instance::{Instance, Resolved};
 pub(crate) use pool::{Pool, PoolState};
 pub(crate) use select::Candidates;
 
-use crate::routing::decide::Split;
+use crate::canary::rollout::Rollout;
+use crate::routing::decide::{Facts, Rule, Split};
+use crate::routing::sticky::HeaderNames;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use switchyard_config::{InstanceAddr, UpstreamConfig};
+use switchyard_control::protocol::RollbackInfo;
 
 pub(crate) use switchyard_control::Weights;
+
+/// The run-time part of an upstream's state: what commands change and the state file keeps.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Runtime {
+    pub(crate) weights: Weights,
+    /// Instance lists changed at run time (`pool set`); other pools use the config's.
+    pub(crate) instances: BTreeMap<String, Vec<InstanceAddr>>,
+    pub(crate) generation: u64,
+    /// Weights before the last weight change, for `rollback`.
+    pub(crate) previous: Option<Weights>,
+    /// The pool owning the highest sticky buckets (`routing::decide`); `None`: the main pool.
+    pub(crate) base: Option<String>,
+    /// The progressive rollout, running or ended.
+    pub(crate) rollout: Option<Rollout>,
+    /// The last automatic rollback, with its numbers.
+    pub(crate) last_rollback: Option<RollbackInfo>,
+}
 
 /// One upstream's routing snapshot.
 #[derive(Debug)]
@@ -42,20 +62,23 @@ pub(crate) struct UpstreamState {
     pub(crate) main: usize,
     /// Weights before the last weight change, for `rollback`.
     pub(crate) previous: Option<Weights>,
+    /// The progressive rollout, running or ended (`canary::rollout`).
+    pub(crate) rollout: Option<Rollout>,
+    /// The last automatic rollback, with its numbers.
+    pub(crate) last_rollback: Option<RollbackInfo>,
     /// The weights compiled for the per-request decision.
     split: Split,
+    /// The header names the decision reads.
+    names: HeaderNames,
 }
 
 impl UpstreamState {
-    /// The initial state from config: `active` has 100%, or `weights` when restoring persisted
-    /// state. Pools and instances are taken over from `old` where names/addresses match, so a
-    /// reload keeps counters and health.
+    /// Build from the run-time state `rt` (weights, instance lists...). Pools and instances
+    /// are taken over from `old` where names/addresses match, so a change or a reload keeps
+    /// counters and health.
     pub(crate) fn build(
         config: Arc<UpstreamConfig>,
-        weights: &Weights,
-        instances: &BTreeMap<String, Vec<InstanceAddr>>,
-        generation: u64,
-        previous: Option<Weights>,
+        rt: &Runtime,
         old: Option<&UpstreamState>,
     ) -> Self {
         let pools: Vec<PoolState> = config
@@ -63,8 +86,8 @@ impl UpstreamState {
             .iter()
             .map(|p| {
                 let old_pool = old.and_then(|o| o.pool(&p.name));
-                let addrs = instances.get(&p.name).unwrap_or(&p.instances);
-                let weight = weights.get(&p.name).copied().unwrap_or(0);
+                let addrs = rt.instances.get(&p.name).unwrap_or(&p.instances);
+                let weight = rt.weights.get(&p.name).copied().unwrap_or(0);
                 let epoch = match old_pool {
                     Some(op) if op.weight > 0 && weight == 0 => op.epoch + 1,
                     Some(op) => op.epoch,
@@ -88,18 +111,54 @@ impl UpstreamState {
                 }
             })
             .collect();
+        let index = |name: &str| pools.iter().position(|p| p.pool.name == name);
         let old_main = old
             .map(|o| o.pools[o.main].pool.name.as_str())
-            .and_then(|name| pools.iter().position(|p| p.pool.name == name));
-        let split = Split::new(pools.iter().map(|p| p.weight).collect(), old_main);
+            .and_then(index);
+        let base = rt
+            .base
+            .as_deref()
+            .or_else(|| old.map(|o| o.pools[o.split.base()].pool.name.as_str()))
+            .and_then(index);
+        let split = Split::new(pools.iter().map(|p| p.weight).collect(), old_main, base);
+        let names = HeaderNames::new(&config);
         UpstreamState {
             config,
-            generation,
+            generation: rt.generation,
             main: split.main(),
             pools,
-            previous,
+            previous: rt.previous.clone(),
+            rollout: rt.rollout.clone(),
+            last_rollback: rt.last_rollback.clone(),
             split,
+            names,
         }
+    }
+
+    /// The run-time state, to build a changed copy from (or to save).
+    pub(crate) fn runtime(&self) -> Runtime {
+        Runtime {
+            weights: self.weights(),
+            instances: self.instance_lists(),
+            generation: self.generation,
+            previous: self.previous.clone(),
+            base: Some(self.pools[self.split.base()].pool.name.clone()),
+            rollout: self.rollout.clone(),
+            last_rollback: self.last_rollback.clone(),
+        }
+    }
+
+    /// A copy with the run-time state changed by `f`, generation + 1. When `f` changes the
+    /// weights, the old ones become the `rollback` target.
+    pub(crate) fn changed(&self, f: impl FnOnce(&mut Runtime)) -> Self {
+        let mut rt = self.runtime();
+        let current = rt.weights.clone();
+        f(&mut rt);
+        if rt.weights != current {
+            rt.previous = Some(current);
+        }
+        rt.generation = self.generation + 1;
+        UpstreamState::build(self.config.clone(), &rt, Some(self))
     }
 
     /// A copy with new weights and/or instance lists, generation + 1.
@@ -108,24 +167,29 @@ impl UpstreamState {
         weights: Option<&Weights>,
         instances: Option<(&str, Vec<InstanceAddr>)>,
     ) -> Self {
-        let current = self.weights();
-        let w = weights.unwrap_or(&current);
-        let mut lists = self.instance_lists();
-        if let Some((pool, addrs)) = instances {
-            lists.insert(pool.to_string(), addrs);
-        }
-        let previous = match weights {
-            Some(new) if *new != current => Some(current.clone()),
-            _ => self.previous.clone(),
-        };
-        UpstreamState::build(
-            self.config.clone(),
-            w,
-            &lists,
-            self.generation + 1,
-            previous,
-            Some(self),
-        )
+        self.changed(|rt| {
+            if let Some(w) = weights {
+                rt.weights = w.clone();
+            }
+            if let Some((pool, addrs)) = instances {
+                rt.instances.insert(pool.to_string(), addrs);
+            }
+        })
+    }
+
+    /// A copy with weights set by a human command (`cmd`): a live rollout ends as aborted — a
+    /// human took the weights over, and the autopilot must not move them again.
+    pub(crate) fn with_weights_by_human(&self, weights: &Weights, cmd: &str) -> Self {
+        let now = crate::canary::rollout::unix_ms();
+        self.changed(|rt| {
+            rt.weights = weights.clone();
+            if let Some(r) = rt.rollout.as_mut().filter(|r| r.is_live()) {
+                *r = r.ended(crate::canary::rollout::Phase::Aborted {
+                    at_ms: now,
+                    by: cmd.to_string(),
+                });
+            }
+        })
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -136,7 +200,6 @@ impl UpstreamState {
         self.pools.iter().find(|p| p.pool.name == name)
     }
 
-    #[cfg(test)]
     pub(crate) fn pool_index(&self, name: &str) -> Option<usize> {
         self.pools.iter().position(|p| p.pool.name == name)
     }
@@ -162,9 +225,37 @@ impl UpstreamState {
             .collect()
     }
 
-    /// The pool for the next request (see [`crate::routing::decide`]).
+    /// The pool for the next request by weight alone (see [`crate::routing::decide`]).
+    #[cfg(any(test, feature = "test-util"))]
     pub(crate) fn pick_pool(&self) -> usize {
         self.split.pick()
+    }
+
+    /// The pool for a request (SPEC §4 order) and the rule that chose it.
+    pub(crate) fn decide(&self, facts: &Facts) -> (usize, Rule) {
+        self.split.decide(facts)
+    }
+
+    /// Whether a pool other than the main one has weight: stickiness matters only then.
+    pub(crate) fn canary_active(&self) -> bool {
+        self.split.canary().is_some()
+    }
+
+    /// The header names the pool decision reads.
+    pub(crate) fn header_names(&self) -> &HeaderNames {
+        &self.names
+    }
+
+    /// The pool `X-Canary: true` goes to, if any.
+    pub(crate) fn canary(&self) -> Option<usize> {
+        self.split.canary()
+    }
+
+    /// The index of the pool named by `name` (a request header's bytes).
+    pub(crate) fn pool_named(&self, name: &[u8]) -> Option<usize> {
+        self.pools
+            .iter()
+            .position(|p| p.pool.name.as_bytes() == name)
     }
 }
 
@@ -180,8 +271,12 @@ mod tests {
         )
         .unwrap();
         let up = Arc::new(cfg.upstreams[0].clone());
-        let w: Weights = weights.iter().map(|(n, w)| (n.to_string(), *w)).collect();
-        UpstreamState::build(up, &w, &BTreeMap::new(), 1, None, None)
+        let rt = Runtime {
+            weights: weights.iter().map(|(n, w)| (n.to_string(), *w)).collect(),
+            generation: 1,
+            ..Runtime::default()
+        };
+        UpstreamState::build(up, &rt, None)
     }
 
     #[test]

@@ -1,0 +1,416 @@
+//! The autopilot: the one task that changes routing without a human (SPEC §3 `canary`).
+//!
+//! Every tick (a sixth of the analysis window, 50 ms .. 10 s) it copies every pool's request
+//! counters (a few hundred relaxed loads; the request path is not touched), keeps one copy per
+//! tick for a window's length, and subtracts the oldest from the newest: the pool's requests,
+//! 5xx answers and p99 over the last window. Then, per upstream:
+//!
+//! - the canary — the pool a live rollout is rolling out, else every pool with weight other
+//!   than the main one — is judged (`canary::analysis`); bad continuously for `for`, with
+//!   `auto_rollback` on, it goes to 0 in one change, its rollout ends as rolled back, and the
+//!   numbers go to the audit trail, `status` and `switchyard_rollbacks_total`;
+//! - a running rollout whose step time is over advances to the next step if the canary passes
+//!   the health gate and the analysis; otherwise it stays and says why ("waiting for traffic:
+//!   7 of 20 requests").
+//!
+//! Changes go through the controller like any command (persisted before they take effect). The
+//! live numbers and the reasons are published in [`Observations`] for `status` and for
+//! `canary --wait`.
+
+use super::Controller;
+use crate::canary::analysis::{judge, pct, Reason, Verdict, Window};
+use crate::canary::rollout::{unix_ms, Phase};
+use crate::upstream::stats::Sample;
+use crate::upstream::{Pool, UpstreamState};
+use arc_swap::ArcSwap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use switchyard_control::protocol::{LiveStats, RollbackInfo};
+
+/// Shortest and longest tick.
+const MIN_TICK: Duration = Duration::from_millis(50);
+const MAX_TICK: Duration = Duration::from_secs(10);
+
+/// What the autopilot measured last, per upstream.
+#[derive(Debug, Default)]
+pub(crate) struct Observations {
+    current: ArcSwap<BTreeMap<String, Observed>>,
+    changed: tokio::sync::Notify,
+}
+
+/// One upstream's measurements.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Observed {
+    /// Pool name -> its numbers over the window.
+    pub(crate) pools: BTreeMap<String, LiveStats>,
+    /// Why the running rollout (by id) does not take its next step now.
+    pub(crate) waiting: Option<(u64, String)>,
+}
+
+impl Observations {
+    /// The last measurements.
+    pub(crate) fn get(&self) -> Arc<BTreeMap<String, Observed>> {
+        self.current.load_full()
+    }
+
+    /// Resolves when a new reason to wait is published (create before reading).
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    fn publish(&self, next: BTreeMap<String, Observed>) {
+        let waiting = |m: &BTreeMap<String, Observed>| -> Vec<Option<(u64, String)>> {
+            m.values().map(|o| o.waiting.clone()).collect()
+        };
+        let moved = waiting(&self.current.load()) != waiting(&next);
+        self.current.store(Arc::new(next));
+        if moved {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// One pool's samples.
+#[derive(Debug)]
+struct Track {
+    /// The pool sampled (a reload may replace a pool of the same name: start over then).
+    pool: Arc<Pool>,
+    /// One sample per tick, oldest first, covering a window.
+    samples: VecDeque<(Instant, Sample)>,
+    /// Since when the pool, as a canary, has been judged bad without a break.
+    bad_since: Option<Instant>,
+}
+
+impl Track {
+    fn new(pool: Arc<Pool>) -> Self {
+        Track {
+            pool,
+            samples: VecDeque::new(),
+            bad_since: None,
+        }
+    }
+
+    /// Record this tick's sample (at most one per `bucket`) and return the numbers since the
+    /// oldest sample within `window`.
+    fn window(&mut self, now: Instant, window: Duration, bucket: Duration) -> Window {
+        let current = self.pool.stats.sample();
+        let due = self
+            .samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) + MIN_TICK / 2 >= bucket);
+        if due {
+            self.samples.push_back((now, current.clone()));
+        }
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > window)
+        {
+            self.samples.pop_front();
+        }
+        let Some((since, oldest)) = self.samples.front() else {
+            return Window::default();
+        };
+        let d = current.since(oldest);
+        Window {
+            requests: d.requests,
+            errors: d.errors,
+            p99: d.quantile(0.99),
+            span: now.duration_since(*since),
+        }
+    }
+}
+
+/// A change the autopilot decided.
+#[derive(Debug)]
+enum Action {
+    Rollback {
+        upstream: String,
+        info: RollbackInfo,
+        reason: Reason,
+    },
+    Advance {
+        upstream: String,
+        rollout: u64,
+        from_step: usize,
+    },
+}
+
+/// Run until the runtime stops.
+pub(crate) async fn run(ctl: Arc<Controller>) {
+    let mut tracks: HashMap<(String, String), Track> = HashMap::new();
+    loop {
+        let changed = ctl.shared.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (actions, tick) = observe(&ctl, &mut tracks, Instant::now());
+        let acted = !actions.is_empty();
+        for action in actions {
+            let r = ctl.off_runtime(move |c| c.autopilot_act(action)).await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e.message, "the autopilot's change was not applied");
+            }
+        }
+        if acted {
+            // Look again at once, at the state the change made.
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = changed => {}
+        }
+    }
+}
+
+/// One look at every upstream: sample, judge, publish. Returns the changes to make and the
+/// time until the next look.
+fn observe(
+    ctl: &Controller,
+    tracks: &mut HashMap<(String, String), Track>,
+    now: Instant,
+) -> (Vec<Action>, Duration) {
+    let snap = ctl.shared.load();
+    let wall = unix_ms();
+    let mut tick = MAX_TICK;
+    let mut actions = Vec::new();
+    let mut view = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for u in &snap.upstreams {
+        let a = &u.config.canary.analysis;
+        let bucket = (a.window / 6).clamp(MIN_TICK, MAX_TICK);
+        tick = tick.min(bucket);
+        let windows: Vec<Window> = u
+            .pools
+            .iter()
+            .map(|p| {
+                let key = (u.name().to_string(), p.pool.name.clone());
+                seen.insert(key.clone());
+                let t = tracks
+                    .entry(key)
+                    .or_insert_with(|| Track::new(p.pool.clone()));
+                if !Arc::ptr_eq(&t.pool, &p.pool) {
+                    *t = Track::new(p.pool.clone());
+                }
+                t.window(now, a.window, bucket)
+            })
+            .collect();
+        let mut obs = Observed::default();
+        let canaries = canaries(u);
+        let mut verdicts: BTreeMap<usize, Verdict> = BTreeMap::new();
+        for (i, p) in u.pools.iter().enumerate() {
+            let w = windows[i];
+            let mut live = LiveStats {
+                window_ms: millis(w.span),
+                requests: w.requests,
+                rate: w.rate(),
+                errors: w.errors,
+                error_ratio: w.ratio(),
+                p99_ms: w.p99.map(|d| d.as_secs_f64() * 1000.0),
+                verdict: None,
+                bad_for_ms: None,
+            };
+            let key = (u.name().to_string(), p.pool.name.clone());
+            let Some(t) = tracks.get_mut(&key) else {
+                continue;
+            };
+            if !canaries.contains(&i) {
+                t.bad_since = None;
+                obs.pools.insert(p.pool.name.clone(), live);
+                continue;
+            }
+            let reference = windows[reference_pool(u, i)];
+            let verdict = judge(a, &w, &reference);
+            live.verdict = Some(describe(&verdict));
+            if let Verdict::Bad { reason, detail } = &verdict {
+                let since = *t.bad_since.get_or_insert(now);
+                let held = now.duration_since(since);
+                live.bad_for_ms = Some(millis(held));
+                if u.config.canary.auto_rollback {
+                    if held >= a.hold_for {
+                        actions.push(Action::Rollback {
+                            upstream: u.name().to_string(),
+                            reason: *reason,
+                            info: RollbackInfo {
+                                pool: p.pool.name.clone(),
+                                weight: p.weight,
+                                reason: reason.label().to_string(),
+                                detail: format!("{detail} for {}", humantime_ms(held)),
+                                at: humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                                    .to_string(),
+                                requests: w.requests,
+                                errors: w.errors,
+                                error_ratio: w.ratio(),
+                                main_error_ratio: reference.ratio(),
+                                p99_ms: w.p99.map(|d| d.as_secs_f64() * 1000.0),
+                                window_ms: millis(w.span),
+                                bad_for_ms: millis(held),
+                            },
+                        });
+                    } else {
+                        tick = tick.min((a.hold_for - held).max(MIN_TICK));
+                    }
+                }
+            } else {
+                t.bad_since = None;
+            }
+            verdicts.insert(i, verdict);
+            obs.pools.insert(p.pool.name.clone(), live);
+        }
+        // The running rollout: its next step, or why not yet.
+        if let Some(r) = u.rollout.as_ref().filter(|r| r.is_live()) {
+            if let (Phase::Running { .. }, Some(i)) = (&r.phase, u.pool_index(&r.pool)) {
+                if !r.due(wall) {
+                    let left = r.left_ms(wall).unwrap_or(0);
+                    tick = tick.min(Duration::from_millis(left).max(MIN_TICK));
+                } else {
+                    let why = match (
+                        Controller::gate(u, &r.pool, r.min_healthy),
+                        verdicts.get(&i),
+                    ) {
+                        (Err(e), _) => Some(format!(
+                            "waiting for health: {}",
+                            e.message.lines().next().unwrap_or_default()
+                        )),
+                        (Ok(()), Some(Verdict::TooFew { have, need })) => {
+                            Some(format!("waiting for traffic: {have} of {need} requests"))
+                        }
+                        (Ok(()), Some(Verdict::Bad { detail, .. })) => {
+                            Some(format!("holding: {detail}"))
+                        }
+                        (Ok(()), Some(Verdict::Healthy)) => {
+                            actions.push(Action::Advance {
+                                upstream: u.name().to_string(),
+                                rollout: r.id,
+                                from_step: r.step,
+                            });
+                            None
+                        }
+                        (Ok(()), None) => Some("waiting: the pool has no weight".into()),
+                    };
+                    obs.waiting = why.map(|w| (r.id, w));
+                }
+            }
+        }
+        view.insert(u.name().to_string(), obs);
+    }
+    tracks.retain(|k, _| seen.contains(k));
+    ctl.observed.publish(view);
+    (actions, tick)
+}
+
+/// The pools judged as canaries: the pool of a live rollout, else every pool with weight
+/// other than the main one (SPEC §4: also after a plain `proxyctl weight green 5`).
+fn canaries(u: &UpstreamState) -> Vec<usize> {
+    if let Some(r) = u.rollout.as_ref().filter(|r| r.is_live()) {
+        return u
+            .pool_index(&r.pool)
+            .filter(|i| u.pools[*i].weight > 0)
+            .into_iter()
+            .collect();
+    }
+    (0..u.pools.len())
+        .filter(|i| *i != u.main && u.pools[*i].weight > 0)
+        .collect()
+}
+
+/// What a canary is compared with (`relative_to_main`): the main pool, or — when the canary
+/// is the main pool itself (a rollout past 50 %) — the heaviest other pool.
+fn reference_pool(u: &UpstreamState, canary: usize) -> usize {
+    if canary != u.main {
+        return u.main;
+    }
+    (0..u.pools.len())
+        .filter(|i| *i != canary)
+        .max_by_key(|i| u.pools[*i].weight)
+        .unwrap_or(canary)
+}
+
+fn describe(v: &Verdict) -> String {
+    match v {
+        Verdict::TooFew { have, need } => format!("too few requests: {have} of {need}"),
+        Verdict::Healthy => "healthy".into(),
+        Verdict::Bad { detail, .. } => format!("bad: {detail}"),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `2m`, `1.5s`.
+fn humantime_ms(d: Duration) -> String {
+    if d.as_secs() >= 60 && d.as_secs().is_multiple_of(60) {
+        format!("{}m", d.as_secs() / 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+impl Controller {
+    /// Carry out a change the autopilot decided.
+    fn autopilot_act(&self, action: Action) -> Result<(), switchyard_control::ControlError> {
+        match action {
+            Action::Rollback {
+                upstream,
+                info,
+                reason,
+            } => {
+                let pool = info.pool.clone();
+                let ratio = pct(info.error_ratio);
+                let change = self.auto_rollback(&upstream, info)?;
+                if change.changed {
+                    self.metrics
+                        .rollbacks
+                        .with_label_values(&[upstream.as_str(), reason.label()])
+                        .inc();
+                    tracing::warn!(upstream = %upstream, pool = %pool, reason = reason.label(), error_ratio = %ratio, generation = change.generation, "canary rolled back automatically");
+                }
+                Ok(())
+            }
+            Action::Advance {
+                upstream,
+                rollout,
+                from_step,
+            } => self
+                .rollout_advance(&upstream, rollout, from_step)
+                .map(|_| ()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_covers_the_last_window_of_samples() {
+        let pool = Arc::new(Pool::new("green"));
+        let mut t = Track::new(pool.clone());
+        let start = Instant::now();
+        let bucket = Duration::from_millis(100);
+        let window = Duration::from_millis(600);
+        // 10 requests per 100 ms, the first 300 ms all 500s, then all 200s.
+        let mut last = Window::default();
+        for step in 0..20u32 {
+            let now = start + bucket * step;
+            for _ in 0..10 {
+                let status = if step < 3 { 500 } else { 200 };
+                pool.stats.observe(status, Duration::from_millis(2));
+            }
+            last = t.window(now, window, bucket);
+            if step == 2 {
+                assert_eq!(
+                    (last.requests, last.errors),
+                    (20, 20),
+                    "since the first sample"
+                );
+                assert_eq!(last.span, bucket * 2);
+            }
+        }
+        // At the end the window holds the last 600 ms: 60 requests, no errors.
+        assert_eq!(last.span, window);
+        assert_eq!((last.requests, last.errors), (60, 0));
+        assert!(t.samples.len() <= 7);
+    }
+}
