@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of per-request work: route matching, the deny check, instance
-//! selection (1, 10, 1000 instances), weighted pool selection, and the routing-snapshot load
-//! while another thread swaps the snapshot 1000 times a second.
+//! selection (1, 10, 1000 instances), weighted pool selection, the per-request pool decision
+//! (canary stickiness, `X-Canary`, preview), and the routing-snapshot load while another
+//! thread swaps the snapshot 1000 times a second.
 //!
 //! Run: `cargo bench -p switchyard-benches --bench hot_path`.
 
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_config::{DenyConfig, RouteConfig};
-use switchyard_proxy::bench::{DenyList, RouteTable, Routing, Upstream};
+use switchyard_proxy::bench::{Decide, DenyList, RouteTable, Routing, Upstream};
 
 fn routes(n: usize) -> RouteTable {
     let mut cfg: Vec<RouteConfig> = (0..n)
@@ -91,6 +92,64 @@ fn selection(c: &mut Criterion) {
     g.finish();
 }
 
+/// The pool decision of a request, next to the route match it follows.
+fn decision(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decide_pool");
+    let header = |pairs: &[(&str, &str)]| {
+        let mut h = http::HeaderMap::new();
+        h.insert("host", http::HeaderValue::from_static("app.example.com"));
+        h.insert(
+            "user-agent",
+            http::HeaderValue::from_static("Mozilla/5.0 (X11; Linux x86_64)"),
+        );
+        h.insert("accept", http::HeaderValue::from_static("*/*"));
+        for (k, v) in pairs {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    };
+    let plain = header(&[]);
+    let none = Decide::new(0, "cookie");
+    g.bench_function("no_canary", |b| {
+        b.iter(|| black_box(none.choose(black_box(&plain))))
+    });
+    let canary = Decide::new(5, "cookie");
+    let with_cookie = header(&[(
+        "cookie",
+        &format!(
+            "JSESSIONID=ABCDEF0123456789; {}; theme=dark",
+            canary.cookie(42)
+        ),
+    )]);
+    g.bench_function("canary5_cookie", |b| {
+        b.iter(|| black_box(canary.choose(black_box(&with_cookie))))
+    });
+    g.bench_function("canary5_first_sight", |b| {
+        b.iter(|| black_box(canary.choose(black_box(&plain))))
+    });
+    let forced = header(&[("x-canary", "true")]);
+    g.bench_function("canary5_x_canary", |b| {
+        b.iter(|| black_box(canary.choose(black_box(&forced))))
+    });
+    let by_header = Decide::new(5, "header:X-User");
+    let user = header(&[("x-user", "user-12345")]);
+    g.bench_function("canary5_sticky_header", |b| {
+        b.iter(|| black_box(by_header.choose(black_box(&user))))
+    });
+    let weights = Decide::new(5, "none");
+    g.bench_function("canary5_weights_only", |b| {
+        b.iter(|| black_box(weights.choose(black_box(&plain))))
+    });
+    let preview = header(&[("x-switchyard-pool", "green")]);
+    g.bench_function("preview_allowed", |b| {
+        b.iter(|| black_box(none.choose(black_box(&preview))))
+    });
+    g.finish();
+}
+
 fn snapshot_load(c: &mut Criterion) {
     let routing = Arc::new(Routing::new());
     let mut g = c.benchmark_group("snapshot_load");
@@ -130,6 +189,7 @@ criterion_group!(
     route_matching,
     deny_check,
     selection,
+    decision,
     snapshot_load
 );
 criterion_main!(benches);

@@ -152,7 +152,23 @@ pub fn wrk(
     dur: Duration,
     close: bool,
 ) -> Result<(f64, f64, f64, f64, f64, u64)> {
+    wrk_with(lua, port, path, conns, dur, close, &[])
+}
+
+/// [`wrk`] with extra request headers (`Name: value`).
+pub fn wrk_with(
+    lua: &Path,
+    port: u16,
+    path: &str,
+    conns: usize,
+    dur: Duration,
+    close: bool,
+    headers: &[String],
+) -> Result<(f64, f64, f64, f64, f64, u64)> {
     let mut cmd = Command::new("wrk");
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
     cmd.args(["-t", if conns >= 1000 { "2" } else { "1" }])
         .args(["-c", &conns.to_string()])
         .args(["-d", &format!("{}s", dur.as_secs().max(1))])
@@ -177,6 +193,29 @@ pub fn wrk(
     }
     let errors = f[5..10].iter().sum::<f64>() as u64;
     Ok((f[0], f[0] / f[1].max(1e-9), f[2], f[3], f[4], errors))
+}
+
+/// `proxyctl weight POOL PERCENT` on a switchyard control socket.
+pub fn weight_switchyard(socket: &Path, pool: &str, weight: u32) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut c = switchyard_control::ControlClient::connect(socket).await?;
+        let r = c
+            .request(&switchyard_control::Request::Weight {
+                upstream: None,
+                pool: pool.into(),
+                weight,
+                min_healthy: Default::default(),
+                force: false,
+            })
+            .await?;
+        if let Some(e) = r.error {
+            bail!("{}", e.message);
+        }
+        Ok(())
+    })
 }
 
 pub fn switch_switchyard(socket: &Path, pool: &str) -> Result<()> {

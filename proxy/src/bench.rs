@@ -7,6 +7,10 @@ use crate::upstream::{Candidates, UpstreamState};
 use std::sync::Arc;
 
 fn config(pools: &[(&str, usize)], balance: &str) -> switchyard_config::Config {
+    config_with(pools, balance, "")
+}
+
+fn config_with(pools: &[(&str, usize)], balance: &str, extra: &str) -> switchyard_config::Config {
     let mut port = 1000u32;
     let pools: String = pools
         .iter()
@@ -22,7 +26,7 @@ fn config(pools: &[(&str, usize)], balance: &str) -> switchyard_config::Config {
         .collect();
     let active = pools_first(&pools);
     let yaml = format!(
-        "listen: [{{addr: \"127.0.0.1:0\"}}]\nupstreams:\n  app:\n    pools:\n{pools}    active: {active}\n    balance: {balance}\nroutes: [{{path_prefix: /, upstream: app}}]\n"
+        "listen: [{{addr: \"127.0.0.1:0\"}}]\nupstreams:\n  app:\n    pools:\n{pools}    active: {active}\n    balance: {balance}\n{extra}routes: [{{path_prefix: /, upstream: app}}]\n"
     );
     match switchyard_config::parse(&yaml) {
         Ok(c) => c,
@@ -127,5 +131,59 @@ impl Routing {
 impl Default for Routing {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The per-request pool decision (`proxy::choose`: preview, force header, sticky bucket,
+/// weights) on an upstream with pools blue and green.
+pub struct Decide {
+    up: UpstreamState,
+    key: crate::routing::sticky::StickyKey,
+}
+
+impl std::fmt::Debug for Decide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decide")
+    }
+}
+
+impl Decide {
+    /// Green at `green` percent; `sticky` as in the config (`cookie`, `none`, `header:X-User`).
+    pub fn new(green: u32, sticky: &str) -> Self {
+        let cfg = config_with(
+            &[("blue", 2), ("green", 2)],
+            "round_robin",
+            &format!("    canary: {{sticky: \"{sticky}\"}}\n"),
+        );
+        let up = Arc::new(cfg.upstreams[0].clone());
+        let rt = crate::upstream::Runtime {
+            weights: [
+                ("blue".to_string(), 100 - green),
+                ("green".to_string(), green),
+            ]
+            .into(),
+            generation: 1,
+            ..Default::default()
+        };
+        Decide {
+            up: UpstreamState::build(up, &rt, None),
+            key: crate::routing::sticky::StickyKey::new([7; 16]),
+        }
+    }
+
+    /// A valid sticky cookie (`name=value`) of bucket `b`.
+    pub fn cookie(&self, b: u8) -> String {
+        format!("switchyard_pool={}", self.key.cookie_value(b))
+    }
+
+    /// The pool index for a request with these headers from 127.0.0.1.
+    pub fn choose(&self, headers: &http::HeaderMap) -> usize {
+        crate::proxy::choose::choose(
+            &self.up,
+            &self.key,
+            headers,
+            Some(std::net::IpAddr::from([127, 0, 0, 1])),
+        )
+        .pool
     }
 }

@@ -712,3 +712,66 @@ async fn wait_answers_rolled_back_with_the_numbers_and_aborted_by_a_human() {
     assert_eq!(counts.get("canary_abort"), Some(&1), "{counts:?}");
     px.shutdown().await;
 }
+
+/// The demo's canary walkthrough does what it says: green told to fail 30% is rolled back
+/// about 10 s (`for` in the demo config) after its rollout starts, with exit code 5.
+#[tokio::test]
+async fn the_demo_canary_walkthrough_rolls_green_back() {
+    trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let demo = switchyard_proxy::demo::run("127.0.0.1:0".parse().unwrap(), dir.path().into())
+        .await
+        .unwrap();
+    let proxy = demo.proxy.listen_addrs()[0];
+    // Both colors healthy (the demo checks every second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while demo
+        .proxy
+        .status()
+        .upstreams
+        .iter()
+        .flat_map(|u| &u.pools)
+        .flat_map(|p| &p.instances)
+        .any(|i| i.health != switchyard_control::HealthState::Healthy)
+    {
+        assert!(Instant::now() < deadline, "demo upstreams not healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fail = request(
+        demo.green.addr(),
+        "GET",
+        "/demo/fail?percent=30",
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(fail.json()["fail_percent"], 30);
+    let load = Load::start(proxy, 2);
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(40),
+        demo.proxy.execute(Request::Canary {
+            upstream: None,
+            pool: "green".into(),
+            steps: Some(vec![10, 50, 100]),
+            interval_ms: None,
+            wait: true,
+            min_healthy: Default::default(),
+        }),
+    )
+    .await
+    .expect("the rollout ended");
+    let took = started.elapsed();
+    let (_, failed) = load.stop().await;
+    let e = r.error.expect("rolled back");
+    assert_eq!(e.code.exit_code(), 5, "{e:?}");
+    assert!(e.message.contains("5xx 30.0%"), "{e:?}");
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(25),
+        "{took:?}"
+    );
+    assert_eq!(failed, 0);
+    eprintln!("demo: rolled back after {took:?}: {}", e.message);
+    demo.proxy.shutdown().await;
+}

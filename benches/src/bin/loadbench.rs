@@ -16,6 +16,10 @@
 //! Then the switch scenario: 20 blue/green switches during a wrk run — switchyard through its
 //! control socket, nginx by rewriting its config and `nginx -s reload`, HAProxy through its
 //! runtime API — and the failed requests of each.
+//!
+//! `--canary` adds a switchyard with a 5% canary and cookie stickiness (the default): once
+//! with clients that send no cookie (each response sets one: the first-sight path), once with
+//! clients sending a valid cookie of a main-pool bucket (the path of a returning browser).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -23,9 +27,11 @@ use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::rc::Rc;
 use std::time::Duration;
 use switchyard_benches::{
-    free_port, spawn, switch_switchyard, wait_port, which, wrk, Proc, WRK_LUA,
+    free_port, spawn, switch_switchyard, wait_port, weight_switchyard, which, wrk, wrk_with, Proc,
+    WRK_LUA,
 };
 
 #[derive(Debug)]
@@ -41,6 +47,8 @@ struct Opts {
     only: Vec<String>,
     idle: bool,
     switch: bool,
+    /// Also measure switchyard with a 5% sticky canary.
+    canary: bool,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -54,6 +62,7 @@ fn parse_opts() -> Result<Opts> {
         only: Vec::new(),
         idle: true,
         switch: true,
+        canary: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -68,8 +77,9 @@ fn parse_opts() -> Result<Opts> {
             "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
             "--no-idle" => o.idle = false,
             "--no-switch" => o.switch = false,
+            "--canary" => o.canary = true,
             "-h" | "--help" => {
-                println!("loadbench [--duration 10s] [--rounds 2] [--threads 1] [--switches 20] [--out docs/BENCHMARKS.md]\n          [--baseline OTHER_SWITCHYARD] [--only small,64k,1k,10k,close] [--no-idle] [--no-switch]");
+                println!("loadbench [--duration 10s] [--rounds 2] [--threads 1] [--switches 20] [--out docs/BENCHMARKS.md]\n          [--baseline OTHER_SWITCHYARD] [--only small,64k,1k,10k,close] [--no-idle] [--no-switch] [--canary]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (see --help)"),
@@ -82,7 +92,10 @@ fn parse_opts() -> Result<Opts> {
 struct Target {
     name: &'static str,
     port: u16,
-    proc_: Option<Proc>,
+    /// Shared when two targets are one process measured two ways.
+    proc_: Option<Rc<Proc>>,
+    /// Extra request headers.
+    headers: Vec<String>,
 }
 
 /// What one wrk run measured.
@@ -107,7 +120,8 @@ fn measure(
     close: bool,
 ) -> Result<Run> {
     let cpu0 = t.proc_.as_ref().map(|p| p.cpu_secs()).unwrap_or(0.0);
-    let (requests, rps, p50, p99, p999, errors) = wrk(lua, t.port, path, conns, dur, close)?;
+    let (requests, rps, p50, p99, p999, errors) =
+        wrk_with(lua, t.port, path, conns, dur, close, &t.headers)?;
     let cpu1 = t.proc_.as_ref().map(|p| p.cpu_secs()).unwrap_or(0.0);
     Ok(Run {
         rps,
@@ -123,6 +137,33 @@ fn measure(
         },
         peak_rss: t.proc_.as_ref().map(|p| p.peak_rss_mib()).unwrap_or(0.0),
     })
+}
+
+/// A sticky cookie the canary proxy on `port` issued for a bucket of the main pool (blue):
+/// ask until one comes back with a blue answer.
+fn main_pool_cookie(port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    for _ in 0..200 {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        let cookie = r
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("set-cookie: ")
+                    .or_else(|| l.strip_prefix("Set-Cookie: "))
+            })
+            .and_then(|v| v.split(';').next())
+            .map(str::to_string);
+        if let (Some(c), true) = (cookie, r.contains("\"color\":\"blue\"")) {
+            return Ok(c);
+        }
+    }
+    bail!("no sticky cookie for the main pool from 127.0.0.1:{port}")
 }
 
 fn nginx_conf(dir: &Path, port: u16, upstream: u16, threads: usize, conns: usize) -> String {
@@ -258,6 +299,7 @@ fn main() -> Result<()> {
         name: "direct",
         port: blue_port,
         proc_: None,
+        headers: Vec::new(),
     }];
     let sy_port = free_port();
     let sy_dir = dir.join("switchyard");
@@ -269,12 +311,13 @@ fn main() -> Result<()> {
     targets.push(Target {
         name: "switchyard",
         port: sy_port,
-        proc_: Some(spawn(
+        proc_: Some(Rc::new(spawn(
             Command::new(&switchyard)
                 .arg("-c")
                 .arg(sy_dir.join("switchyard.yaml"))
                 .env("RUST_LOG", "error"),
-        )?),
+        )?)),
+        headers: Vec::new(),
     });
     wait_port(sy_port, "switchyard")?;
     let base_dir = dir.join("switchyard-baseline");
@@ -288,14 +331,53 @@ fn main() -> Result<()> {
         targets.push(Target {
             name: "switchyard-baseline",
             port,
-            proc_: Some(spawn(
+            proc_: Some(Rc::new(spawn(
                 Command::new(bin)
                     .arg("-c")
                     .arg(base_dir.join("switchyard.yaml"))
                     .env("RUST_LOG", "error"),
-            )?),
+            )?)),
+            headers: Vec::new(),
         });
         wait_port(port, "switchyard-baseline")?;
+    }
+    let canary_dir = dir.join("switchyard-canary");
+    if o.canary {
+        let port = free_port();
+        std::fs::create_dir_all(&canary_dir)?;
+        std::fs::write(
+            canary_dir.join("switchyard.yaml"),
+            switchyard_conf(&canary_dir, port, blue_port, green_port, o.threads),
+        )?;
+        let p = Rc::new(spawn(
+            Command::new(&switchyard)
+                .arg("-c")
+                .arg(canary_dir.join("switchyard.yaml"))
+                .env("RUST_LOG", "error"),
+        )?);
+        wait_port(port, "switchyard-canary5")?;
+        // Green must be healthy before it can get weight.
+        let sock = canary_dir.join("switchyard.sock");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while let Err(e) = weight_switchyard(&sock, "green", 5) {
+            if std::time::Instant::now() > deadline {
+                bail!("cannot give green 5%: {e:#}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let cookie = main_pool_cookie(port)?;
+        targets.push(Target {
+            name: "switchyard-canary5",
+            port,
+            proc_: Some(p.clone()),
+            headers: Vec::new(),
+        });
+        targets.push(Target {
+            name: "switchyard-canary5-cookie",
+            port,
+            proc_: Some(p),
+            headers: vec![format!("Cookie: {cookie}")],
+        });
     }
     let ng_dir = dir.join("nginx");
     if have_nginx {
@@ -308,13 +390,14 @@ fn main() -> Result<()> {
         targets.push(Target {
             name: "nginx",
             port,
-            proc_: Some(spawn(
+            proc_: Some(Rc::new(spawn(
                 Command::new("nginx")
                     .arg("-p")
                     .arg(&ng_dir)
                     .arg("-c")
                     .arg(ng_dir.join("nginx.conf")),
-            )?),
+            )?)),
+            headers: Vec::new(),
         });
         wait_port(port, "nginx")?;
     }
@@ -329,11 +412,12 @@ fn main() -> Result<()> {
         targets.push(Target {
             name: "haproxy",
             port,
-            proc_: Some(spawn(
+            proc_: Some(Rc::new(spawn(
                 Command::new("haproxy")
                     .arg("-f")
                     .arg(hp_dir.join("haproxy.cfg")),
-            )?),
+            )?)),
+            headers: Vec::new(),
         });
         wait_port(port, "haproxy")?;
     }
@@ -347,7 +431,10 @@ fn main() -> Result<()> {
     // any load so earlier allocations don't blur it.
     let idle_conns = 10_000.min(nofile.saturating_sub(500) as usize);
     let mut idle_open_rss = Vec::new();
-    for t in targets.iter().filter(|t| t.proc_.is_some() && o.idle) {
+    for t in targets
+        .iter()
+        .filter(|t| t.proc_.is_some() && o.idle && t.name != "switchyard-canary5-cookie")
+    {
         eprintln!("[{idle_conns} idle connections] {}", t.name);
         match open_idle(t.port, idle_conns) {
             Ok(conns) => {
@@ -421,7 +508,7 @@ fn main() -> Result<()> {
     // The switch scenario.
     let mut switch_rows = Vec::new();
     for t in targets.iter().filter(|_| o.switch) {
-        if t.name == "direct" {
+        if t.name == "direct" || t.name.starts_with("switchyard-canary") {
             continue;
         }
         eprintln!("[switch] {}", t.name);

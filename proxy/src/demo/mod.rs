@@ -47,6 +47,11 @@ upstreams:
     health:
       interval: 1s
       timeout: 500ms
+    # Short enough to watch: a bad canary is rolled back after 10 s of a 5xx share above 5%
+    # over the last 30 s (the defaults are 2m and 1m).
+    canary:
+      auto_rollback: {{error_rate: 0.05, for: 10s, window: 30s, min_requests: 10}}
+    step_interval: 20s
 routes:
   - path_prefix: /
     upstream: app
@@ -111,6 +116,19 @@ Try, in another terminal:
 
   proxyctl weight blue 10                  # canary: 10% back to blue, 90% green
   for i in $(seq 10); do curl -s http://{proxy}/; echo; done
+
+Canary releases, run by the proxy (green is the next version again):
+
+  proxyctl switch blue
+  curl -s -H 'X-Canary: true' http://{proxy}/   # testers can reach the canary on purpose
+  curl -s "http://{green}/demo/fail?percent=30"     # ...but this green fails 30% of requests
+  proxyctl canary green --steps 10,50,100 --wait &  # 10% now, the next step every 20s
+  for i in $(seq 400); do curl -s -o /dev/null http://{proxy}/; sleep 0.05; done
+  # ~10s after green's 5xx share passed 5%: "rolled back automatically ... 5xx 30.0% ...",
+  # exit code 5, green back to 0, and nothing but a human command gives it traffic again.
+  proxyctl status                          # the split, the rollout, and why it was rolled back
+  curl -s "http://{green}/demo/fail?percent=0"      # heal green and try again:
+  proxyctl canary green --steps 10,50,100 --interval 5s --wait   # needs traffic to advance
 
   proxyctl events                          # who switched what, health changes
   curl -s http://{admin}/metrics | grep ^switchyard_http_requests_total

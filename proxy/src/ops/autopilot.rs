@@ -1,9 +1,10 @@
 //! The autopilot: the one task that changes routing without a human (SPEC §3 `canary`).
 //!
-//! Every tick (a sixth of the analysis window, 50 ms .. 10 s) it copies every pool's request
-//! counters (a few hundred relaxed loads; the request path is not touched), keeps one copy per
-//! tick for a window's length, and subtracts the oldest from the newest: the pool's requests,
-//! 5xx answers and p99 over the last window. Then, per upstream:
+//! Every tick (at most a second) it copies every pool's request counters (a few hundred
+//! relaxed loads; the request path is not touched), keeps one copy per bucket (a sixth of the
+//! analysis window, 50 ms .. 10 s) for a window's length, and subtracts the oldest kept copy
+//! from the current one: the pool's requests, 5xx answers and p99 over the last window. Then,
+//! per upstream:
 //!
 //! - the canary — the pool a live rollout is rolling out, else every pool with weight other
 //!   than the main one — is judged (`canary::analysis`); bad continuously for `for`, with
@@ -28,9 +29,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_control::protocol::{LiveStats, RollbackInfo};
 
-/// Shortest and longest tick.
+/// Shortest and longest bucket (a sixth of the window, within these).
 const MIN_TICK: Duration = Duration::from_millis(50);
-const MAX_TICK: Duration = Duration::from_secs(10);
+const MAX_BUCKET: Duration = Duration::from_secs(10);
+/// Longest time between two looks: a canary going bad is seen within a second of having
+/// enough requests, whatever the bucket.
+const MAX_TICK: Duration = Duration::from_secs(1);
 
 /// What the autopilot measured last, per upstream.
 #[derive(Debug, Default)]
@@ -178,7 +182,7 @@ fn observe(
     let mut seen = std::collections::HashSet::new();
     for u in &snap.upstreams {
         let a = &u.config.canary.analysis;
-        let bucket = (a.window / 6).clamp(MIN_TICK, MAX_TICK);
+        let bucket = (a.window / 6).clamp(MIN_TICK, MAX_BUCKET);
         tick = tick.min(bucket);
         let windows: Vec<Window> = u
             .pools
