@@ -856,6 +856,23 @@ mod tests {
                 inflight: [("blue".to_string(), 1)].into(),
                 waited_ms: 5,
             },
+            Event::Rollout {
+                upstream: "app".into(),
+                rollout: RolloutStatus {
+                    pool: "green".into(),
+                    steps: vec![5, 25, 50, 100],
+                    step: 1,
+                    weight: 25,
+                    interval_ms: 600_000,
+                    state: "running".into(),
+                    step_left_ms: Some(12),
+                    waiting: Some("waiting for traffic: 7 of 20 requests".into()),
+                    started: "2026-11-29T12:00:00Z".into(),
+                    ended: None,
+                    ended_by: None,
+                    id: 3,
+                },
+            },
         ] {
             roundtrip(&EventLine { event: ev });
         }
@@ -884,6 +901,29 @@ mod tests {
             follow: true,
             limit: Some(3),
         });
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"canary","pool":"green","steps":[5,50,100],"interval_ms":60000,"wait":true}"#,
+        )
+        .unwrap();
+        assert!(r.waits());
+        roundtrip(&r);
+        for cmd in [
+            "canary_status",
+            "canary_pause",
+            "canary_resume",
+            "canary_abort",
+            "canary_promote",
+        ] {
+            let r: Request = serde_json::from_str(&format!(r#"{{"cmd":"{cmd}"}}"#)).unwrap();
+            assert_eq!(r.name(), cmd);
+            assert!(!r.waits());
+        }
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"canary"}"#).is_err(),
+            "pool needed"
+        );
+        assert_eq!(ErrorCode::RolledBack.exit_code(), 5);
+        assert_eq!(ErrorCode::Aborted.exit_code(), 1);
         assert!(
             serde_json::from_str::<Request>(r#"{"cmd":"switch","pool":"g","drian":1}"#).is_err()
         );
