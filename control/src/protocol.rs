@@ -166,7 +166,8 @@ pub struct PoolStatus {
     pub inflight: i64,
     /// Instances in config order.
     pub instances: Vec<InstanceStatus>,
-    /// `main`, `canary` (weight > 0, not main) or absent.
+    /// `stable` (the pool that last had all the traffic), `canary` (any other pool with
+    /// weight), or absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     /// Live numbers (sampled by the canary analysis), once there are some.

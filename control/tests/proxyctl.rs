@@ -372,7 +372,7 @@ fn sample_status() -> Status {
                     weight: 90,
                     phase: PoolPhase::Active,
                     inflight: 3,
-                    role: Some("main".into()),
+                    role: Some("stable".into()),
                     live: None,
                     instances: vec![
                         inst("127.0.0.1:8081", HealthState::Healthy, 2, |_| {}),

@@ -2,7 +2,9 @@
 //!
 //! A canary is bad when, with at least `min_requests` requests in the window, its 5xx share is
 //! above `error_rate` (with `relative_to_main`: above the main pool's share by more than
-//! `error_rate`), or its p99 is above `latency_p99`. Client aborts (499) are not errors; the
+//! `error_rate` — compared only when the main pool itself had `min_requests`; otherwise the
+//! absolute rule applies, so one error among three main requests cannot excuse a failing
+//! canary), or its p99 (time to the upstream's response head) is above `latency_p99`. Client aborts (499) are not errors; the
 //! proxy's own 502/504 for the canary are, since they are what its users got. The same verdict
 //! gates a rollout's steps and, held for `for`, triggers the automatic rollback.
 
@@ -98,7 +100,7 @@ pub(crate) fn judge(cfg: &AnalysisConfig, canary: &Window, main: &Window) -> Ver
         canary.requests,
         secs(canary.span)
     );
-    if cfg.relative_to_main {
+    if cfg.relative_to_main && main.requests >= cfg.min_requests.max(1) {
         let main_ratio = main.ratio();
         if ratio - main_ratio > cfg.error_rate {
             return Verdict::Bad {
@@ -216,6 +218,14 @@ mod tests {
         // ... but a canary worse than the main pool by more than error_rate is bad.
         assert!(matches!(
             judge(&rel, &w(500, 100, 5), &w(1000, 100, 5)),
+            Verdict::Bad {
+                reason: Reason::ErrorRate,
+                ..
+            }
+        ));
+        // A main pool with too few requests is no reference: the absolute rule applies.
+        assert!(matches!(
+            judge(&rel, &w(500, 500, 5), &w(1, 1, 5)),
             Verdict::Bad {
                 reason: Reason::ErrorRate,
                 ..

@@ -214,7 +214,7 @@ impl App {
                     // nginx's client_header_timeout: the connection is closed (counted as a
                     // 408, nothing is sent).
                     if stream.buffered() > 0 {
-                        self.unrouted.observe(408, accepted.elapsed());
+                        self.unrouted.observe(408, accepted.elapsed(), None);
                     }
                     return;
                 }
@@ -310,7 +310,7 @@ impl App {
             stream.shutdown().await
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
-        self.unrouted.observe(status, accepted.elapsed());
+        self.unrouted.observe(status, accepted.elapsed(), None);
         // Lingering close (nginx's): read and drop what the client is still sending for a
         // moment, so closing with unread input does not reset the connection before the
         // client has read the answer.

@@ -2,21 +2,27 @@
 //!
 //! Every tick (at most a second) it copies every pool's request counters (a few hundred
 //! relaxed loads; the request path is not touched), keeps one copy per bucket (a sixth of the
-//! analysis window, 50 ms .. 10 s) for a window's length, and subtracts the oldest kept copy
-//! from the current one: the pool's requests, 5xx answers and p99 over the last window. Then,
-//! per upstream:
+//! analysis window, at least 50 ms: seven copies whatever the window) for a window's length,
+//! and subtracts the oldest kept copy from the current one: the pool's requests, 5xx answers
+//! and p99 over the last window. A pool's copies start over when it gets weight again or a new
+//! rollout starts, so a canary fixed and tried again is not judged on its last run's errors.
+//! Then, per upstream:
 //!
 //! - the canary — the pool a live rollout is rolling out, else every pool with weight other
-//!   than the main one — is judged (`canary::analysis`); bad continuously for `for`, with
-//!   `auto_rollback` on, it goes to 0 in one change, its rollout ends as rolled back, and the
-//!   numbers go to the audit trail, `status` and `switchyard_rollbacks_total`;
+//!   than the base (the one that last had all the traffic) — is judged
+//!   (`canary::analysis`); bad for `for` without a healthy verdict in between (a window with
+//!   too few requests is no verdict either way), with `auto_rollback` on, it goes to 0 in one
+//!   change, its rollout ends as rolled back, and the numbers go to the audit trail, `status`
+//!   and `switchyard_rollbacks_total`;
 //! - a running rollout whose step time is over advances to the next step if the canary passes
 //!   the health gate and the analysis; otherwise it stays and says why ("waiting for traffic:
 //!   7 of 20 requests").
 //!
-//! Changes go through the controller like any command (persisted before they take effect). The
-//! live numbers and the reasons are published in [`Observations`] for `status` and for
-//! `canary --wait`.
+//! Changes go through the controller like any command (persisted before they take effect),
+//! and only if the upstream is still at the generation they were decided on. A change that
+//! fails (the state file cannot be written) is retried with a growing pause, and said at most
+//! every 30 s. The live numbers and the reasons are published in [`Observations`] for `status`
+//! and for `canary --wait`.
 
 use super::Controller;
 use crate::canary::analysis::{judge, pct, Reason, Verdict, Window};
@@ -29,12 +35,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard_control::protocol::{LiveStats, RollbackInfo};
 
-/// Shortest and longest bucket (a sixth of the window, within these).
+/// Shortest bucket (a sixth of the window, at least this) and shortest tick.
 const MIN_TICK: Duration = Duration::from_millis(50);
-const MAX_BUCKET: Duration = Duration::from_secs(10);
 /// Longest time between two looks: a canary going bad is seen within a second of having
 /// enough requests, whatever the bucket.
 const MAX_TICK: Duration = Duration::from_secs(1);
+/// Longest pause after a change that could not be applied.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often a change that keeps failing is said.
+const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// What the autopilot measured last, per upstream.
 #[derive(Debug, Default)]
@@ -80,10 +89,16 @@ impl Observations {
 struct Track {
     /// The pool sampled (a reload may replace a pool of the same name: start over then).
     pool: Arc<Pool>,
-    /// One sample per tick, oldest first, covering a window.
+    /// One sample per bucket, oldest first, covering a window.
     samples: VecDeque<(Instant, Sample)>,
-    /// Since when the pool, as a canary, has been judged bad without a break.
+    /// Since when the pool, as a canary, has been judged bad without a healthy verdict.
     bad_since: Option<Instant>,
+    /// The last bad verdict (a gap of a window without one restarts `bad_since`).
+    last_bad: Option<Instant>,
+    /// Whether the pool had weight at the last look.
+    weighted: bool,
+    /// The live rollout of this pool at the last look.
+    rollout: Option<u64>,
 }
 
 impl Track {
@@ -92,7 +107,48 @@ impl Track {
             pool,
             samples: VecDeque::new(),
             bad_since: None,
+            last_bad: None,
+            weighted: false,
+            rollout: None,
         }
+    }
+
+    /// Forget the verdicts (the pool is no canary now).
+    fn start_over_verdicts(&mut self) {
+        self.bad_since = None;
+        self.last_bad = None;
+    }
+
+    /// Forget the samples and the verdicts: the pool starts a new run as a canary.
+    fn start_over(&mut self) {
+        self.samples.clear();
+        self.bad_since = None;
+        self.last_bad = None;
+    }
+
+    /// Take a verdict into account; the time the pool has been bad, if it is.
+    fn judge(
+        &mut self,
+        bad: bool,
+        healthy: bool,
+        now: Instant,
+        window: Duration,
+    ) -> Option<Duration> {
+        if healthy {
+            self.bad_since = None;
+            self.last_bad = None;
+            return None;
+        }
+        if !bad {
+            // Too few requests: no verdict, the clock neither stops nor restarts...
+            return None;
+        }
+        // ... unless there was no bad verdict for a whole window.
+        if self.last_bad.is_none_or(|l| now.duration_since(l) > window) {
+            self.bad_since = Some(now);
+        }
+        self.last_bad = Some(now);
+        self.bad_since.map(|since| now.duration_since(since))
     }
 
     /// Record this tick's sample (at most one per `bucket`) and return the numbers since the
@@ -131,6 +187,8 @@ impl Track {
 enum Action {
     Rollback {
         upstream: String,
+        /// The generation the decision was made on.
+        generation: u64,
         info: RollbackInfo,
         reason: Reason,
     },
@@ -144,25 +202,40 @@ enum Action {
 /// Run until the runtime stops.
 pub(crate) async fn run(ctl: Arc<Controller>) {
     let mut tracks: HashMap<(String, String), Track> = HashMap::new();
+    let mut failures: u32 = 0;
+    let mut last_warn: Option<Instant> = None;
     loop {
         let changed = ctl.shared.changed();
         tokio::pin!(changed);
         changed.as_mut().enable();
         let (actions, tick) = observe(&ctl, &mut tracks, Instant::now());
-        let acted = !actions.is_empty();
+        let (mut applied, mut failed) = (false, false);
         for action in actions {
-            let r = ctl.off_runtime(move |c| c.autopilot_act(action)).await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e.message, "the autopilot's change was not applied");
+            match ctl.off_runtime(move |c| c.autopilot_act(action)).await {
+                Ok(changed) => applied |= changed,
+                Err(e) => {
+                    failed = true;
+                    if last_warn.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                        last_warn = Some(Instant::now());
+                        tracing::error!(error = %e.message, "the autopilot's change was not applied; retrying");
+                    }
+                }
             }
         }
-        if acted {
-            // Look again at once, at the state the change made.
-            continue;
-        }
+        let pause = if failed {
+            failures = failures.saturating_add(1);
+            (MAX_TICK * failures).min(MAX_BACKOFF)
+        } else {
+            failures = 0;
+            if applied {
+                // Look again at once, at the state the change made.
+                continue;
+            }
+            tick
+        };
         tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
-            _ = changed => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = changed, if !failed => {}
         }
     }
 }
@@ -182,8 +255,9 @@ fn observe(
     let mut seen = std::collections::HashSet::new();
     for u in &snap.upstreams {
         let a = &u.config.canary.analysis;
-        let bucket = (a.window / 6).clamp(MIN_TICK, MAX_BUCKET);
+        let bucket = (a.window / 6).max(MIN_TICK);
         tick = tick.min(bucket);
+        let live_rollout = u.rollout.as_ref().filter(|r| r.is_live());
         let windows: Vec<Window> = u
             .pools
             .iter()
@@ -196,6 +270,13 @@ fn observe(
                 if !Arc::ptr_eq(&t.pool, &p.pool) {
                     *t = Track::new(p.pool.clone());
                 }
+                let weighted = p.weight > 0;
+                let rollout = live_rollout.filter(|r| r.pool == p.pool.name).map(|r| r.id);
+                if (weighted && !t.weighted) || (rollout.is_some() && rollout != t.rollout) {
+                    t.start_over();
+                }
+                t.weighted = weighted;
+                t.rollout = rollout;
                 t.window(now, a.window, bucket)
             })
             .collect();
@@ -219,21 +300,22 @@ fn observe(
                 continue;
             };
             if !canaries.contains(&i) {
-                t.bad_since = None;
+                t.start_over_verdicts();
                 obs.pools.insert(p.pool.name.clone(), live);
                 continue;
             }
             let reference = windows[reference_pool(u, i)];
             let verdict = judge(a, &w, &reference);
             live.verdict = Some(describe(&verdict));
-            if let Verdict::Bad { reason, detail } = &verdict {
-                let since = *t.bad_since.get_or_insert(now);
-                let held = now.duration_since(since);
+            let bad = matches!(verdict, Verdict::Bad { .. });
+            let held = t.judge(bad, verdict == Verdict::Healthy, now, a.window);
+            if let (Verdict::Bad { reason, detail }, Some(held)) = (&verdict, held) {
                 live.bad_for_ms = Some(millis(held));
                 if u.config.canary.auto_rollback {
                     if held >= a.hold_for {
                         actions.push(Action::Rollback {
                             upstream: u.name().to_string(),
+                            generation: u.generation,
                             reason: *reason,
                             info: RollbackInfo {
                                 pool: p.pool.name.clone(),
@@ -255,8 +337,6 @@ fn observe(
                         tick = tick.min((a.hold_for - held).max(MIN_TICK));
                     }
                 }
-            } else {
-                t.bad_since = None;
             }
             verdicts.insert(i, verdict);
             obs.pools.insert(p.pool.name.clone(), live);
@@ -304,7 +384,8 @@ fn observe(
 }
 
 /// The pools judged as canaries: the pool of a live rollout, else every pool with weight
-/// other than the main one (SPEC §4: also after a plain `proxyctl weight green 5`).
+/// other than the base (also after a plain `proxyctl weight green 5`; past 50 % the canary
+/// is still the new version, see `routing::decide`).
 fn canaries(u: &UpstreamState) -> Vec<usize> {
     if let Some(r) = u.rollout.as_ref().filter(|r| r.is_live()) {
         return u
@@ -314,15 +395,15 @@ fn canaries(u: &UpstreamState) -> Vec<usize> {
             .collect();
     }
     (0..u.pools.len())
-        .filter(|i| *i != u.main && u.pools[*i].weight > 0)
+        .filter(|i| *i != u.base() && u.pools[*i].weight > 0)
         .collect()
 }
 
-/// What a canary is compared with (`relative_to_main`): the main pool, or — when the canary
-/// is the main pool itself (a rollout past 50 %) — the heaviest other pool.
+/// What a canary is compared with (`relative_to_main`): the base pool, or — when the canary
+/// is the base itself — the heaviest other pool.
 fn reference_pool(u: &UpstreamState, canary: usize) -> usize {
-    if canary != u.main {
-        return u.main;
+    if canary != u.base() {
+        return u.base();
     }
     (0..u.pools.len())
         .filter(|i| *i != canary)
@@ -352,17 +433,18 @@ fn humantime_ms(d: Duration) -> String {
 }
 
 impl Controller {
-    /// Carry out a change the autopilot decided.
-    fn autopilot_act(&self, action: Action) -> Result<(), switchyard_control::ControlError> {
+    /// Carry out a change the autopilot decided; whether anything changed.
+    fn autopilot_act(&self, action: Action) -> Result<bool, switchyard_control::ControlError> {
         match action {
             Action::Rollback {
                 upstream,
+                generation,
                 info,
                 reason,
             } => {
                 let pool = info.pool.clone();
                 let ratio = pct(info.error_ratio);
-                let change = self.auto_rollback(&upstream, info)?;
+                let change = self.auto_rollback(&upstream, generation, info)?;
                 if change.changed {
                     self.metrics
                         .rollbacks
@@ -370,7 +452,7 @@ impl Controller {
                         .inc();
                     tracing::warn!(upstream = %upstream, pool = %pool, reason = reason.label(), error_ratio = %ratio, generation = change.generation, "canary rolled back automatically");
                 }
-                Ok(())
+                Ok(change.changed)
             }
             Action::Advance {
                 upstream,
@@ -378,7 +460,7 @@ impl Controller {
                 from_step,
             } => self
                 .rollout_advance(&upstream, rollout, from_step)
-                .map(|_| ()),
+                .map(|c| c.changed),
         }
     }
 }
@@ -400,7 +482,11 @@ mod tests {
             let now = start + bucket * step;
             for _ in 0..10 {
                 let status = if step < 3 { 500 } else { 200 };
-                pool.stats.observe(status, Duration::from_millis(2));
+                pool.stats.observe(
+                    status,
+                    Duration::from_millis(2),
+                    Some(Duration::from_millis(2)),
+                );
             }
             last = t.window(now, window, bucket);
             if step == 2 {

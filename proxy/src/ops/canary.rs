@@ -281,7 +281,7 @@ impl Controller {
     }
 
     /// `canary abort`: the canary back to 0; a live rollout ends as aborted. Without a
-    /// rollout, every pool with weight besides the main one goes to 0.
+    /// rollout, every canary (every pool with weight besides the base) goes to 0.
     pub(crate) fn canary_abort(
         &self,
         upstream: Option<&str>,
@@ -301,17 +301,17 @@ impl Controller {
                     rt.rollout = Some(ended);
                 })));
             }
-            let main = u.pools[u.main].pool.name.clone();
+            let base = u.pools[u.base()].pool.name.clone();
             let w: Weights = u
                 .pools
                 .iter()
-                .map(|p| (p.pool.name.clone(), u32::from(p.pool.name == main) * 100))
+                .map(|p| (p.pool.name.clone(), u32::from(p.pool.name == base) * 100))
                 .collect();
             if w == u.weights() {
                 return Err(err(
                     ErrorCode::Invalid,
                     format!(
-                        "{} has no canary to abort: {main} has all the traffic",
+                        "{} has no canary to abort: {base} has all the traffic",
                         u.name()
                     ),
                 ));
@@ -338,8 +338,8 @@ impl Controller {
         })
     }
 
-    /// `canary promote`: the canary (the rollout's pool, else the heaviest canary) to 100,
-    /// health-gated like `switch`; the old main pool drains.
+    /// `canary promote`: the canary (the rollout's pool, else the heaviest pool with weight
+    /// besides the base) to 100, health-gated like `switch`; the old pool drains.
     pub(crate) fn canary_promote(
         &self,
         upstream: Option<&str>,
@@ -460,6 +460,7 @@ impl Controller {
     pub(crate) fn auto_rollback(
         &self,
         upstream: &str,
+        generation: u64,
         info: RollbackInfo,
     ) -> Result<Change, ControlError> {
         let note = format!("{} {}", info.pool, info.detail);
@@ -469,8 +470,10 @@ impl Controller {
             "auto_rollback",
             Some(&note),
             |u, _| {
-                if u.pool(&info.pool).is_none_or(|p| p.weight == 0) {
-                    return Ok(None); // a human was faster
+                if u.generation != generation || u.pool(&info.pool).is_none_or(|p| p.weight == 0) {
+                    // Something changed since the numbers were taken (a human command, a
+                    // step): the next look judges the new state.
+                    return Ok(None);
                 }
                 let w = with_pool_at(&u.weights(), &info.pool, 0)
                     .ok_or_else(|| weights_err(u, &format!("set {} to 0", info.pool)))?;

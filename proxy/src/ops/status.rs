@@ -56,9 +56,11 @@ pub(crate) fn upstream_status(u: &UpstreamState, observed: Option<&Observed>) ->
             .iter()
             .map(|p| {
                 let inflight = p.pool.inflight.load(Ordering::Acquire);
+                // The base (the pool that last had all the traffic) is `stable`; every other
+                // pool with weight is a `canary` (the new version also past 50 %).
                 let index = u.pool_index(&p.pool.name);
-                let role = if index == Some(u.main) {
-                    Some("main".to_string())
+                let role = if index == Some(u.base()) {
+                    Some("stable".to_string())
                 } else if p.weight > 0 {
                     Some("canary".to_string())
                 } else {

@@ -31,6 +31,10 @@ pub(crate) fn finish(
         .filter(|s| *s > 0)
         .unwrap_or(499);
     let elapsed = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
+    let ttfb = ctx
+        .started
+        .zip(ctx.response_at)
+        .map(|(s, r)| r.saturating_duration_since(s));
     let pool = ctx
         .upstream
         .as_ref()
@@ -40,7 +44,7 @@ pub(crate) fn finish(
         Some(p) => &p.pool.stats,
         None => unrouted,
     }
-    .observe(status, elapsed);
+    .observe(status, elapsed, ttfb);
     if !access_log.enabled() {
         return;
     }

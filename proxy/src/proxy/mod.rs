@@ -293,6 +293,7 @@ impl ProxyHttp for Switchyard {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         passive::response(&self.events, ctx, resp.status.as_u16());
+        ctx.response_at.get_or_insert_with(std::time::Instant::now);
         Ok(())
     }
 

@@ -8,13 +8,15 @@
 //! - Weights: a schedule of 100 slots holding pool indices in proportion to the weights,
 //!   interleaved by smooth weighted round robin (nginx's algorithm), so every 100 consecutive
 //!   requests split exactly; picking is one relaxed atomic increment.
-//! - Buckets: 100 buckets, each owned by one pool. The pools that have weight next to the
-//!   *base* pool own the lowest buckets in proportion to their weights (in pool order), the
-//!   base pool the rest; so growing a canary only adds clients to it and a canary at 0 owns
-//!   none. The base pool is the one that last had all the traffic: while the canary is below
-//!   half it is the main pool, as SPEC §4 says ("canary pools own the lowest buckets"); when
-//!   the canary passes 50 % (a step of 60, say) and becomes the main pool, the base does not
-//!   change, so no client moves back from the canary to the old pool.
+//! - Buckets: 100 buckets, each owned by one pool. The *base* pool is the one that last had all
+//!   the traffic; every other pool with weight is a *canary* and owns as many buckets as its
+//!   weight, the base the rest. Canaries own the lowest buckets (SPEC §4), and a new table is
+//!   built from the previous one: a canary that shrinks gives up its highest buckets, one that
+//!   grows takes free buckets first and then the base's lowest — so growing a canary only adds
+//!   clients to it, a canary at 0 owns none, and one canary changing never moves the clients of
+//!   another. While canaries are below half, the base is the main pool (the SPEC's words);
+//!   when a canary passes 50 % (a step of 60, say) it becomes the main pool by weight but stays
+//!   the canary — `X-Canary: true` still reaches the new version, and no client moves back.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -54,7 +56,7 @@ pub(crate) struct Split {
     main: usize,
     /// The pool owning the highest buckets (see the module docs).
     base: usize,
-    /// The heaviest pool with weight other than the main one (`X-Canary: true`).
+    /// The heaviest pool with weight other than the base (`X-Canary: true`).
     canary: Option<usize>,
     /// Pool indices in proportion to the weights, interleaved.
     slots: Vec<u8>,
@@ -66,23 +68,25 @@ pub(crate) struct Split {
 
 impl Split {
     /// Compile `weights` (one per pool index). `prev_main` keeps its role on a tie;
-    /// `prev_base` stays the base pool while it has weight.
+    /// `prev_base` stays the base pool while it has weight; `prev_buckets` (bucket -> pool
+    /// index) is the table to change as little as possible.
     pub(crate) fn new(
         weights: Vec<u32>,
         prev_main: Option<usize>,
         prev_base: Option<usize>,
+        prev_buckets: Option<&[u8; BUCKETS]>,
     ) -> Split {
         let main = main_pool(&weights, prev_main);
         let base = base_pool(&weights, main, prev_base);
         let canary = weights
             .iter()
             .enumerate()
-            .filter(|(i, w)| *i != main && **w > 0)
+            .filter(|(i, w)| *i != base && **w > 0)
             // Heaviest; on a tie the first in pool order.
             .max_by_key(|(i, w)| (**w, std::cmp::Reverse(*i)))
             .map(|(i, _)| i);
         let slots = weighted_slots(&weights, main);
-        let buckets = bucket_owners(&weights, base);
+        let buckets = bucket_owners(&weights, base, prev_buckets);
         Split {
             weights,
             main,
@@ -112,6 +116,11 @@ impl Split {
     /// The weight of pool `i`.
     pub(crate) fn weight(&self, i: usize) -> u32 {
         self.weights.get(i).copied().unwrap_or(0)
+    }
+
+    /// Bucket -> pool index.
+    pub(crate) fn buckets(&self) -> &[u8; BUCKETS] {
+        &self.buckets
     }
 
     /// The pool owning `bucket` (taken modulo 100).
@@ -171,21 +180,70 @@ fn base_pool(weights: &[u32], main: usize, prev_base: Option<usize>) -> usize {
         .unwrap_or(main)
 }
 
-/// Bucket owners: the other weighted pools from bucket 0 up, in pool order, the base the rest.
-fn bucket_owners(weights: &[u32], base: usize) -> [u8; BUCKETS] {
-    let base_idx = u8::try_from(base).unwrap_or(0);
-    let mut out = [base_idx; BUCKETS];
-    let mut next = 0usize;
+/// Bucket owners: each weighted pool other than the base as many buckets as its weight, the
+/// base the rest; changed from `prev` as little as possible (see the module docs), or packed
+/// from bucket 0 in pool order without a previous table.
+fn bucket_owners(weights: &[u32], base: usize, prev: Option<&[u8; BUCKETS]>) -> [u8; BUCKETS] {
+    const FREE: u8 = u8::MAX;
+    let n = weights.len();
+    let Ok(base_idx) = u8::try_from(base) else {
+        return [0; BUCKETS];
+    };
+    if base >= n || n >= usize::from(FREE) {
+        return [base_idx; BUCKETS];
+    }
+    // Targets: the canaries in pool order (clamped so they fit), the base the rest.
+    let mut target = vec![0usize; n];
+    let mut used = 0;
     for (i, w) in weights.iter().enumerate() {
-        if i == base || *w == 0 {
-            continue;
+        if i != base {
+            target[i] = (*w as usize).min(BUCKETS - used);
+            used += target[i];
         }
-        let Ok(idx) = u8::try_from(i) else { continue };
-        let end = (next + *w as usize).min(BUCKETS);
-        for b in &mut out[next..end] {
-            *b = idx;
+    }
+    target[base] = BUCKETS - used;
+    let mut out = [FREE; BUCKETS];
+    if let Some(p) = prev {
+        for (o, owner) in out.iter_mut().zip(p) {
+            if usize::from(*owner) < n {
+                *o = *owner;
+            }
         }
-        next = end;
+    }
+    let mut count = vec![0usize; n];
+    for o in out.iter().filter(|o| **o != FREE) {
+        count[usize::from(*o)] += 1;
+    }
+    // A canary over its share gives up its highest buckets.
+    for i in (0..n).filter(|i| *i != base) {
+        for b in out.iter_mut().rev() {
+            if count[i] <= target[i] {
+                break;
+            }
+            if usize::from(*b) == i {
+                *b = FREE;
+                count[i] -= 1;
+            }
+        }
+    }
+    // A canary under its share takes free buckets, lowest first, then the base's lowest.
+    for i in (0..n).filter(|i| *i != base) {
+        for pass in [FREE, base_idx] {
+            for b in out.iter_mut() {
+                if count[i] >= target[i] {
+                    break;
+                }
+                if *b == pass {
+                    // n < 255, so every pool index fits a u8.
+                    *b = i as u8;
+                    count[i] += 1;
+                }
+            }
+        }
+    }
+    // Whatever is left is the base's.
+    for b in out.iter_mut().filter(|b| **b == FREE) {
+        *b = base_idx;
     }
     out
 }
@@ -226,7 +284,7 @@ mod tests {
     #[test]
     fn weighted_split_is_exact_per_hundred_and_spread_out() {
         // blue, green, canary
-        let s = Split::new(vec![95, 5, 0], None, None);
+        let s = Split::new(vec![95, 5, 0], None, None, None);
         let mut counts = [0u32; 3];
         for _ in 0..1000 {
             counts[s.pick()] += 1;
@@ -245,17 +303,17 @@ mod tests {
 
     #[test]
     fn weights_that_do_not_sum_to_100_never_build_a_huge_schedule() {
-        let s = Split::new(vec![u32::MAX, 101], None, None);
+        let s = Split::new(vec![u32::MAX, 101], None, None, None);
         assert_eq!(s.slots(), &[0]);
         assert_eq!(s.pick(), 0);
-        assert_eq!(Split::new(vec![0, 0], None, None).slots(), &[0]);
+        assert_eq!(Split::new(vec![0, 0], None, None, None).slots(), &[0]);
     }
 
     #[test]
     fn tie_keeps_previous_main() {
-        assert_eq!(Split::new(vec![50, 50], Some(1), None).main(), 1);
-        assert_eq!(Split::new(vec![50, 50], Some(0), None).main(), 0);
-        assert_eq!(Split::new(vec![40, 60], Some(0), None).main(), 1);
+        assert_eq!(Split::new(vec![50, 50], Some(1), None, None).main(), 1);
+        assert_eq!(Split::new(vec![50, 50], Some(0), None, None).main(), 0);
+        assert_eq!(Split::new(vec![40, 60], Some(0), None, None).main(), 1);
     }
 
     /// The pools owning buckets 0..100.
@@ -268,9 +326,15 @@ mod tests {
         // blue (main, base), green canary 5 -> 25 -> 50 -> 60 -> 100 -> 0.
         let mut prev_main = None;
         let mut prev_base = None;
+        let mut prev_buckets: Option<[u8; BUCKETS]> = None;
         let mut on_green: Vec<u8> = Vec::new();
         for g in [5u32, 25, 50, 60, 100] {
-            let s = Split::new(vec![100 - g, g], prev_main, prev_base);
+            let s = Split::new(
+                vec![100 - g, g],
+                prev_main,
+                prev_base,
+                prev_buckets.as_ref(),
+            );
             let now: Vec<u8> = (0..100u8).filter(|b| s.owner(*b) == 1).collect();
             assert_eq!(now.len(), g as usize, "green at {g}");
             assert!(
@@ -279,30 +343,71 @@ mod tests {
             );
             assert_eq!(now.first().copied(), Some(0), "the lowest buckets");
             on_green = now;
+            if g == 60 {
+                assert_eq!((s.main(), s.base()), (1, 0), "green is main by weight ...");
+                assert_eq!(s.canary(), Some(1), "... and still the canary");
+            }
             prev_main = Some(s.main());
             prev_base = Some(s.base());
+            prev_buckets = Some(*s.buckets());
         }
         assert_eq!(
             prev_base,
             Some(1),
             "green had all the traffic: it is the base now"
         );
-        let s = Split::new(vec![0, 100], prev_main, prev_base);
+        let s = Split::new(vec![0, 100], prev_main, prev_base, prev_buckets.as_ref());
         assert!(owners(&s).iter().all(|p| *p == 1));
         // A canary at 0 owns nothing.
-        let s = Split::new(vec![100, 0], None, None);
+        let s = Split::new(vec![100, 0], None, None, None);
         assert!(owners(&s).iter().all(|p| *p == 0));
         // Two canaries, in pool order, below the base.
-        let s = Split::new(vec![80, 15, 5], None, None);
+        let s = Split::new(vec![80, 15, 5], None, None, None);
         let o = owners(&s);
         assert!(o[..15].iter().all(|p| *p == 1) && o[15..20].iter().all(|p| *p == 2));
         assert!(o[20..].iter().all(|p| *p == 0));
         assert_eq!(s.canary(), Some(1), "the heaviest canary");
     }
 
+    /// The pools owning buckets of pool `p`.
+    fn of(s: &Split, p: usize) -> Vec<u8> {
+        (0..100u8).filter(|b| s.owner(*b) == p).collect()
+    }
+
+    #[test]
+    fn one_canary_changing_never_moves_another_canarys_clients() {
+        // blue (base) 90, purple 10; then green gets 5, grows to 20, purple leaves.
+        let s = Split::new(vec![90, 0, 10], None, None, None);
+        let purple = of(&s, 2);
+        assert_eq!(purple, (0..10).collect::<Vec<u8>>());
+        let s = Split::new(vec![85, 5, 10], Some(0), Some(0), Some(s.buckets()));
+        assert_eq!(
+            of(&s, 2),
+            purple,
+            "purple's clients stay when green arrives"
+        );
+        let green = of(&s, 1);
+        assert_eq!(green, (10..15).collect::<Vec<u8>>());
+        let s = Split::new(vec![70, 20, 10], Some(0), Some(0), Some(s.buckets()));
+        let green2 = of(&s, 1);
+        assert!(green.iter().all(|b| green2.contains(b)) && green2.len() == 20);
+        assert_eq!(of(&s, 2), purple);
+        // Purple leaves; green grows to 30 into purple's buckets: its clients stay.
+        let s = Split::new(vec![70, 30, 0], Some(0), Some(0), Some(s.buckets()));
+        let green3 = of(&s, 1);
+        assert!(green2.iter().all(|b| green3.contains(b)) && green3.len() == 30);
+        // Green shrinks to 10: it keeps its lowest buckets.
+        let s = Split::new(vec![90, 10, 0], Some(0), Some(0), Some(s.buckets()));
+        let green4 = of(&s, 1);
+        assert!(green4.iter().all(|b| green3.contains(b)) && green4.len() == 10);
+        // A garbage previous table (indices past the pools) is repaired.
+        let s = Split::new(vec![70, 30], Some(0), Some(0), Some(&[200; BUCKETS]));
+        assert_eq!(of(&s, 1).len(), 30);
+    }
+
     #[test]
     fn decision_order_is_preview_force_sticky_weights() {
-        let s = Split::new(vec![95, 5, 0], None, None);
+        let s = Split::new(vec![95, 5, 0], None, None, None);
         let f = |preview, force, bucket| Facts {
             preview,
             force,
@@ -318,7 +423,7 @@ mod tests {
         assert_eq!(s.decide(&f(None, None, Some(5))), (0, Rule::Sticky));
         assert_eq!(s.decide(&f(None, None, None)).1, Rule::Weights);
         // No canary: `X-Canary: true` goes to the main pool.
-        let s = Split::new(vec![100, 0, 0], None, None);
+        let s = Split::new(vec![100, 0, 0], None, None, None);
         assert_eq!(s.decide(&f(None, Some(true), None)), (0, Rule::Forced));
     }
 
@@ -326,7 +431,7 @@ mod tests {
     #[test]
     fn split_accuracy_without_stickiness_over_100k_decisions() {
         for w in [1u32, 5, 25, 50] {
-            let s = Split::new(vec![100 - w, w], None, None);
+            let s = Split::new(vec![100 - w, w], None, None, None);
             let n = 100_000u32;
             let mut green = 0u32;
             for _ in 0..n {
@@ -349,7 +454,7 @@ mod tests {
     #[test]
     fn split_accuracy_with_random_buckets() {
         for w in [1u32, 5, 25, 50] {
-            let s = Split::new(vec![100 - w, w], None, None);
+            let s = Split::new(vec![100 - w, w], None, None, None);
             let n = 100_000u32;
             let green = (0..n)
                 .filter(|_| {

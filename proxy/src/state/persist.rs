@@ -49,6 +49,8 @@ struct UpstreamRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     base: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    buckets: Option<Vec<(String, u32)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     rollout: Option<Rollout>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_rollback: Option<RollbackInfo>,
@@ -97,6 +99,7 @@ pub(crate) fn save(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
                         previous: rt.previous,
                         pools,
                         base: rt.base,
+                        buckets: rt.buckets,
                         rollout: rt.rollout,
                         last_rollback: rt.last_rollback,
                     },
@@ -230,6 +233,7 @@ pub(crate) fn load(path: &Path, config: &Config) -> Restored {
                 generation: rec.generation,
                 previous,
                 base: rec.base.filter(|b| names.contains(&b.as_str())),
+                buckets: rec.buckets,
                 rollout,
                 last_rollback: rec.last_rollback,
             },

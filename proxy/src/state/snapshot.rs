@@ -120,6 +120,7 @@ impl Snapshot {
                         generation: o.generation + 1,
                         previous,
                         base: None,
+                        buckets: Some(o.bucket_runs()),
                         rollout,
                         last_rollback,
                     };

@@ -23,7 +23,7 @@ pub(crate) use pool::{Pool, PoolState};
 pub(crate) use select::Candidates;
 
 use crate::canary::rollout::Rollout;
-use crate::routing::decide::{Facts, Rule, Split};
+use crate::routing::decide::{Facts, Rule, Split, BUCKETS};
 use crate::routing::sticky::HeaderNames;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,6 +43,9 @@ pub(crate) struct Runtime {
     pub(crate) previous: Option<Weights>,
     /// The pool owning the highest sticky buckets (`routing::decide`); `None`: the main pool.
     pub(crate) base: Option<String>,
+    /// The sticky bucket table as runs of (pool, buckets), to change as little as possible;
+    /// `None`: packed in pool order.
+    pub(crate) buckets: Option<Vec<(String, u32)>>,
     /// The progressive rollout, running or ended.
     pub(crate) rollout: Option<Rollout>,
     /// The last automatic rollback, with its numbers.
@@ -120,7 +123,26 @@ impl UpstreamState {
             .as_deref()
             .or_else(|| old.map(|o| o.pools[o.split.base()].pool.name.as_str()))
             .and_then(index);
-        let split = Split::new(pools.iter().map(|p| p.weight).collect(), old_main, base);
+        let prev_buckets = rt.buckets.as_ref().and_then(|runs| {
+            let mut table = [0u8; BUCKETS];
+            let mut at = 0usize;
+            for (name, n) in runs {
+                // A pool that is gone becomes index 255 ("free"); the table is repaired.
+                let idx = index(name)
+                    .and_then(|i| u8::try_from(i).ok())
+                    .unwrap_or(u8::MAX);
+                let end = at.checked_add(usize::try_from(*n).ok()?)?;
+                table.get_mut(at..end)?.fill(idx);
+                at = end;
+            }
+            (at == BUCKETS).then_some(table)
+        });
+        let split = Split::new(
+            pools.iter().map(|p| p.weight).collect(),
+            old_main,
+            base,
+            prev_buckets.as_ref(),
+        );
         let names = HeaderNames::new(&config);
         UpstreamState {
             config,
@@ -143,6 +165,7 @@ impl UpstreamState {
             generation: self.generation,
             previous: self.previous.clone(),
             base: Some(self.pools[self.split.base()].pool.name.clone()),
+            buckets: Some(self.bucket_runs()),
             rollout: self.rollout.clone(),
             last_rollback: self.last_rollback.clone(),
         }
@@ -236,9 +259,28 @@ impl UpstreamState {
         self.split.decide(facts)
     }
 
-    /// Whether a pool other than the main one has weight: stickiness matters only then.
+    /// Whether a pool other than the base has weight: stickiness matters only then.
     pub(crate) fn canary_active(&self) -> bool {
         self.split.canary().is_some()
+    }
+
+    /// The sticky bucket table as runs of (pool name, bucket count).
+    pub(crate) fn bucket_runs(&self) -> Vec<(String, u32)> {
+        let mut runs: Vec<(String, u32)> = Vec::new();
+        for owner in self.split.buckets() {
+            let name = &self.pools[usize::from(*owner)].pool.name;
+            match runs.last_mut() {
+                Some((n, c)) if n == name => *c += 1,
+                _ => runs.push((name.clone(), 1)),
+            }
+        }
+        runs
+    }
+
+    /// The pool that last had all the traffic (owner of the highest buckets); every other
+    /// pool with weight is a canary.
+    pub(crate) fn base(&self) -> usize {
+        self.split.base()
     }
 
     /// The header names the pool decision reads.

@@ -5,11 +5,14 @@
 //! analysis every few seconds ([`PoolStats::sample`]). So the request path never touches a
 //! metrics registry and `upstream` depends on neither.
 //!
-//! The histogram is finer than the Prometheus one: 63 bounds from 1 ms to 30 s, at most 25 %
-//! apart (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9 per decade), so a p99 compared
-//! with `latency_p99: 800ms` is measured to within a bucket of 100 ms rather than between
-//! 500 ms and 1 s. Every Prometheus bound ([`LATENCY_BOUNDS`]) is one of them, so the exported
-//! histogram is exact.
+//! Two histograms, both finer than the Prometheus one: 63 bounds from 1 ms to 30 s, at most
+//! 25 % apart (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9 per decade), so a p99
+//! compared with `latency_p99: 800ms` is measured to within a bucket of 100 ms rather than
+//! between 500 ms and 1 s. One holds the whole exchange (exported as
+//! `switchyard_http_request_duration_seconds`; every Prometheus bound, [`LATENCY_BOUNDS`], is one
+//! of the fine bounds, so it is exact); the other the time until the upstream's response head
+//! arrived — what the canary analysis judges, since a slow client upload or download, a long
+//! stream or a WebSocket's lifetime says nothing about the app.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -68,6 +71,8 @@ pub(crate) struct PoolStats {
     by_status: Box<[AtomicU64]>,
     /// Requests per fine latency bucket; the last one is above the highest bound.
     latency: Box<[AtomicU64]>,
+    /// Upstream responses per fine bucket of the time to their head.
+    ttfb: Box<[AtomicU64]>,
     /// Sum of the latencies, nanoseconds.
     latency_sum_ns: AtomicU64,
 }
@@ -77,6 +82,7 @@ impl Default for PoolStats {
         PoolStats {
             by_status: (0..STATUSES).map(|_| AtomicU64::new(0)).collect(),
             latency: (0..=FINE).map(|_| AtomicU64::new(0)).collect(),
+            ttfb: (0..=FINE).map(|_| AtomicU64::new(0)).collect(),
             latency_sum_ns: AtomicU64::new(0),
         }
     }
@@ -101,7 +107,7 @@ pub(crate) struct Sample {
     pub(crate) requests: u64,
     /// Of those, answered 5xx (by the app or by the proxy; a client abort is 499, not 5xx).
     pub(crate) errors: u64,
-    /// Requests per fine latency bucket (the last: above 30 s).
+    /// Upstream responses per fine bucket of the time to their head (the last: above 30 s).
     pub(crate) latency: Box<[u64]>,
 }
 
@@ -150,13 +156,15 @@ impl Sample {
 }
 
 impl PoolStats {
-    /// Count one finished request.
-    pub(crate) fn observe(&self, status: u16, elapsed: Duration) {
+    /// Count one finished request: its status, how long it took, and — if an upstream
+    /// answered — how long until the upstream's response head.
+    pub(crate) fn observe(&self, status: u16, elapsed: Duration, ttfb: Option<Duration>) {
         let status = status.clamp(FIRST_STATUS, FIRST_STATUS + STATUSES as u16 - 1);
         self.by_status[usize::from(status - FIRST_STATUS)].fetch_add(1, Ordering::Relaxed);
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let bucket = FINE_BOUNDS_US.partition_point(|b| *b < us);
-        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency[fine_bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = ttfb {
+            self.ttfb[fine_bucket(t)].fetch_add(1, Ordering::Relaxed);
+        }
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.latency_sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
@@ -196,25 +204,31 @@ impl PoolStats {
         }
     }
 
-    /// The cumulative counts now.
+    /// The cumulative counts now (latencies: the time to the upstream's response head).
     pub(crate) fn sample(&self) -> Sample {
         let errors = self.by_status[usize::from(500 - FIRST_STATUS)..]
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum();
         let latency: Box<[u64]> = self
-            .latency
+            .ttfb
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect();
         Sample {
-            // From the histogram, so requests and latencies agree within one sample (the
-            // status counter of a request is bumped first, so `errors` may run one ahead).
-            requests: latency.iter().sum(),
+            // From the duration histogram, bumped after the status counter: `errors` may run
+            // one request ahead within a sample, never behind.
+            requests: self.latency.iter().map(|c| c.load(Ordering::Relaxed)).sum(),
             errors,
             latency,
         }
     }
+}
+
+/// The fine bucket of a latency.
+fn fine_bucket(d: Duration) -> usize {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    FINE_BOUNDS_US.partition_point(|b| *b < us)
 }
 
 #[cfg(test)]
@@ -238,10 +252,18 @@ mod tests {
     #[test]
     fn counts_statuses_and_buckets_latencies() {
         let s = PoolStats::default();
-        s.observe(200, Duration::from_micros(500));
-        s.observe(200, Duration::from_millis(3));
-        s.observe(503, Duration::from_secs(60));
-        s.observe(42, Duration::ZERO); // clamped to 100
+        s.observe(
+            200,
+            Duration::from_micros(500),
+            Some(Duration::from_micros(500)),
+        );
+        s.observe(
+            200,
+            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
+        );
+        s.observe(503, Duration::from_secs(60), Some(Duration::from_secs(60)));
+        s.observe(42, Duration::ZERO, Some(Duration::ZERO)); // clamped to 100
         assert_eq!(s.statuses(), vec![(100, 1), (200, 2), (503, 1)]);
         let l = s.latency();
         assert_eq!(l.cumulative.len(), LATENCY_BOUNDS.len());
@@ -253,7 +275,11 @@ mod tests {
         assert!((l.sum_secs - 60.0035).abs() < 1e-9, "{}", l.sum_secs);
         // A latency exactly on a bound is in that bound's bucket (Prometheus: le).
         let s = PoolStats::default();
-        s.observe(200, Duration::from_millis(5));
+        s.observe(
+            200,
+            Duration::from_millis(5),
+            Some(Duration::from_millis(5)),
+        );
         assert_eq!(s.latency().cumulative[2], 1);
         assert_eq!(s.latency().cumulative[1], 0);
     }
@@ -262,20 +288,30 @@ mod tests {
     fn a_window_is_the_difference_of_two_samples_and_its_p99_is_within_a_bucket() {
         let s = PoolStats::default();
         for _ in 0..50 {
-            s.observe(200, Duration::from_millis(2));
+            s.observe(
+                200,
+                Duration::from_millis(2),
+                Some(Duration::from_millis(2)),
+            );
         }
         let before = s.sample();
         for i in 0..1000u64 {
             let status = if i % 10 == 0 { 500 } else { 200 };
             // 1% at 750 ms, the rest fast: p99 sits at the edge.
             let ms = if i % 100 == 0 { 750 } else { 10 };
-            s.observe(status, Duration::from_millis(ms));
+            s.observe(
+                status,
+                Duration::from_millis(ms),
+                Some(Duration::from_millis(ms)),
+            );
         }
-        s.observe(499, Duration::from_millis(1));
+        // A client that went away before the upstream answered: counted, but no latency.
+        s.observe(499, Duration::from_millis(1), None);
         let w = s.sample().since(&before);
         assert_eq!(w.requests, 1001);
         assert_eq!(w.errors, 100, "499 is not an error");
         let p99 = w.quantile(0.99).unwrap();
+        assert!(p99 > Duration::from_millis(9), "{p99:?}");
         assert!(p99 <= Duration::from_millis(11), "{p99:?}");
         let p999 = w.quantile(0.999).unwrap();
         assert!(
