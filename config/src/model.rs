@@ -30,6 +30,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Runtime state file.
     pub state_file: PathBuf,
+    /// Shared secret for sticky cookies; `None`: a random key per proxy.
+    pub sticky_key_file: Option<PathBuf>,
     /// Where the access log goes.
     pub access_log: AccessLog,
     /// Access log line format.

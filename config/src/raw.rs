@@ -34,6 +34,10 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// Where runtime state (weights, pool members) is persisted. Default `./switchyard.state.json`.
     pub state_file: Option<String>,
+    /// A file holding the secret behind sticky canary cookies (at least 16 characters). Give
+    /// every proxy behind one load balancer the same file so a cookie one issued is honored by
+    /// all. Default: a random key per proxy, kept in its state file.
+    pub sticky_key_file: Option<String>,
     /// Access log: `stdout`, `off`, or a file path. Default `stdout`.
     pub access_log: Option<String>,
     /// Access log format: `combined` (nginx's combined format plus switchyard fields) or `json`.

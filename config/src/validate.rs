@@ -62,6 +62,14 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         }
         Some(p) => PathBuf::from(p),
     };
+    let sticky_key_file = match raw.sticky_key_file.as_deref() {
+        None => None,
+        Some("") => {
+            errs.push(root.key("sticky_key_file"), "must not be empty");
+            None
+        }
+        Some(p) => Some(PathBuf::from(p)),
+    };
     let access_log = match raw.access_log.as_deref() {
         None | Some("stdout") => AccessLog::Stdout,
         Some("off") => AccessLog::Off,
@@ -151,6 +159,7 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         control,
         admin,
         state_file,
+        sticky_key_file,
         access_log,
         access_log_format,
         upstreams,

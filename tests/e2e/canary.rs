@@ -355,14 +355,15 @@ async fn a_canary_failing_10_percent_is_rolled_back_within_for_plus_one_bucket()
         "{late} requests reached the canary after its rollback"
     );
     assert_eq!(failed, 0, "the proxy failed requests");
-    // for (1 s) + one bucket (0.5 s), and the first judgement needs 20 canary requests; allow
-    // scheduling slack on a loaded machine, but never earlier than `for`.
+    // for (1 s) + one bucket (window/6 = 0.5 s), and the first judgement needs 20 canary
+    // requests; allow 1.5 s of scheduling slack on a loaded machine (2 cores, the whole suite
+    // running), but never earlier than `for`.
     assert!(
         rolled_back_after >= Duration::from_secs(1),
         "rolled back after {rolled_back_after:?}, before `for`"
     );
     assert!(
-        rolled_back_after <= Duration::from_millis(2500),
+        rolled_back_after <= Duration::from_millis(1000 + 500 + 1500),
         "rolled back after {rolled_back_after:?}"
     );
     let st = px.handle().status();
@@ -411,6 +412,7 @@ async fn a_healthy_canary_and_one_with_too_few_requests_are_not_rolled_back() {
     let (_blue, _green, px) = blue_green(false, ANALYSIS).await;
     let load = Load::start(px.addr, 4);
     px.handle().set_weight(None, "green", 20).unwrap();
+    // Observation window: three times `for` + a bucket with nothing happening.
     tokio::time::sleep(Duration::from_millis(4500)).await;
     let (sent, failed) = load.stop().await;
     assert!(sent > 500, "{sent}");
@@ -440,6 +442,8 @@ async fn a_healthy_canary_and_one_with_too_few_requests_are_not_rolled_back() {
             .unwrap();
         assert_eq!(r.status, 500);
     }
+    // Observation window (the thing under test is that nothing happens): 2.5 s is more than
+    // `for` + a bucket, so a rollback would have happened by now.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(weight(&px, "green"), 1, "rolled back on 10 requests");
     let st = px.handle().status();
@@ -451,11 +455,14 @@ async fn a_healthy_canary_and_one_with_too_few_requests_are_not_rolled_back() {
         .live
         .clone()
         .unwrap();
-    assert_eq!(
-        live.verdict.as_deref(),
-        Some("too few requests: 10 of 20"),
-        "{live:?}"
-    );
+    // The 10 requests, or fewer once the oldest leave the window.
+    let verdict = live.verdict.clone().unwrap_or_default();
+    let seen: u64 = verdict
+        .strip_prefix("too few requests: ")
+        .and_then(|rest| rest.strip_suffix(" of 20"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{live:?}"));
+    assert!(seen <= 10, "{live:?}");
     px.shutdown().await;
 }
 
@@ -519,6 +526,21 @@ async fn a_rollout_waits_for_traffic_then_reaches_100_and_the_old_pool_drains() 
     assert!(reply.ok, "{reply:?}");
     let result: CanaryResult = serde_json::from_value(reply.result.unwrap()).unwrap();
     assert_eq!(result.rollout.state, "promoted");
+    // The change is the whole rollout's: from before it began to where it ended.
+    assert_eq!(
+        (
+            result.change.old_weights["green"],
+            result.change.new_weights["green"],
+            result.change.new_weights["blue"]
+        ),
+        (0, 100, 0),
+        "{result:?}"
+    );
+    assert!(result.change.changed);
+    assert_eq!(
+        result.change.generation,
+        px.handle().status().upstream("app").unwrap().generation
+    );
     assert_eq!(reply.error.map(|e| e.code.exit_code()).unwrap_or(0), 0);
     let steps_taken: Vec<usize> = {
         let mut v: Vec<usize> = steps.iter().map(|s| s.0).collect();
@@ -644,7 +666,8 @@ async fn wait_answers_rolled_back_with_the_numbers_and_aborted_by_a_human() {
     assert_eq!(details["reason"], "auto_error_rate");
     assert!(details["requests"].as_u64().unwrap() >= 20);
     assert_eq!(weight(&px, "green"), 0);
-    // Nothing but a human command gives it traffic again: not a reload, not time.
+    // Nothing but a human command gives it traffic again, however long one waits
+    // (observation window: more than `for` + a bucket).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(weight(&px, "green"), 0);
     let st = px.handle().status();
@@ -680,6 +703,16 @@ async fn wait_answers_rolled_back_with_the_numbers_and_aborted_by_a_human() {
     assert_eq!(e.code.exit_code(), 1);
     drop(waiting);
     assert_eq!(weight(&px, "green"), 0);
+    // The abort took the canary's traffic back by hand: a manual rollback.
+    let m = px.handle().metrics_text();
+    assert!(
+        m.contains("switchyard_rollbacks_total{reason=\"manual\",upstream=\"app\"} 1"),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("rollbacks"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // A human weight change also stops a rollout, which then never moves the weights again.
     let r = px
         .ctl_call(canary_req("green", &[10, 50, 100], 200, false))
@@ -692,6 +725,7 @@ async fn wait_answers_rolled_back_with_the_numbers_and_aborted_by_a_human() {
         (ro.state.as_str(), ro.ended_by.as_deref()),
         ("aborted", Some("weight"))
     );
+    // Observation window: five step intervals in which the ended rollout must not act.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         weight(&px, "green"),
@@ -774,4 +808,193 @@ async fn the_demo_canary_walkthrough_rolls_green_back() {
     assert_eq!(failed, 0);
     eprintln!("demo: rolled back after {took:?}: {}", e.message);
     demo.proxy.shutdown().await;
+}
+
+/// After an automatic rollback the canary is fixed and given weight again while the bad
+/// numbers are still inside the window: it is judged on what it does from then on, not
+/// rolled back again for the old failures.
+#[tokio::test]
+async fn a_healed_canary_given_weight_again_is_judged_afresh() {
+    trace_init();
+    let (_blue, green, px) = blue_green(false, ANALYSIS).await;
+    green.set_mode(Mode::FailShare(30));
+    let load = Load::start(px.addr, 4);
+    px.handle().set_weight(None, "green", 20).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while weight(&px, "green") != 0 {
+        assert!(Instant::now() < deadline, "never rolled back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    green.set_mode(Mode::Normal);
+    px.handle().set_weight(None, "green", 10).unwrap();
+    // Observation window: the 3 s window still holds the failures for most of it; `for` + a
+    // bucket passes twice over.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let (sent, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{sent} sent");
+    assert_eq!(
+        weight(&px, "green"),
+        10,
+        "rolled back again for failures from before it was fixed"
+    );
+    let rollbacks = px
+        .handle()
+        .events(100)
+        .iter()
+        .filter(|e| e.kind == "auto_rollback")
+        .count();
+    assert_eq!(rollbacks, 1);
+    let st = px.handle().status();
+    let live = st
+        .upstream("app")
+        .unwrap()
+        .pool("green")
+        .unwrap()
+        .live
+        .clone()
+        .unwrap();
+    assert_eq!(live.verdict.as_deref(), Some("healthy"), "{live:?}");
+    px.shutdown().await;
+}
+
+/// Past 50% the new version has the most traffic but is still the canary: the pool that last
+/// had it all stays `stable`, `X-Canary: true` still reaches the new one, and an abort returns
+/// everything to the stable pool.
+#[tokio::test]
+async fn past_half_the_canary_is_still_the_new_pool() {
+    trace_init();
+    let (_blue, _green, px) = blue_green(false, "").await;
+    let r = px
+        .ctl_call(canary_req("green", &[60, 100], 3_600_000, false))
+        .await;
+    assert!(r.ok, "{r:?}");
+    let st = px.handle().status();
+    let u = st.upstream("app").unwrap();
+    assert_eq!((u.weights["green"], u.main.as_str()), (60, "green"));
+    assert_eq!(u.pool("blue").unwrap().role.as_deref(), Some("stable"));
+    assert_eq!(u.pool("green").unwrap().role.as_deref(), Some("canary"));
+    let mut c = Conn::open(px.addr).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(get(&mut c, &[("x-canary", "true")]).await, "green");
+        assert_eq!(get(&mut c, &[("x-canary", "false")]).await, "blue");
+    }
+    let abort = px.ctl_call(Request::CanaryAbort { upstream: None }).await;
+    assert!(abort.ok, "{abort:?}");
+    assert_eq!((weight(&px, "blue"), weight(&px, "green")), (100, 0));
+    px.shutdown().await;
+}
+
+/// A reload in the middle of a rollout keeps it at its step (same rollout, same weight); a
+/// reload that removes the canary pool ends it and the traffic goes back to `active`.
+#[tokio::test]
+async fn a_reload_mid_rollout_keeps_it_and_removing_the_pool_ends_it() {
+    trace_init();
+    let blue = FakeUpstream::builder("blue").start().await.unwrap();
+    let green = FakeUpstream::builder("green").start().await.unwrap();
+    let both = |extra: &str| {
+        app_yaml(
+            &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
+            "blue",
+            extra,
+        )
+    };
+    let px = TestProxy::start_from_file(&both("")).await;
+    let r = px
+        .ctl_call(canary_req("green", &[10, 50, 100], 3_600_000, false))
+        .await;
+    assert!(r.ok, "{r:?}");
+    let before = px.handle().status().upstream("app").unwrap().clone();
+    let ro = before.rollout.clone().unwrap();
+    // A change of the analysis settings only.
+    px.write_config(&both(
+        "    canary:\n      auto_rollback: {error_rate: 0.02, for: 30s}\n",
+    ));
+    let rr = px.handle().reload().await;
+    assert!(rr.is_ok(), "{rr:?}");
+    let after = px.handle().status().upstream("app").unwrap().clone();
+    let ro2 = after
+        .rollout
+        .clone()
+        .expect("the rollout survived the reload");
+    assert_eq!(
+        (ro2.id, ro2.step, ro2.state.as_str()),
+        (ro.id, 0, "running")
+    );
+    assert_eq!(after.weights["green"], 10);
+    assert!(ro2.step_left_ms.unwrap() > 3_500_000, "{ro2:?}");
+    // Green leaves the file: the rollout cannot go on; blue (active) has it all.
+    px.write_config(&app_yaml(&[("blue", &[blue.addr()])], "blue", ""));
+    let rr = px.handle().reload().await;
+    assert!(rr.is_ok(), "{rr:?}");
+    let u = px.handle().status().upstream("app").unwrap().clone();
+    assert_eq!(u.weights.get("blue"), Some(&100));
+    assert!(
+        u.rollout.as_ref().is_none_or(|r| r.state != "running"),
+        "{:?}",
+        u.rollout
+    );
+    for _ in 0..10 {
+        assert_eq!(color(&px.get("/").await), "blue");
+    }
+    px.shutdown().await;
+}
+
+/// Proxies given the same `sticky_key_file` honor each other's cookies (a client behind a
+/// load balancer keeps its bucket whichever proxy it reaches); a proxy with its own key
+/// does not. A response a shared cache may keep never carries the cookie.
+#[tokio::test]
+async fn proxies_sharing_a_key_file_honor_each_others_cookies() {
+    trace_init();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a shared secret of 32 characters\n").unwrap();
+    let blue = FakeUpstream::builder("blue").start().await.unwrap();
+    let green = FakeUpstream::builder("green").start().await.unwrap();
+    let yaml = app_yaml(
+        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
+        "blue",
+        "",
+    );
+    let shared = format!("{yaml}sticky_key_file: \"{}\"\n", secret.path().display());
+    let a = TestProxy::start(&shared).await;
+    let b = TestProxy::start(&shared).await;
+    let own = TestProxy::start(&yaml).await;
+    for px in [&a, &b, &own] {
+        px.handle().set_weight(None, "green", 50).unwrap();
+    }
+    let mut reissued_by_own = 0;
+    for _ in 0..20 {
+        let first = request(a.addr, "GET", "/", &[], Bytes::new())
+            .await
+            .unwrap();
+        let cookie = sticky_cookie(&first).expect("a cookie from a");
+        let pair = cookie.split(';').next().unwrap().to_string();
+        let at_b = request(b.addr, "GET", "/", &[("cookie", &pair)], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(sticky_cookie(&at_b), None, "b re-issued {pair}");
+        assert_eq!(color(&at_b), color(&first), "{pair} moved between proxies");
+        let at_own = request(own.addr, "GET", "/", &[("cookie", &pair)], Bytes::new())
+            .await
+            .unwrap();
+        reissued_by_own += usize::from(sticky_cookie(&at_own).is_some());
+    }
+    assert_eq!(
+        reissued_by_own, 20,
+        "a proxy with its own key honored a foreign cookie"
+    );
+    // `Cache-Control: public` from the app: no cookie, however many times.
+    for _ in 0..20 {
+        let r = request(a.addr, "GET", "/public", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            sticky_cookie(&r),
+            None,
+            "a cookie on a shared-cacheable response"
+        );
+    }
+    for px in [a, b, own] {
+        px.shutdown().await;
+    }
 }

@@ -20,6 +20,12 @@ use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchyard_control::MinHealthy;
 
+/// A day in milliseconds: how far ahead of now a restored time may be.
+const DAY_MS: u64 = 24 * 3600 * 1000;
+
+/// The longest step interval `proxyctl canary --interval` accepts (a year), in milliseconds.
+pub(crate) const MAX_INTERVAL_MS: u64 = 365 * 24 * 3600 * 1000;
+
 /// Milliseconds since the Unix epoch, now.
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
@@ -197,11 +203,33 @@ impl Rollout {
     }
 
     /// Whether a rollout read back from the state file is one this version could have
-    /// written for this upstream: valid steps, a step within them, a known pool.
-    pub(crate) fn is_valid_for(&self, pools: &[&str]) -> bool {
+    /// written for this upstream: valid steps, a step within them, a known pool, an interval
+    /// the command accepts, no time further than a day ahead of `now_ms` (a clock that jumped,
+    /// or a hand-edited file, must not freeze a step for years), a pause that leaves no more
+    /// than the interval, and — while live — the pool's saved weight (`pool_weight`) equal to
+    /// the step's, since every transition stores both in one change.
+    pub(crate) fn is_valid_for(
+        &self,
+        pools: &[&str],
+        pool_weight: Option<u32>,
+        now_ms: u64,
+    ) -> bool {
+        let ahead = now_ms.saturating_add(DAY_MS);
+        let times_ok = self.started_ms <= ahead
+            && match &self.phase {
+                Phase::Running { since_ms } => *since_ms <= ahead,
+                Phase::Paused { remaining_ms } => *remaining_ms <= self.interval_ms,
+                Phase::Promoted { at_ms }
+                | Phase::RolledBack { at_ms }
+                | Phase::Aborted { at_ms, .. } => *at_ms <= ahead,
+            };
+        let weight_ok = !self.is_live() || pool_weight == Some(self.weight());
         switchyard_config::check_steps(&self.steps).is_ok()
             && self.step < self.steps.len()
             && pools.contains(&self.pool.as_str())
+            && (1..=MAX_INTERVAL_MS).contains(&self.interval_ms)
+            && times_ok
+            && weight_ok
     }
 }
 
@@ -268,13 +296,45 @@ mod tests {
         assert!(json.contains(r#""state":"paused""#), "{json}");
         let back: Rollout = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
-        assert!(r.is_valid_for(&["blue", "green"]));
-        assert!(!r.is_valid_for(&["blue"]));
+        let now = 1_000_000;
+        assert!(r.is_valid_for(&["blue", "green"], Some(5), now));
+        assert!(!r.is_valid_for(&["blue"], Some(5), now));
+        // A live rollout whose pool weight differs from its step was not written by us.
+        assert!(!r.is_valid_for(&["blue", "green"], Some(25), now));
+        assert!(!r.is_valid_for(&["blue", "green"], None, now));
+        // Times far ahead of now, an interval out of range, a pause longer than the step.
+        let ahead = Rollout {
+            phase: Phase::Running {
+                since_ms: now + 2 * DAY_MS,
+            },
+            ..r.clone()
+        };
+        assert!(!ahead.is_valid_for(&["blue", "green"], Some(5), now));
+        let zero = Rollout {
+            interval_ms: 0,
+            ..r.clone()
+        };
+        assert!(!zero.is_valid_for(&["blue", "green"], Some(5), now));
+        let huge = Rollout {
+            interval_ms: u64::MAX,
+            ..r.clone()
+        };
+        assert!(!huge.is_valid_for(&["blue", "green"], Some(5), now));
+        let long_pause = Rollout {
+            phase: Phase::Paused {
+                remaining_ms: r.interval_ms + 1,
+            },
+            ..r.clone()
+        };
+        assert!(!long_pause.is_valid_for(&["blue", "green"], Some(5), now));
+        // An ended rollout no longer owns the weight.
+        let ended = r.ended(Phase::Promoted { at_ms: now });
+        assert!(ended.is_valid_for(&["blue", "green"], Some(100), now));
         let mut bad = r.clone();
         bad.step = 4;
-        assert!(!bad.is_valid_for(&["blue", "green"]));
+        assert!(!bad.is_valid_for(&["blue", "green"], Some(5), now));
         bad.step = 0;
         bad.steps = vec![50, 25, 100];
-        assert!(!bad.is_valid_for(&["blue", "green"]));
+        assert!(!bad.is_valid_for(&["blue", "green"], Some(5), now));
     }
 }

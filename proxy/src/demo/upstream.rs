@@ -8,6 +8,8 @@
 //! - `ANY /sha256`: reads the request body as a stream, answers `{"bytes":N,"sha256":"..."}`;
 //! - `GET /status/NNN`: answers with that status;
 //! - `GET /hello`: `hello` (5 bytes, for throughput benchmarks);
+//! - `GET /public`: the color answer with `Cache-Control: public, max-age=60` (a page a CDN
+//!   may keep);
 //! - `GET /ws`: a raw upgrade (101) that echoes bytes until either side closes;
 //! - `ANY /demo/fail?percent=N`: from now on answer N% of requests with `500` (the demo's bad
 //!   canary; `percent=0` heals it);
@@ -432,6 +434,14 @@ async fn handle(
     }
     match path.as_str() {
         "/hello" => Ok(full(200, "text/plain", "hello")),
+        "/public" => {
+            let mut r = color(&st, n, &target);
+            r.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("public, max-age=60"),
+            );
+            Ok(r)
+        }
         "/slow" => {
             let ms = query_u64(req.uri(), "ms").unwrap_or(1000).min(3_600_000);
             tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -76,10 +76,11 @@ pub(crate) fn check_tls(t: &switchyard_config::TlsConfig) -> Result<(), ListenEr
 }
 
 /// Checks that need the machine, not just the file (`switchyard check` runs them, like
-/// `nginx -t`): TLS certificates and keys load. Each problem names its config path.
+/// `nginx -t`): TLS certificates and keys load, the sticky key file reads. Each problem names
+/// its config path.
 pub fn preflight(config: &Config) -> Vec<switchyard_config::FieldError> {
     let root = switchyard_config::FieldPath::root().key("listen");
-    config
+    let mut problems: Vec<_> = config
         .listen
         .iter()
         .enumerate()
@@ -90,5 +91,14 @@ pub fn preflight(config: &Config) -> Vec<switchyard_config::FieldError> {
                 message: e.to_string(),
             })
         })
-        .collect()
+        .collect();
+    if let Some(path) = &config.sticky_key_file {
+        if let Err(message) = crate::routing::sticky::StickyKey::from_file(path) {
+            problems.push(switchyard_config::FieldError {
+                path: switchyard_config::FieldPath::root().key("sticky_key_file"),
+                message,
+            });
+        }
+    }
+    problems
 }

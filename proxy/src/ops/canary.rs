@@ -14,17 +14,27 @@ use switchyard_control::protocol::{
 use switchyard_control::{EventSender, MinHealthy};
 
 /// The longest step interval accepted (as for durations in the config).
-const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+const MAX_INTERVAL: Duration = Duration::from_millis(crate::canary::rollout::MAX_INTERVAL_MS);
+
+/// The latest instant RFC 3339 can write (9999-12-31T23:59:59Z), in Unix milliseconds.
+const LAST_RFC3339_MS: u64 = 253_402_300_799_000;
+
+/// `ms` as an RFC 3339 time, clamped to the years RFC 3339 can write (a time from a damaged
+/// state file must not panic the status command).
+fn rfc3339(ms: u64) -> String {
+    use std::fmt::Write;
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms.min(LAST_RFC3339_MS));
+    let mut out = String::new();
+    let _ = write!(out, "{}", humantime::format_rfc3339_seconds(at));
+    out
+}
 
 /// How often `canary --wait` looks when nothing wakes it (the time left moves on).
 const WAIT_POLL: Duration = Duration::from_secs(1);
 
 /// A rollout as `status` shows it; `waiting` from the autopilot's observations.
 pub(crate) fn rollout_status(r: &Rollout, now_ms: u64, waiting: Option<String>) -> RolloutStatus {
-    let time = |ms: u64| {
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
-            .to_string()
-    };
+    let time = rfc3339;
     let (ended, ended_by) = match &r.phase {
         Phase::Promoted { at_ms } | Phase::RolledBack { at_ms } => (Some(time(*at_ms)), None),
         Phase::Aborted { at_ms, by } => (Some(time(*at_ms)), Some(by.clone())),
@@ -205,10 +215,19 @@ impl Controller {
             }
             match &r.phase {
                 Phase::Promoted { .. } => {
+                    // What the whole rollout did: from the weights before it began to the
+                    // weights now, at the generation that promoted it.
+                    let new_weights = u.weights();
+                    let change = Change {
+                        generation: u.generation,
+                        changed: new_weights != start.change.old_weights,
+                        new_weights,
+                        ..start.change
+                    };
                     return Ok(CanaryResult {
-                        change: start.change,
+                        change,
                         rollout: status,
-                    })
+                    });
                 }
                 Phase::RolledBack { .. } => {
                     let info = u.last_rollback.clone();
@@ -492,5 +511,17 @@ impl Controller {
                 })))
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn times_from_a_damaged_state_file_are_written_without_a_panic() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_764_417_600_000), "2025-11-29T12:00:00Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
     }
 }

@@ -270,7 +270,9 @@ impl Controller {
                 .switches
                 .with_label_values(&[next.name()])
                 .inc();
-            if cmd == "rollback" {
+            // An abort puts the canary's traffic back on the stable pool by hand: a manual
+            // rollback, as `rollback` is.
+            if cmd == "rollback" || cmd == "canary_abort" {
                 self.metrics
                     .rollbacks
                     .with_label_values(&[next.name(), "manual"])

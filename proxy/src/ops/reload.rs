@@ -97,12 +97,28 @@ impl Controller {
         .map(|(k, _)| k.to_string())
         .collect();
         let (dest, format) = (config.access_log.clone(), config.access_log_format);
-        let new_snap = Snapshot::build(
+        // Read again under the lock (preflight read it before): a changed secret takes effect
+        // now; an unreadable one leaves everything as it was.
+        let sticky = match &config.sticky_key_file {
+            Some(path) => Some(crate::routing::sticky::StickyKey::from_file(path).map_err(
+                |e| {
+                    err(
+                        ErrorCode::Invalid,
+                        format!("sticky_key_file: {e}; the running config stays"),
+                    )
+                },
+            )?),
+            None => None,
+        };
+        let mut new_snap = Snapshot::build(
             Arc::new(config),
             &crate::state::Restored::default(),
             Some(&old),
             crate::routing::sticky::StickyKey::generate,
         );
+        if let Some(key) = sticky {
+            new_snap.sticky = Arc::new(key);
+        }
         let mut warnings = reset_weights(&old, &new_snap);
         self.shared
             .commit(&guard, new_snap, &self.state_file)

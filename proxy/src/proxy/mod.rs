@@ -26,6 +26,7 @@ mod reply;
 mod retry;
 
 use crate::routing::normalize::normalize;
+use crate::routing::sticky;
 use crate::state::Shared;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::EventLog;
@@ -275,13 +276,16 @@ impl ProxyHttp for Switchyard {
         if let (Some(bucket), Some(snap), Some(up)) = (ctx.set_cookie, &ctx.snapshot, &ctx.upstream)
         {
             // The client's sticky bucket, assigned on this request (SPEC §4): only while a
-            // canary has weight, which is when `choose` assigns one.
-            let cookie = format!(
-                "{}={}; Path=/; HttpOnly; SameSite=Lax",
-                up.config.canary.cookie,
-                snap.sticky.cookie_value(bucket)
-            );
-            resp.append_header(http::header::SET_COOKIE, cookie)?;
+            // canary has weight, which is when `choose` assigns one. Not on a response a
+            // shared cache may keep: the cache would give this bucket to all its clients.
+            let cc = resp.headers.get_all(http::header::CACHE_CONTROL);
+            if !sticky::shared_cacheable(cc.iter().map(|v| v.as_bytes())) {
+                let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+                let cookie = snap
+                    .sticky
+                    .set_cookie(&up.config.canary.cookie, bucket, tls);
+                resp.append_header(http::header::SET_COOKIE, cookie)?;
+            }
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! The per-request pool decision (SPEC §4): which pool of an upstream a request goes to.
 //!
 //! In order: the preview header (from an allowed address; any pool, also one at weight 0),
-//! the force header (`true`: the canary, `false`: the main pool), the client's sticky bucket,
+//! the force header (`true`: the canary, `false`: the stable pool — the base, which is the main
+//! pool until a canary passes 50 %), the client's sticky bucket,
 //! and the weights. The caller reads the request into [`Facts`]; [`Split::decide`] is pure:
 //! no I/O, no lock, no allocation — an index into tables built when the weights change.
 //!
@@ -28,7 +29,7 @@ pub(crate) const BUCKETS: usize = 100;
 pub(crate) struct Facts {
     /// The pool named by the preview header, when the client may use it.
     pub(crate) preview: Option<usize>,
-    /// The force header: `Some(true)` canary, `Some(false)` main pool.
+    /// The force header: `Some(true)` canary, `Some(false)` the stable (base) pool.
     pub(crate) force: Option<bool>,
     /// The client's sticky bucket (0..100), from its cookie or header.
     pub(crate) bucket: Option<u8>,
@@ -135,7 +136,7 @@ impl Split {
         }
         match facts.force {
             Some(true) => return (self.canary.unwrap_or(self.main), Rule::Forced),
-            Some(false) => return (self.main, Rule::Forced),
+            Some(false) => return (self.base, Rule::Forced),
             None => {}
         }
         if let Some(b) = facts.bucket {
@@ -425,6 +426,10 @@ mod tests {
         // No canary: `X-Canary: true` goes to the main pool.
         let s = Split::new(vec![100, 0, 0], None, None, None);
         assert_eq!(s.decide(&f(None, Some(true), None)), (0, Rule::Forced));
+        // Past 50 %: the new pool is main but still the canary; `false` is the stable base.
+        let s = Split::new(vec![40, 60], Some(0), Some(0), None);
+        assert_eq!(s.decide(&f(None, Some(true), None)), (1, Rule::Forced));
+        assert_eq!(s.decide(&f(None, Some(false), None)), (0, Rule::Forced));
     }
 
     /// SPEC §4 invariant 5 over 100k decisions, without stickiness.

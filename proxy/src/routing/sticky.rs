@@ -50,6 +50,33 @@ impl StickyKey {
         StickyKey { key, tags }
     }
 
+    /// The key several proxies derive from one shared secret (`sticky_key_file`): the first
+    /// 16 bytes of SHA-256 over the secret, surrounding whitespace ignored. At least 16
+    /// characters, so a placeholder like `changeme` is refused rather than trusted.
+    pub(crate) fn from_secret(secret: &[u8]) -> Result<Self, String> {
+        let secret = secret.trim_ascii();
+        if secret.len() < 16 {
+            return Err(format!(
+                "the secret is {} bytes; at least 16 are needed",
+                secret.len()
+            ));
+        }
+        let mut h = Sha256::new();
+        h.update(b"switchyard sticky key\0");
+        h.update(secret);
+        let d = h.finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&d[..16]);
+        Ok(StickyKey::new(key))
+    }
+
+    /// The key from a `sticky_key_file`; the error names the file.
+    pub(crate) fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        StickyKey::from_secret(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// A fresh random key.
     pub(crate) fn random() -> std::io::Result<Self> {
         let mut key = [0u8; 16];
@@ -99,6 +126,17 @@ impl StickyKey {
         let b = usize::from(bucket) % 100;
         let tag = std::str::from_utf8(&self.tags[b]).unwrap_or_default();
         format!("{b}.{tag}")
+    }
+
+    /// The `Set-Cookie` header giving a client `bucket`: a session cookie for the whole site,
+    /// out of scripts' reach, sent on same-site requests and top-level navigations; `Secure`
+    /// when the client came over TLS so it never travels in clear text afterwards.
+    pub(crate) fn set_cookie(&self, name: &str, bucket: u8, tls: bool) -> String {
+        let secure = if tls { "; Secure" } else { "" };
+        format!(
+            "{name}={}; Path=/; HttpOnly; SameSite=Lax{secure}",
+            self.cookie_value(bucket)
+        )
     }
 
     /// The bucket of a cookie value this key issued; `None` for anything else.
@@ -203,9 +241,68 @@ impl HeaderNames {
     }
 }
 
+/// Whether a response's `Cache-Control` values let a shared cache (a CDN, a corporate proxy)
+/// store it: `public` or `s-maxage`. Such a response must not carry a client's sticky cookie,
+/// or the cache hands that one bucket to everyone it serves the response to.
+pub(crate) fn shared_cacheable<'a>(cache_control: impl IntoIterator<Item = &'a [u8]>) -> bool {
+    cache_control.into_iter().any(|value| {
+        value.split(|c| *c == b',').any(|directive| {
+            let d = directive.trim_ascii();
+            let name = d
+                .split(|c| *c == b'=')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            name.eq_ignore_ascii_case(b"public") || name.eq_ignore_ascii_case(b"s-maxage")
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_a_shared_cache_may_store_get_no_sticky_cookie() {
+        let cc = |v: &[&'static str]| shared_cacheable(v.iter().map(|s| s.as_bytes()));
+        assert!(cc(&["public, max-age=60"]));
+        assert!(cc(&["max-age=0", "S-MAXAGE = 30"]));
+        assert!(cc(&["Public"]));
+        assert!(!cc(&["private, max-age=60"]));
+        assert!(!cc(&["no-store"]));
+        assert!(
+            !cc(&["max-age=60"]),
+            "browser-only caching keeps the cookie"
+        );
+        assert!(!cc(&[]));
+        assert!(!cc(&["publicity"]));
+    }
+
+    #[test]
+    fn proxies_sharing_a_secret_issue_the_same_cookies() {
+        let a = StickyKey::from_secret(b"0123456789abcdef-shared\n").unwrap();
+        let b = StickyKey::from_secret(b"  0123456789abcdef-shared").unwrap();
+        assert_eq!(a.to_hex(), b.to_hex());
+        let cookie = a.cookie_value(42);
+        assert_eq!(b.verify(cookie.as_bytes()), Some(42));
+        let other = StickyKey::from_secret(b"another secret, 16+ bytes").unwrap();
+        assert_eq!(other.verify(cookie.as_bytes()), None);
+        let short = StickyKey::from_secret(b"changeme\n").unwrap_err();
+        assert!(short.contains("8 bytes; at least 16"), "{short}");
+    }
+
+    #[test]
+    fn the_cookie_is_secure_over_tls() {
+        let key = StickyKey::new([7; 16]);
+        let plain = key.set_cookie("sy_canary", 3, false);
+        assert!(plain.starts_with("sy_canary=3."), "{plain}");
+        assert!(
+            plain.ends_with("; Path=/; HttpOnly; SameSite=Lax"),
+            "{plain}"
+        );
+        let tls = key.set_cookie("sy_canary", 3, true);
+        assert!(tls.ends_with("; SameSite=Lax; Secure"), "{tls}");
+    }
 
     #[test]
     fn issued_cookies_verify_and_anything_else_is_absent() {

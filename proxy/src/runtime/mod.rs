@@ -53,6 +53,9 @@ pub enum StartError {
     /// Metrics could not be registered (a name clash in a registry passed in).
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The `sticky_key_file` could not be read or is too short.
+    #[error("sticky_key_file: {0}")]
+    StickyKey(String),
     /// A runtime or thread could not be created.
     #[error("cannot start {what}: {source}")]
     Runtime {
@@ -156,7 +159,12 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let control_socket = ControlServer::bind(&config.control.socket, config.control.mode)?;
-    let restored = persist::load(&config.state_file, &config);
+    let mut restored = persist::load(&config.state_file, &config);
+    if let Some(path) = &config.sticky_key_file {
+        // The shared secret wins over the key in the state file: every proxy given the same
+        // file issues and honors the same cookies.
+        restored.sticky = Some(StickyKey::from_file(path).map_err(StartError::StickyKey)?);
+    }
     if !restored.upstreams.is_empty() {
         tracing::info!(path = %config.state_file.display(), upstreams = restored.upstreams.len(), "routing state restored from the state file");
     }

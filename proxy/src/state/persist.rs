@@ -218,10 +218,12 @@ pub(crate) fn load(path: &Path, config: &Config) -> Restored {
         }
         let previous = rec.previous.and_then(|p| weights::carry_over(&p, pools()));
         let names: Vec<&str> = pools().collect();
+        let now_ms = crate::canary::rollout::unix_ms();
         let rollout = rec.rollout.filter(|r| {
-            let ok = r.is_valid_for(&names);
+            let pool_weight = Some(weights.get(&r.pool).copied().unwrap_or(0));
+            let ok = r.is_valid_for(&names, pool_weight, now_ms);
             if !ok {
-                tracing::warn!(upstream = %name, pool = %r.pool, "the saved rollout does not fit the config (pool gone or steps invalid); it is dropped");
+                tracing::warn!(upstream = %name, pool = %r.pool, "the saved rollout does not fit (pool gone, steps or interval invalid, times ahead of the clock, or its weight not the pool's); it is dropped and the weights stay as saved");
             }
             ok
         });
