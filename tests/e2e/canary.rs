@@ -55,8 +55,19 @@ impl Load {
                     while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
                         match c.get("/").await {
                             Ok(r) if r.status < 500 || r.text().contains("fails") => {}
-                            _ => {
+                            // The proxy's 504 for an app that does not answer closes the
+                            // connection, as nginx's does: a new one, counted as failed.
+                            Ok(r) => {
                                 failed.fetch_add(1, Ordering::AcqRel);
+                                if r.status == 504 {
+                                    c = Conn::open(addr).await.unwrap();
+                                }
+                            }
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::AcqRel);
+                                // A dead connection fails at once: reconnect, or this loop
+                                // would spin without yielding.
+                                c = Conn::open(addr).await.unwrap();
                             }
                         }
                         sent.fetch_add(1, Ordering::AcqRel);
@@ -864,10 +875,30 @@ async fn a_healed_canary_given_weight_again_is_judged_afresh() {
 async fn past_half_the_canary_is_still_the_new_pool() {
     trace_init();
     let (_blue, _green, px) = blue_green(false, "").await;
+    // Clients placed on green at 10% (sticky cookies, the default).
+    px.handle().set_weight(None, "green", 10).unwrap();
+    let mut on_green = Vec::new();
+    for _ in 0..200 {
+        let r = request(px.addr, "GET", "/", &[], Bytes::new())
+            .await
+            .unwrap();
+        let cookie = sticky_cookie(&r).expect("a cookie while green has weight");
+        if color(&r) == "green" {
+            on_green.push(cookie.split(';').next().unwrap().to_string());
+        }
+    }
+    assert!(on_green.len() >= 5, "{} of 200 on green", on_green.len());
+    // The rollout starts at the first step above 10: 60.
     let r = px
         .ctl_call(canary_req("green", &[60, 100], 3_600_000, false))
         .await;
     assert!(r.ok, "{r:?}");
+    for pair in &on_green {
+        let r = request(px.addr, "GET", "/", &[("cookie", pair)], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(color(&r), "green", "{pair} moved back to blue at 60%");
+    }
     let st = px.handle().status();
     let u = st.upstream("app").unwrap();
     assert_eq!((u.weights["green"], u.main.as_str()), (60, "green"));
@@ -997,4 +1028,31 @@ async fn proxies_sharing_a_key_file_honor_each_others_cookies() {
     for px in [a, b, own] {
         px.shutdown().await;
     }
+}
+
+/// A canary that never answers is slow, not unmeasured: a request the app did not answer
+/// (here cut by `read_timeout`) counts its whole wait in the p99, so `latency_p99` rolls it
+/// back — with `error_rate` out of the way (1.0 is never exceeded).
+#[tokio::test]
+async fn a_canary_that_hangs_is_rolled_back_for_latency() {
+    trace_init();
+    let extra = "    read_timeout: 400ms\n    retries: 0\n    passive: {consecutive_failures: 0}\n    canary:\n      sticky: none\n      auto_rollback: {error_rate: 1.0, latency_p99: 100ms, for: 1s, window: 3s, min_requests: 5}\n";
+    let (_blue, green, px) = blue_green(false, extra).await;
+    green.set_mode(Mode::Hang);
+    let load = Load::start(px.addr, 8);
+    px.handle().set_weight(None, "green", 20).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while weight(&px, "green") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a hanging canary was never rolled back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    load.stop().await;
+    let st = px.handle().status();
+    let rb = st.upstream("app").unwrap().last_rollback.clone().unwrap();
+    assert_eq!(rb.reason, "auto_latency", "{rb:?}");
+    assert!(rb.p99_ms.unwrap() >= 300.0, "{rb:?}");
+    px.shutdown().await;
 }

@@ -97,6 +97,9 @@ struct Track {
     last_bad: Option<Instant>,
     /// Whether the pool had weight at the last look.
     weighted: bool,
+    /// The pool's epoch at the last look (bumped whenever it loses all its weight, so a
+    /// 0 and back between two looks is still seen).
+    epoch: u64,
     /// The live rollout of this pool at the last look.
     rollout: Option<u64>,
 }
@@ -109,6 +112,7 @@ impl Track {
             bad_since: None,
             last_bad: None,
             weighted: false,
+            epoch: 0,
             rollout: None,
         }
     }
@@ -194,6 +198,9 @@ enum Action {
     },
     Advance {
         upstream: String,
+        /// The generation the analysis saw: a change since (pause and resume, a pool
+        /// command) means the decision is stale.
+        generation: u64,
         rollout: u64,
         from_step: usize,
     },
@@ -272,10 +279,14 @@ fn observe(
                 }
                 let weighted = p.weight > 0;
                 let rollout = live_rollout.filter(|r| r.pool == p.pool.name).map(|r| r.id);
-                if (weighted && !t.weighted) || (rollout.is_some() && rollout != t.rollout) {
+                // Judged afresh when it regains weight — also when it went to 0 and back
+                // between two looks (the epoch moved) — or a new rollout of it begins.
+                let regained = weighted && (!t.weighted || p.epoch != t.epoch);
+                if regained || (rollout.is_some() && rollout != t.rollout) {
                     t.start_over();
                 }
                 t.weighted = weighted;
+                t.epoch = p.epoch;
                 t.rollout = rollout;
                 t.window(now, a.window, bucket)
             })
@@ -365,6 +376,7 @@ fn observe(
                         (Ok(()), Some(Verdict::Healthy)) => {
                             actions.push(Action::Advance {
                                 upstream: u.name().to_string(),
+                                generation: u.generation,
                                 rollout: r.id,
                                 from_step: r.step,
                             });
@@ -383,19 +395,17 @@ fn observe(
     (actions, tick)
 }
 
-/// The pools judged as canaries: the pool of a live rollout, else every pool with weight
-/// other than the base (also after a plain `proxyctl weight green 5`; past 50 % the canary
-/// is still the new version, see `routing::decide`).
+/// The pools judged as canaries: every pool with weight other than the base (also after a
+/// plain `proxyctl weight green 5`; past 50 % the canary is still the new version, see
+/// `routing::decide`), and the pool of a live rollout while it has weight.
 fn canaries(u: &UpstreamState) -> Vec<usize> {
-    if let Some(r) = u.rollout.as_ref().filter(|r| r.is_live()) {
-        return u
-            .pool_index(&r.pool)
-            .filter(|i| u.pools[*i].weight > 0)
-            .into_iter()
-            .collect();
-    }
+    let rollout = u
+        .rollout
+        .as_ref()
+        .filter(|r| r.is_live())
+        .and_then(|r| u.pool_index(&r.pool));
     (0..u.pools.len())
-        .filter(|i| *i != u.base() && u.pools[*i].weight > 0)
+        .filter(|i| u.pools[*i].weight > 0 && (*i != u.base() || Some(*i) == rollout))
         .collect()
 }
 
@@ -456,10 +466,11 @@ impl Controller {
             }
             Action::Advance {
                 upstream,
+                generation,
                 rollout,
                 from_step,
             } => self
-                .rollout_advance(&upstream, rollout, from_step)
+                .rollout_advance(&upstream, generation, rollout, from_step)
                 .map(|c| c.changed),
         }
     }
@@ -502,5 +513,35 @@ mod tests {
         assert_eq!(last.span, window);
         assert_eq!((last.requests, last.errors), (60, 0));
         assert!(t.samples.len() <= 7);
+    }
+
+    #[test]
+    fn the_bad_clock_survives_too_few_requests_but_not_a_healthy_verdict_or_a_gap() {
+        let mut t = Track::new(Arc::new(Pool::new("green")));
+        let t0 = Instant::now();
+        let window = Duration::from_secs(3);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(t.judge(true, false, at(0), window), Some(Duration::ZERO));
+        assert_eq!(
+            t.judge(true, false, at(500), window),
+            Some(Duration::from_millis(500))
+        );
+        // Too few requests for a while: no verdict, the clock keeps running.
+        assert_eq!(t.judge(false, false, at(1000), window), None);
+        assert_eq!(
+            t.judge(true, false, at(1500), window),
+            Some(Duration::from_millis(1500))
+        );
+        // A healthy verdict stops it.
+        assert_eq!(t.judge(false, true, at(2000), window), None);
+        assert_eq!(t.judge(true, false, at(2500), window), Some(Duration::ZERO));
+        // More than a window without a bad verdict (too few requests all along): it restarts.
+        assert_eq!(t.judge(false, false, at(4000), window), None);
+        assert_eq!(t.judge(true, false, at(6000), window), Some(Duration::ZERO));
+        // Starting over (the pool regained weight) forgets the samples and the clock.
+        let sample = t.pool.stats.sample();
+        t.samples.push_back((at(6000), sample));
+        t.start_over();
+        assert!(t.samples.is_empty() && t.bad_since.is_none() && t.last_bad.is_none());
     }
 }

@@ -5,7 +5,7 @@
 
 use super::{err, Actor, Controller};
 use crate::canary::rollout::{unix_ms, Phase, Rollout};
-use crate::routing::weights::with_pool_at;
+use crate::routing::weights::with_pool_at_via;
 use crate::upstream::{UpstreamState, Weights};
 use std::time::Duration;
 use switchyard_control::protocol::{
@@ -155,7 +155,7 @@ impl Controller {
             Self::gate(u, pool, min_healthy)?;
             // A pool that already has some traffic starts at the first step above it.
             let start = steps.iter().position(|s| *s > p.weight).unwrap_or(steps.len() - 1);
-            let w = with_pool_at(&u.weights(), pool, steps[start])
+            let w = with_pool_at_via(&u.weights(), pool, steps[start], Some(u.base_name()))
                 .ok_or_else(|| weights_err(u, "start the rollout"))?;
             let now = unix_ms();
             let mut rollout = Rollout::new(u.generation + 1, pool, steps, interval, start, now);
@@ -309,7 +309,7 @@ impl Controller {
         let change = self.apply(upstream, actor, "canary_abort", |u| {
             let now = unix_ms();
             if let Some(r) = u.rollout.as_ref().filter(|r| r.is_live()) {
-                let w = with_pool_at(&u.weights(), &r.pool, 0)
+                let w = with_pool_at_via(&u.weights(), &r.pool, 0, Some(u.base_name()))
                     .ok_or_else(|| weights_err(u, &format!("set {} to 0", r.pool)))?;
                 let ended = r.ended(Phase::Aborted {
                     at_ms: now,
@@ -422,10 +422,12 @@ impl Controller {
         })
     }
 
-    /// The autopilot: rollout `id`, still at `from_step` and running, takes its next step.
+    /// The autopilot: rollout `id`, still at `from_step`, running and due, in the state the
+    /// analysis judged (`generation`) and still passing the health gate, takes its next step.
     pub(crate) fn rollout_advance(
         &self,
         upstream: &str,
+        generation: u64,
         id: u64,
         from_step: usize,
     ) -> Result<Change, ControlError> {
@@ -457,15 +459,22 @@ impl Controller {
             Some(&note),
             |u, _| {
                 let Some(r) = u.rollout.as_ref().filter(|r| {
-                    r.id == id && r.step == from_step && matches!(r.phase, Phase::Running { .. })
+                    u.generation == generation
+                        && r.id == id
+                        && r.step == from_step
+                        && r.due(now)
+                        && Self::gate(u, &r.pool, r.min_healthy).is_ok()
                 }) else {
-                    return Ok(None); // moved on meanwhile (a human command, a rollback)
+                    // Moved on meanwhile (a human command, a rollback, pause and resume) or
+                    // the canary turned unhealthy: the next look judges the new state.
+                    return Ok(None);
                 };
                 let Some(next) = r.advanced(now) else {
                     return Ok(None);
                 };
-                let w = with_pool_at(&u.weights(), &next.pool, next.weight())
-                    .ok_or_else(|| weights_err(u, "take the next step"))?;
+                let w =
+                    with_pool_at_via(&u.weights(), &next.pool, next.weight(), Some(u.base_name()))
+                        .ok_or_else(|| weights_err(u, "take the next step"))?;
                 Ok(Some(u.changed(|rt| {
                     rt.weights = w;
                     rt.rollout = Some(next);
@@ -474,8 +483,8 @@ impl Controller {
         )
     }
 
-    /// The autopilot: the canary `info.pool` goes to 0 (its weight to the heaviest other
-    /// pool), its rollout ends as rolled back, and the numbers are kept for `status`.
+    /// The autopilot: the canary `info.pool` goes to 0 (its weight to the stable pool), its
+    /// rollout ends as rolled back, and the numbers are kept for `status`.
     pub(crate) fn auto_rollback(
         &self,
         upstream: &str,
@@ -494,7 +503,7 @@ impl Controller {
                     // step): the next look judges the new state.
                     return Ok(None);
                 }
-                let w = with_pool_at(&u.weights(), &info.pool, 0)
+                let w = with_pool_at_via(&u.weights(), &info.pool, 0, Some(u.base_name()))
                     .ok_or_else(|| weights_err(u, &format!("set {} to 0", info.pool)))?;
                 let now = unix_ms();
                 let rollout = u.rollout.as_ref().map(|r| {

@@ -108,6 +108,9 @@ impl Controller {
                     )
                 },
             )?),
+            // The file left the config: this proxy gets a key of its own (kept in its state
+            // file from now on), not the shared one forever.
+            None if old.sticky.shared => Some(crate::routing::sticky::StickyKey::generate()),
             None => None,
         };
         let mut new_snap = Snapshot::build(

@@ -67,7 +67,7 @@ pub(crate) fn choose(
                     .map(|v| v.as_bytes());
                 facts.bucket = key.bucket_in_cookies(&up.config.canary.cookie, cookies);
                 if facts.bucket.is_none() {
-                    let b = fastrand::u8(0..100);
+                    let b = up.first_sight(fastrand::u32(..));
                     facts.bucket = Some(b);
                     set_cookie = Some(b);
                 }

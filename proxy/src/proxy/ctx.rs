@@ -72,7 +72,8 @@ pub(crate) struct RequestCtx {
     pub(crate) _active: Option<ActiveGuard>,
     /// When the request head had been read.
     pub(crate) started: Option<std::time::Instant>,
-    /// When the upstream's response head arrived (the canary analysis' latency).
+    /// When the upstream's final response head arrived (not a `100 Continue`): the canary
+    /// analysis' latency.
     pub(crate) response_at: Option<std::time::Instant>,
     /// The snapshot this request is routed by (loaded once).
     pub(crate) snapshot: Option<Arc<Snapshot>>,

@@ -31,15 +31,19 @@ pub(crate) fn finish(
         .filter(|s| *s > 0)
         .unwrap_or(499);
     let elapsed = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
-    let ttfb = ctx
-        .started
-        .zip(ctx.response_at)
-        .map(|(s, r)| r.saturating_duration_since(s));
     let pool = ctx
         .upstream
         .as_ref()
         .zip(ctx.pool)
         .map(|(u, pi)| &u.pools[pi]);
+    // Time to the app's response head. A request sent to a pool that never answered (the
+    // client gave up, the read timed out) waited all its time for that head: it counts in
+    // full, or a canary that hangs would look fast.
+    let ttfb = match (ctx.started, ctx.response_at) {
+        (Some(s), Some(r)) => Some(r.saturating_duration_since(s)),
+        _ if pool.is_some() => Some(elapsed),
+        _ => None,
+    };
     match pool {
         Some(p) => &p.pool.stats,
         None => unrouted,

@@ -297,7 +297,12 @@ impl ProxyHttp for Switchyard {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         passive::response(&self.events, ctx, resp.status.as_u16());
-        ctx.response_at.get_or_insert_with(std::time::Instant::now);
+        // The app's answer, not an interim `100 Continue` (which an app may send at once
+        // and then take seconds for the real head).
+        let status = resp.status.as_u16();
+        if status >= 200 || status == 101 {
+            ctx.response_at.get_or_insert_with(std::time::Instant::now);
+        }
         Ok(())
     }
 

@@ -63,6 +63,8 @@ pub(crate) struct Split {
     slots: Vec<u8>,
     /// Bucket -> pool index.
     buckets: [u8; BUCKETS],
+    /// Pool index -> the buckets it owns (for a client's first request).
+    by_pool: Vec<Vec<u8>>,
     /// Position in `slots`.
     counter: AtomicUsize,
 }
@@ -88,6 +90,12 @@ impl Split {
             .map(|(i, _)| i);
         let slots = weighted_slots(&weights, main);
         let buckets = bucket_owners(&weights, base, prev_buckets);
+        let mut by_pool = vec![Vec::new(); weights.len()];
+        for (b, owner) in (0u8..).zip(buckets.iter()) {
+            if let Some(list) = by_pool.get_mut(usize::from(*owner)) {
+                list.push(b);
+            }
+        }
         Split {
             weights,
             main,
@@ -95,7 +103,19 @@ impl Split {
             canary,
             slots,
             buckets,
+            by_pool,
             counter: AtomicUsize::new(0),
+        }
+    }
+
+    /// The bucket for a client seen for the first time: its pool by the weights (exact over
+    /// every 100 first requests, as [`Self::pick`]), then one of that pool's buckets chosen
+    /// by `r` (random). So clients without the cookie — API clients, bots, the first request
+    /// of everyone — split as exactly as the weights say, and each keeps its bucket after.
+    pub(crate) fn first_sight(&self, r: u32) -> u8 {
+        match self.by_pool.get(self.pick()) {
+            Some(list) if !list.is_empty() => list[r as usize % list.len()],
+            _ => (r % BUCKETS as u32) as u8,
         }
     }
 
@@ -375,6 +395,24 @@ mod tests {
         (0..100u8).filter(|b| s.owner(*b) == p).collect()
     }
 
+    /// With one canary at a time and up to 50 %, the table does not depend on the path taken:
+    /// a proxy that went 5 → 25 → 0 → 10 → 50 → 30 agrees with one set to 30 in one command.
+    #[test]
+    fn one_canary_below_half_owns_the_same_buckets_whatever_the_history() {
+        let mut s = Split::new(vec![100, 0], None, None, None);
+        for w in [5u32, 25, 0, 10, 50, 30, 45, 1] {
+            s = Split::new(
+                vec![100 - w, w],
+                Some(s.main),
+                Some(s.base),
+                Some(s.buckets()),
+            );
+            let fresh = Split::new(vec![100 - w, w], None, None, None);
+            assert_eq!(s.buckets(), fresh.buckets(), "at {w}");
+            assert_eq!(of(&s, 1), (0..w as u8).collect::<Vec<u8>>(), "at {w}");
+        }
+    }
+
     #[test]
     fn one_canary_changing_never_moves_another_canarys_clients() {
         // blue (base) 90, purple 10; then green gets 5, grows to 20, purple leaves.
@@ -432,6 +470,22 @@ mod tests {
         assert_eq!(s.decide(&f(None, Some(false), None)), (0, Rule::Forced));
     }
 
+    #[test]
+    fn first_sights_split_exactly_by_weight_and_stay_in_their_pool() {
+        let mut s = Split::new(vec![95, 5], None, None, None);
+        s = Split::new(vec![75, 25], Some(s.main), Some(s.base), Some(s.buckets()));
+        let mut green = 0;
+        for r in 0..1000u32 {
+            let b = s.first_sight(r.wrapping_mul(2_654_435_761));
+            let facts = Facts {
+                bucket: Some(b),
+                ..Facts::default()
+            };
+            green += usize::from(s.decide(&facts).0 == 1);
+        }
+        assert_eq!(green, 250, "exactly 25% of 1000 first requests");
+    }
+
     /// SPEC §4 invariant 5 over 100k decisions, without stickiness.
     #[test]
     fn split_accuracy_without_stickiness_over_100k_decisions() {
@@ -455,7 +509,8 @@ mod tests {
         }
     }
 
-    /// The same with cookies assigned at random on first sight (each request a new client).
+    /// The same with uniformly random buckets (a client that sends a bucket of its choosing,
+    /// or `sticky: header` over random user ids).
     #[test]
     fn split_accuracy_with_random_buckets() {
         for w in [1u32, 5, 25, 50] {

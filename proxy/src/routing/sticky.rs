@@ -1,7 +1,8 @@
 //! Sticky buckets (SPEC §4): what keeps a client on its pool while the weights don't move it.
 //!
 //! A client's bucket (0..100) comes from
-//! - its cookie (`sticky: cookie`): assigned at random on first sight and sent back as
+//! - its cookie (`sticky: cookie`): assigned on first sight — the pool by the weights (exact
+//!   over every 100 new clients), a bucket of that pool at random — and sent back as
 //!   `<bucket>.<tag>`, where the tag is the first 12 hex digits of SHA-256 over the proxy's
 //!   secret key and the bucket. A value the proxy did not issue (hand-edited, garbled, from
 //!   another key) is treated as absent: the client gets a new bucket. The cookie only carries
@@ -24,6 +25,9 @@ const TAG_LEN: usize = 12;
 pub(crate) struct StickyKey {
     key: [u8; 16],
     tags: [[u8; TAG_LEN]; 100],
+    /// Derived from a `sticky_key_file`: the file is its home, so the state file does not
+    /// keep it (a proxy whose config drops the file gets a key of its own at the next start).
+    pub(crate) shared: bool,
 }
 
 impl std::fmt::Debug for StickyKey {
@@ -47,7 +51,11 @@ impl StickyKey {
                 tag[2 * i + 1] = HEX[usize::from(byte & 0xf)];
             }
         }
-        StickyKey { key, tags }
+        StickyKey {
+            key,
+            tags,
+            shared: false,
+        }
     }
 
     /// The key several proxies derive from one shared secret (`sticky_key_file`): the first
@@ -67,13 +75,27 @@ impl StickyKey {
         let d = h.finalize();
         let mut key = [0u8; 16];
         key.copy_from_slice(&d[..16]);
-        Ok(StickyKey::new(key))
+        Ok(StickyKey {
+            shared: true,
+            ..StickyKey::new(key)
+        })
     }
 
-    /// The key from a `sticky_key_file`; the error names the file.
+    /// The key from a `sticky_key_file`; the error names the file. Reads at most 4 KiB (a
+    /// secret is short; a path mistaken for `/dev/urandom` must not hang a start or a reload).
     pub(crate) fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        use std::io::Read;
+        const MAX: u64 = 4096;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX + 1).read_to_end(&mut bytes))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if bytes.len() as u64 > MAX {
+            return Err(format!(
+                "{}: longer than {MAX} bytes; a secret of 16 to {MAX} characters is expected",
+                path.display()
+            ));
+        }
         StickyKey::from_secret(&bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
 

@@ -79,7 +79,16 @@ pub(crate) fn carry_over<'a>(
 /// `pool` is unknown, `value` is above 100, or the weight to give back has no pool to go to
 /// (`pool` had everything and is set lower while every other pool is at 0 — the caller must
 /// say where the traffic goes).
-pub(crate) fn with_pool_at(w: &Weights, pool: &str, value: u32) -> Option<Weights> {
+///
+/// With `stable` (another pool with weight) the difference goes first to, or comes first
+/// from, that pool: a canary's steps and rollbacks trade with the stable pool, not with
+/// another canary that happens to be heavier.
+pub(crate) fn with_pool_at_via(
+    w: &Weights,
+    pool: &str,
+    value: u32,
+    stable: Option<&str>,
+) -> Option<Weights> {
     let old = *w.get(pool)?;
     if value > 100 {
         return None;
@@ -93,6 +102,10 @@ pub(crate) fn with_pool_at(w: &Weights, pool: &str, value: u32) -> Option<Weight
         .map(|(k, v)| (k.clone(), *v))
         .collect();
     others.sort_by_key(|o| std::cmp::Reverse(o.1));
+    if let Some(i) = stable.and_then(|s| others.iter().position(|o| o.0 == s && o.1 > 0)) {
+        let s = others.remove(i);
+        others.insert(0, s);
+    }
     if value > old {
         let mut need = value - old;
         for (name, have) in &others {
@@ -162,29 +175,56 @@ mod tests {
     fn a_pool_set_to_a_value_takes_from_the_heaviest_others() {
         let two = w(&[("blue", 95), ("green", 5)]);
         assert_eq!(
-            with_pool_at(&two, "green", 25),
+            with_pool_at_via(&two, "green", 25, None),
             Some(w(&[("blue", 75), ("green", 25)]))
         );
         assert_eq!(
-            with_pool_at(&two, "green", 100),
+            with_pool_at_via(&two, "green", 100, None),
             Some(w(&[("blue", 0), ("green", 100)]))
         );
         assert_eq!(
-            with_pool_at(&two, "green", 0),
+            with_pool_at_via(&two, "green", 0, None),
             Some(w(&[("blue", 100), ("green", 0)]))
         );
         let three = w(&[("blue", 80), ("canary", 5), ("green", 15)]);
         assert_eq!(
-            with_pool_at(&three, "green", 0),
+            with_pool_at_via(&three, "green", 0, None),
             Some(w(&[("blue", 95), ("canary", 5), ("green", 0)]))
         );
         assert_eq!(
-            with_pool_at(&three, "green", 98),
+            with_pool_at_via(&three, "green", 98, None),
             Some(w(&[("blue", 0), ("canary", 2), ("green", 98)]))
         );
-        assert_eq!(with_pool_at(&three, "green", 101), None);
-        assert_eq!(with_pool_at(&three, "nope", 1), None);
+        assert_eq!(with_pool_at_via(&three, "green", 101, None), None);
+        assert_eq!(with_pool_at_via(&three, "nope", 1, None), None);
         let all = w(&[("blue", 100), ("green", 0)]);
-        assert_eq!(with_pool_at(&all, "blue", 50), None, "nowhere to put 50");
+        assert_eq!(
+            with_pool_at_via(&all, "blue", 50, None),
+            None,
+            "nowhere to put 50"
+        );
+    }
+
+    #[test]
+    fn a_canary_trades_with_the_stable_pool_before_a_heavier_canary() {
+        // blue stable at 40, purple a canary at 60: green's 5 come from blue, and go back.
+        let before = w(&[("blue", 40), ("green", 0), ("purple", 60)]);
+        let up = with_pool_at_via(&before, "green", 5, Some("blue")).unwrap();
+        assert_eq!(up, w(&[("blue", 35), ("green", 5), ("purple", 60)]));
+        assert_eq!(
+            with_pool_at_via(&up, "green", 0, Some("blue")),
+            Some(before.clone())
+        );
+        // More than the stable pool has: the rest from the heaviest other.
+        assert_eq!(
+            with_pool_at_via(&before, "green", 50, Some("blue")),
+            Some(w(&[("blue", 0), ("green", 50), ("purple", 50)]))
+        );
+        // A stable pool at 0 (or unknown) is skipped.
+        let gone = w(&[("blue", 0), ("green", 0), ("purple", 100)]);
+        assert_eq!(
+            with_pool_at_via(&gone, "green", 10, Some("blue")),
+            Some(w(&[("blue", 0), ("green", 10), ("purple", 90)]))
+        );
     }
 }

@@ -106,7 +106,7 @@ pub(crate) fn save(path: &Path, snap: &Snapshot) -> std::io::Result<()> {
                 )
             })
             .collect(),
-        sticky_key: Some(snap.sticky.to_hex()),
+        sticky_key: (!snap.sticky.shared).then(|| snap.sticky.to_hex()),
     };
     let mut bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
     bytes.push(b'\n');

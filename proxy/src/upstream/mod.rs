@@ -259,6 +259,11 @@ impl UpstreamState {
         self.split.decide(facts)
     }
 
+    /// A first-seen client's sticky bucket (`routing::decide::Split::first_sight`).
+    pub(crate) fn first_sight(&self, r: u32) -> u8 {
+        self.split.first_sight(r)
+    }
+
     /// Whether a pool other than the base has weight: stickiness matters only then.
     pub(crate) fn canary_active(&self) -> bool {
         self.split.canary().is_some()
@@ -281,6 +286,14 @@ impl UpstreamState {
     /// pool with weight is a canary.
     pub(crate) fn base(&self) -> usize {
         self.split.base()
+    }
+
+    /// The stable pool's name (see [`Self::base`]).
+    pub(crate) fn base_name(&self) -> &str {
+        self.pools
+            .get(self.base())
+            .map(|p| p.pool.name.as_str())
+            .unwrap_or_default()
     }
 
     /// The header names the pool decision reads.

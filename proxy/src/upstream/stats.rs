@@ -71,7 +71,9 @@ pub(crate) struct PoolStats {
     by_status: Box<[AtomicU64]>,
     /// Requests per fine latency bucket; the last one is above the highest bound.
     latency: Box<[AtomicU64]>,
-    /// Upstream responses per fine bucket of the time to their head.
+    /// Requests sent to this pool per fine bucket of the time from the request's start (its
+    /// head read; a slow upload counts) to the app's final response head; a request the app
+    /// never answered counts with its whole duration.
     ttfb: Box<[AtomicU64]>,
     /// Sum of the latencies, nanoseconds.
     latency_sum_ns: AtomicU64,
