@@ -24,6 +24,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Deadline for a whole request head.
     pub client_header_timeout: Duration,
+    /// The request-id header name.
+    pub request_id: String,
     /// Control socket.
     pub control: ControlConfig,
     /// Admin listener.

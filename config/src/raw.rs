@@ -28,6 +28,9 @@ pub struct Config {
     /// counts from the accept (TLS handshake included); on a keep-alive connection from the
     /// first byte of the next request. Default `10s`.
     pub client_header_timeout: Option<String>,
+    /// The request-id header: kept if the client sent a well-formed one, else generated;
+    /// forwarded to the app, returned on the response, logged. Default `X-Request-Id`.
+    pub request_id: Option<String>,
     /// The Unix control socket `proxyctl` talks to.
     pub control: Option<Control>,
     /// The admin HTTP listener (`/metrics`, `/healthz`, `/status`).

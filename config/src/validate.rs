@@ -62,6 +62,16 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         }
         Some(p) => PathBuf::from(p),
     };
+    let request_id = raw
+        .request_id
+        .clone()
+        .unwrap_or_else(|| "X-Request-Id".into());
+    if !is_token(&request_id) {
+        errs.push(
+            root.key("request_id"),
+            format!("{request_id:?} is not a valid header name"),
+        );
+    }
     let sticky_key_file = match raw.sticky_key_file.as_deref() {
         None => None,
         Some("") => {
@@ -156,6 +166,7 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         keepalive_timeout,
         max_connections,
         client_header_timeout,
+        request_id,
         control,
         admin,
         state_file,

@@ -538,3 +538,136 @@ fn docs_use_only_exported_metric_names() {
         assert!(found > 5);
     }
 }
+
+/// SPEC §3 `request_id`: a well-formed client id is kept, anything else replaced by a UUID v4;
+/// the id reaches the app, comes back on the response (also on the proxy's own replies) and is
+/// in the access log; the header name is configurable.
+#[tokio::test]
+async fn request_ids_are_kept_or_generated_forwarded_returned_and_logged() {
+    trace_init();
+    let blue = FakeUpstream::builder("blue")
+        .record(true)
+        .start()
+        .await
+        .unwrap();
+    let yaml = app_yaml(&[("blue", &[blue.addr()])], "blue", "")
+        .replace("access_log: \"off\"", "access_log: \"{dir}/access.log\"")
+        + "deny:\n  paths: [\"(?i)/actuator\"]\n";
+    let px = TestProxy::start(&yaml).await;
+    let id_of = |r: &Reply| {
+        r.headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let is_uuid_v4 = |s: &str| {
+        s.len() == 36
+            && s.as_bytes()[14] == b'4'
+            && s.chars().enumerate().all(|(i, c)| {
+                matches!(i, 8 | 13 | 18 | 23) == (c == '-') && (c == '-' || c.is_ascii_hexdigit())
+            })
+    };
+    // Kept.
+    let r = request(
+        px.addr,
+        "GET",
+        "/kept",
+        &[("x-request-id", "abc-123")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(id_of(&r), "abc-123");
+    // Generated, and a different one per request.
+    let r1 = request(px.addr, "GET", "/new", &[], Bytes::new())
+        .await
+        .unwrap();
+    let r2 = request(px.addr, "GET", "/new", &[], Bytes::new())
+        .await
+        .unwrap();
+    let (g1, g2) = (id_of(&r1), id_of(&r2));
+    assert!(is_uuid_v4(&g1) && is_uuid_v4(&g2) && g1 != g2, "{g1} {g2}");
+    // Ill-formed (a space that would forge a log field; too long): replaced.
+    let long = "a".repeat(129);
+    for bad in ["bad id=forged", long.as_str()] {
+        let r = request(
+            px.addr,
+            "GET",
+            "/bad",
+            &[("x-request-id", bad)],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert!(is_uuid_v4(&id_of(&r)), "{bad} -> {}", id_of(&r));
+    }
+    // What the app saw is what the client got back.
+    let seen: Vec<(String, String)> = blue
+        .seen()
+        .iter()
+        .map(|s| {
+            let id = s
+                .headers
+                .get_all("x-request-id")
+                .iter()
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            (s.path.clone(), id)
+        })
+        .collect();
+    assert_eq!(seen[0], ("/kept".to_string(), "abc-123".to_string()));
+    assert_eq!(seen[1], ("/new".to_string(), g1.clone()));
+    assert_eq!(seen[2], ("/new".to_string(), g2.clone()));
+    assert!(seen[3..].iter().all(|(_, id)| is_uuid_v4(id)), "{seen:?}");
+    // The proxy's own reply carries one too.
+    let denied = request(
+        px.addr,
+        "GET",
+        "/actuator/env",
+        &[("x-request-id", "t-1")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((denied.status, id_of(&denied).as_str()), (403, "t-1"));
+    // In the access log.
+    let log = px.dir.path().join("access.log");
+    eventually(|| log_lines(&log).len() >= 6).await;
+    let lines = log_lines(&log);
+    for (path, id) in [
+        ("/kept", "abc-123"),
+        ("/new", g1.as_str()),
+        ("/actuator/env", "t-1"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("GET {path} ")) && l.ends_with(&format!(" rid={id}"))),
+            "{path} {id}: {lines:#?}"
+        );
+    }
+    px.shutdown().await;
+
+    // Another header name.
+    let yaml = app_yaml(&[("blue", &[blue.addr()])], "blue", "") + "request_id: X-Correlation-Id\n";
+    let px = TestProxy::start(&yaml).await;
+    let r = request(
+        px.addr,
+        "GET",
+        "/",
+        &[("x-correlation-id", "c-9")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.headers
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("c-9")
+    );
+    assert!(r.headers.get("x-request-id").is_none());
+    px.shutdown().await;
+}

@@ -107,5 +107,10 @@ pub(crate) fn upstream_request(
             req.remove_header("X-Forwarded-Host");
         }
     }
+    // The request id: the client's when well-formed (then this is the same value), else the
+    // generated one in place of whatever the client sent.
+    if let Some((name, value)) = &ctx.request_id {
+        req.insert_header(name.clone(), value.clone())?;
+    }
     Ok(())
 }

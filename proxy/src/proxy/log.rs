@@ -84,5 +84,6 @@ pub(crate) fn finish(
         pool: pool.map(|p| p.pool.name.as_str()),
         instance,
         error: error.as_deref(),
+        request_id: ctx.request_id.as_ref().and_then(|(_, v)| v.to_str().ok()),
     });
 }

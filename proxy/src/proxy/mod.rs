@@ -23,6 +23,7 @@ mod forward;
 mod log;
 mod passive;
 mod reply;
+pub(crate) mod request_id;
 mod retry;
 
 use crate::routing::normalize::normalize;
@@ -143,14 +144,17 @@ impl ProxyHttp for Switchyard {
         // BODY_READ_TIMEOUT, as nginx's client_body_timeout.
         session.set_write_timeout(Some(SEND_TIMEOUT));
         session.set_read_timeout(Some(BODY_READ_TIMEOUT));
+        let id = request_id::of(session.req_header().headers.get(&snap.request_id));
+        ctx.request_id = Some((snap.request_id.clone(), id));
         match decision {
             Decision::Deny(status) => {
                 let text = format!("{status} {}", reply::reason(status));
-                reply::respond(session, status, &text).await?;
+                reply::respond(session, status, &text, ctx.request_id.as_ref()).await?;
                 return Ok(true);
             }
             Decision::NoRoute => {
-                reply::respond(session, 404, "404 Not Found: no route for this path").await?;
+                let text = "404 Not Found: no route for this path";
+                reply::respond(session, 404, text, ctx.request_id.as_ref()).await?;
                 return Ok(true);
             }
             Decision::Pool {
@@ -268,6 +272,9 @@ impl ProxyHttp for Switchyard {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if let Some((name, value)) = &ctx.request_id {
+            resp.insert_header(name.clone(), value.clone())?;
+        }
         if ctx.upgrade && resp.status.as_u16() != 101 {
             // The app refused the upgrade: the connection layer already treats what follows
             // the head as a tunnel, so it must not carry another request.
@@ -353,7 +360,7 @@ impl ProxyHttp for Switchyard {
         let code = reply::failure_status(e);
         if code > 0 && session.response_written().is_none() {
             let text = reply::failure_text(code, ctx.cause.unwrap_or_else(|| describe(e)));
-            if let Err(we) = reply::respond(session, code, &text).await {
+            if let Err(we) = reply::respond(session, code, &text, ctx.request_id.as_ref()).await {
                 tracing::debug!(error = %we, "could not send the error response");
             }
         }

@@ -79,7 +79,12 @@ pub(crate) fn reason(code: u16) -> &'static str {
 }
 
 /// Answer a request ourselves (deny, no route, errors).
-pub(crate) async fn respond(session: &mut Session, status: u16, text: &str) -> Result<()> {
+pub(crate) async fn respond(
+    session: &mut Session,
+    status: u16,
+    text: &str,
+    request_id: Option<&(http::HeaderName, http::HeaderValue)>,
+) -> Result<()> {
     if session.req_header().method != Method::HEAD && !session.is_body_empty() {
         // Don't drain an unread (possibly huge) upload just to keep the connection.
         session.set_keepalive(None);
@@ -89,6 +94,9 @@ pub(crate) async fn respond(session: &mut Session, status: u16, text: &str) -> R
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    if let Some((name, value)) = request_id {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
     let head_only = session.req_header().method == Method::HEAD;
     session
         .write_response_header(Box::new(resp), head_only)

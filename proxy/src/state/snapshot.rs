@@ -20,6 +20,8 @@ pub(crate) struct Snapshot {
     pub(crate) upstreams: Vec<Arc<UpstreamState>>,
     /// The secret behind sticky cookies (kept in the state file, never changed).
     pub(crate) sticky: Arc<StickyKey>,
+    /// The request-id header (`request_id`), parsed once.
+    pub(crate) request_id: http::HeaderName,
     /// Set when the snapshot is stored: 1, 2, 3... (see [`super::Shared::bind`]).
     pub(crate) version: u64,
 }
@@ -148,12 +150,16 @@ impl Snapshot {
             .map(|o| o.sticky.clone())
             .or_else(|| restored.sticky.clone().map(Arc::new))
             .unwrap_or_else(|| Arc::new(sticky()));
+        // Validated as a header name by the config; the default should anything slip through.
+        let request_id = http::HeaderName::from_bytes(config.request_id.as_bytes())
+            .unwrap_or(http::HeaderName::from_static("x-request-id"));
         Snapshot {
             config,
             routes,
             deny,
             upstreams,
             sticky,
+            request_id,
             version: 0,
         }
     }
@@ -170,6 +176,7 @@ impl Snapshot {
             routes: self.routes.clone(),
             deny: self.deny.clone(),
             sticky: self.sticky.clone(),
+            request_id: self.request_id.clone(),
             upstreams: self
                 .upstreams
                 .iter()

@@ -11,10 +11,11 @@
 //!
 //! ```text
 //! 127.0.0.1 - - [28/Nov/2026:06:33:10 +0000] "GET /users?id=1 HTTP/1.1" 200 41 "-" "curl/8.0"
-//!   rt=0.002 upstream=app pool=blue instance=127.0.0.1:8081 error=-
+//!   rt=0.002 upstream=app pool=blue instance=127.0.0.1:8081 error=- rid=4bf92f35-77b3-...
 //! ```
 //! (one line; `rt` in seconds; `upstream`/`pool`/`instance` are `-` for requests answered by
-//! the proxy itself; `error` names what went wrong upstream, e.g. `connection_refused`).
+//! the proxy itself; `error` names what went wrong upstream, e.g. `connection_refused`; `rid`
+//! is the request id, `-` only for a request refused before its head was read).
 
 use arc_swap::ArcSwap;
 use std::io::Write;
@@ -46,6 +47,8 @@ pub(crate) struct Entry<'a> {
     pub(crate) pool: Option<&'a str>,
     pub(crate) instance: Option<&'a str>,
     pub(crate) error: Option<&'a str>,
+    /// The request id (`request_id`).
+    pub(crate) request_id: Option<&'a str>,
 }
 
 /// The request-path side of the access log. A reload may change the destination or the
@@ -320,6 +323,8 @@ pub(crate) fn combined(e: &Entry<'_>) -> String {
     token(e.instance, &mut s);
     s.push_str(" error=");
     token(e.error, &mut s);
+    s.push_str(" rid=");
+    token(e.request_id, &mut s);
     s
 }
 
@@ -385,6 +390,7 @@ pub(crate) fn json(e: &Entry<'_>) -> String {
         ("pool", e.pool),
         ("instance", e.instance),
         ("error", e.error),
+        ("request_id", e.request_id),
     ] {
         let _ = write!(s, ",\"{k}\":");
         json_str(v, &mut s);
@@ -414,6 +420,7 @@ mod tests {
             pool: Some("blue"),
             instance: Some("127.0.0.1:8081"),
             error: None,
+            request_id: Some("4bf92f35-77b3-4da6-a3ce-929d0e0e4736"),
         }
     }
 
@@ -422,7 +429,7 @@ mod tests {
         let line = combined(&entry());
         assert_eq!(
             line,
-            r#"127.0.0.1 - - [28/Nov/2026:06:33:10 +0000] "GET /users?id=\x221\x22 HTTP/1.1" 200 41 "-" "curl/8.0" rt=0.002 upstream=app pool=blue instance=127.0.0.1:8081 error=-"#
+            r#"127.0.0.1 - - [28/Nov/2026:06:33:10 +0000] "GET /users?id=\x221\x22 HTTP/1.1" 200 41 "-" "curl/8.0" rt=0.002 upstream=app pool=blue instance=127.0.0.1:8081 error=- rid=4bf92f35-77b3-4da6-a3ce-929d0e0e4736"#
         );
     }
 
@@ -438,6 +445,7 @@ mod tests {
         assert_eq!(v["time"], "2026-11-28T06:33:10.000Z");
         assert!(v["error"].is_null());
         assert_eq!(v["host"], "shop.example");
+        assert_eq!(v["request_id"], "4bf92f35-77b3-4da6-a3ce-929d0e0e4736");
         let mut odd = entry();
         odd.user_agent = Some("a\"b\\c\n\u{1}é");
         let v: serde_json::Value = serde_json::from_str(&json(&odd)).unwrap();
