@@ -71,6 +71,16 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
             root.key("request_id"),
             format!("{request_id:?} is not a valid header name"),
         );
+    } else if let Some(r) = RESERVED_FOR_REQUEST_ID
+        .iter()
+        .find(|r| r.eq_ignore_ascii_case(&request_id))
+    {
+        errs.push(
+            root.key("request_id"),
+            format!(
+                "{r} is a header the proxy or HTTP itself sets; name another (e.g. X-Request-Id)"
+            ),
+        );
     }
     let sticky_key_file = match raw.sticky_key_file.as_deref() {
         None => None,
@@ -178,6 +188,29 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         deny,
     })
 }
+
+/// Headers `request_id` must not name: framing and hop-by-hop headers (replacing them would
+/// break the connection), the host, cookies, and the forwarding headers the proxy sets
+/// (a client's "id" would overwrite the address the app sees).
+const RESERVED_FOR_REQUEST_ID: [&str; 17] = [
+    "Host",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+    "Keep-Alive",
+    "Upgrade",
+    "TE",
+    "Trailer",
+    "Proxy-Connection",
+    "Cookie",
+    "Set-Cookie",
+    "Authorization",
+    "X-Forwarded-For",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Real-IP",
+    "Content-Type",
+];
 
 fn listeners(raw: &[raw::Listen], path: &FieldPath, errs: &mut Errors) -> Vec<ListenConfig> {
     if raw.is_empty() {

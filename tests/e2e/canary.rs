@@ -1056,3 +1056,48 @@ async fn a_canary_that_hangs_is_rolled_back_for_latency() {
     assert!(rb.p99_ms.unwrap() >= 300.0, "{rb:?}");
     px.shutdown().await;
 }
+
+/// The other side of the test above: uploads the *client* never finishes say nothing about
+/// the app. Anyone can send `X-Canary: true`; stalled uploads forced onto a healthy canary
+/// must not roll it back for latency.
+#[tokio::test]
+async fn stalled_uploads_forced_onto_a_healthy_canary_do_not_roll_it_back() {
+    use tokio::io::AsyncWriteExt;
+    trace_init();
+    let extra = "    canary:\n      sticky: none\n      auto_rollback: {error_rate: 1.0, latency_p99: 100ms, for: 1s, window: 3s, min_requests: 5}\n";
+    let (_blue, _green, px) = blue_green(false, extra).await;
+    px.handle().set_weight(None, "green", 20).unwrap();
+    let load = Load::start(px.addr, 2);
+    let addr = px.addr;
+    let attackers: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                for _ in 0..6 {
+                    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    s.write_all(b"POST /sha256 HTTP/1.1\r\nHost: x\r\nX-Canary: true\r\nContent-Length: 10\r\n\r\n")
+                        .await
+                        .unwrap();
+                    // The body never comes; the client gives up after 500 ms (a deliberate
+                    // stall, not a wait for readiness).
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    drop(s);
+                }
+            })
+        })
+        .collect();
+    for a in attackers {
+        a.await.unwrap();
+    }
+    // Observation window: the attack lasted 3 s (`for` + a bucket twice over); give the
+    // autopilot one more second to act on it.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (sent, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{sent} sent");
+    assert_eq!(
+        weight(&px, "green"),
+        20,
+        "stalled uploads rolled a healthy canary back: {:?}",
+        px.handle().status().upstream("app").unwrap().last_rollback
+    );
+    px.shutdown().await;
+}

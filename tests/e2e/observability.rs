@@ -669,5 +669,31 @@ async fn request_ids_are_kept_or_generated_forwarded_returned_and_logged() {
         Some("c-9")
     );
     assert!(r.headers.get("x-request-id").is_none());
+    let last = blue.seen().pop().unwrap();
+    assert_eq!(
+        last.headers
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("c-9")
+    );
+    // Two ids from the client: the first is the request's, and the app sees only it.
+    let r = request(
+        px.addr,
+        "GET",
+        "/twice",
+        &[("x-correlation-id", "d-1"), ("x-correlation-id", "d-2")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.headers
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("d-1")
+    );
+    let last = blue.seen().pop().unwrap();
+    let ids: Vec<_> = last.headers.get_all("x-correlation-id").iter().collect();
+    assert_eq!(ids, ["d-1"]);
     px.shutdown().await;
 }

@@ -75,8 +75,11 @@ pub(crate) struct RequestCtx {
     /// When the upstream's final response head arrived (not a `100 Continue`): the canary
     /// analysis' latency.
     pub(crate) response_at: Option<std::time::Instant>,
+    /// The whole request (its last body byte, or a head without body) went on to the app.
+    pub(crate) request_sent: bool,
     /// The request id header and its value (`request_id`): forwarded, returned, logged.
-    pub(crate) request_id: Option<(http::HeaderName, http::HeaderValue)>,
+    /// The name is spelled as configured (HTTP/1 sends it so).
+    pub(crate) request_id: Option<(bytes::Bytes, http::HeaderValue)>,
     /// The snapshot this request is routed by (loaded once).
     pub(crate) snapshot: Option<Arc<Snapshot>>,
     /// Index of the matched route.

@@ -36,12 +36,16 @@ pub(crate) fn finish(
         .as_ref()
         .zip(ctx.pool)
         .map(|(u, pi)| &u.pools[pi]);
-    // Time to the app's response head. A request sent to a pool that never answered (the
-    // client gave up, the read timed out) waited all its time for that head: it counts in
-    // full, or a canary that hangs would look fast.
+    // Time to the app's response head. A request the app had in full and never answered
+    // (the read timed out, or the client gave up waiting) waited all its time for that head:
+    // it counts in full, or a canary that hangs would look fast. One the *client* did not
+    // finish sending (a stalled upload, a malformed body) says nothing about the app and is
+    // left out, or anyone could send `X-Canary: true` with a body that never comes and roll
+    // a healthy canary back for latency.
+    let app_had_it = e.is_some_and(|e| *e.esource() == ErrorSource::Upstream) || ctx.request_sent;
     let ttfb = match (ctx.started, ctx.response_at) {
         (Some(s), Some(r)) => Some(r.saturating_duration_since(s)),
-        _ if pool.is_some() => Some(elapsed),
+        _ if pool.is_some() && app_had_it => Some(elapsed),
         _ => None,
     };
     match pool {

@@ -145,7 +145,7 @@ impl ProxyHttp for Switchyard {
         session.set_write_timeout(Some(SEND_TIMEOUT));
         session.set_read_timeout(Some(BODY_READ_TIMEOUT));
         let id = request_id::of(session.req_header().headers.get(&snap.request_id));
-        ctx.request_id = Some((snap.request_id.clone(), id));
+        ctx.request_id = Some((snap.request_id_spelled.clone(), id));
         match decision {
             Decision::Deny(status) => {
                 let text = format!("{status} {}", reply::reason(status));
@@ -264,6 +264,22 @@ impl ProxyHttp for Switchyard {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         forward::upstream_request(session, req, ctx)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        // Pingora calls this with `end_of_stream` also for a request without body; a client
+        // that stops mid-body ends with an error instead (the canary analysis tells the two
+        // apart, `log::finish`).
+        if end_of_stream {
+            ctx.request_sent = true;
+        }
+        Ok(())
     }
 
     async fn response_filter(

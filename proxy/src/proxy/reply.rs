@@ -83,7 +83,7 @@ pub(crate) async fn respond(
     session: &mut Session,
     status: u16,
     text: &str,
-    request_id: Option<&(http::HeaderName, http::HeaderValue)>,
+    request_id: Option<&(bytes::Bytes, http::HeaderValue)>,
 ) -> Result<()> {
     if session.req_header().method != Method::HEAD && !session.is_body_empty() {
         // Don't drain an unread (possibly huge) upload just to keep the connection.

@@ -81,18 +81,30 @@ impl StickyKey {
         })
     }
 
-    /// The key from a `sticky_key_file`; the error names the file. Reads at most 4 KiB (a
-    /// secret is short; a path mistaken for `/dev/urandom` must not hang a start or a reload).
+    /// The key from a `sticky_key_file`; the error names the file. Only a regular file of at
+    /// most 8 KiB is read (a secret is short; a path mistaken for `/dev/urandom` or a FIFO
+    /// must not hang a start, or a reload that holds the writer lock); the secret itself,
+    /// surrounding whitespace trimmed, is 16 to 4096 bytes.
     pub(crate) fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        use std::io::Read;
-        const MAX: u64 = 4096;
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX + 1).read_to_end(&mut bytes))
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if bytes.len() as u64 > MAX {
+        const MAX_FILE: u64 = 8192;
+        const MAX_SECRET: usize = 4096;
+        let meta =
+            std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{}: not a regular file", path.display()));
+        }
+        if meta.len() > MAX_FILE {
             return Err(format!(
-                "{}: longer than {MAX} bytes; a secret of 16 to {MAX} characters is expected",
+                "{}: {} bytes; a secret file is at most {MAX_FILE}",
+                path.display(),
+                meta.len()
+            ));
+        }
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if bytes.trim_ascii().len() > MAX_SECRET {
+            return Err(format!(
+                "{}: the secret is longer than {MAX_SECRET} bytes",
                 path.display()
             ));
         }
@@ -311,6 +323,24 @@ mod tests {
         assert_eq!(other.verify(cookie.as_bytes()), None);
         let short = StickyKey::from_secret(b"changeme\n").unwrap_err();
         assert!(short.contains("8 bytes; at least 16"), "{short}");
+        // Files: a directory, /dev/urandom (not regular), too long; 4096 + newline is fine.
+        let dir = tempfile::tempdir().unwrap();
+        assert!(StickyKey::from_file(dir.path())
+            .unwrap_err()
+            .contains("not a regular file"));
+        let urandom = std::path::Path::new("/dev/urandom");
+        if urandom.exists() {
+            assert!(StickyKey::from_file(urandom)
+                .unwrap_err()
+                .contains("not a regular file"));
+        }
+        let f = dir.path().join("secret");
+        std::fs::write(&f, format!("{}\n", "s".repeat(4096))).unwrap();
+        assert!(StickyKey::from_file(&f).is_ok());
+        std::fs::write(&f, "s".repeat(4097)).unwrap();
+        assert!(StickyKey::from_file(&f)
+            .unwrap_err()
+            .contains("longer than 4096"));
     }
 
     #[test]

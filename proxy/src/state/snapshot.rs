@@ -20,8 +20,10 @@ pub(crate) struct Snapshot {
     pub(crate) upstreams: Vec<Arc<UpstreamState>>,
     /// The secret behind sticky cookies (kept in the state file, never changed).
     pub(crate) sticky: Arc<StickyKey>,
-    /// The request-id header (`request_id`), parsed once.
+    /// The request-id header (`request_id`), parsed once (to find it in requests)...
     pub(crate) request_id: http::HeaderName,
+    /// ... and spelled as configured (to send it).
+    pub(crate) request_id_spelled: bytes::Bytes,
     /// Set when the snapshot is stored: 1, 2, 3... (see [`super::Shared::bind`]).
     pub(crate) version: u64,
 }
@@ -151,8 +153,14 @@ impl Snapshot {
             .or_else(|| restored.sticky.clone().map(Arc::new))
             .unwrap_or_else(|| Arc::new(sticky()));
         // Validated as a header name by the config; the default should anything slip through.
-        let request_id = http::HeaderName::from_bytes(config.request_id.as_bytes())
-            .unwrap_or(http::HeaderName::from_static("x-request-id"));
+        let (request_id, request_id_spelled) =
+            match http::HeaderName::from_bytes(config.request_id.as_bytes()) {
+                Ok(n) => (n, bytes::Bytes::from(config.request_id.clone())),
+                Err(_) => (
+                    http::HeaderName::from_static("x-request-id"),
+                    bytes::Bytes::from_static(b"X-Request-Id"),
+                ),
+            };
         Snapshot {
             config,
             routes,
@@ -160,6 +168,7 @@ impl Snapshot {
             upstreams,
             sticky,
             request_id,
+            request_id_spelled,
             version: 0,
         }
     }
@@ -177,6 +186,7 @@ impl Snapshot {
             deny: self.deny.clone(),
             sticky: self.sticky.clone(),
             request_id: self.request_id.clone(),
+            request_id_spelled: self.request_id_spelled.clone(),
             upstreams: self
                 .upstreams
                 .iter()
