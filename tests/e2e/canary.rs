@@ -21,6 +21,14 @@ fn weight(px: &TestProxy, pool: &str) -> u32 {
     px.handle().status().upstream("app").unwrap().weights[pool]
 }
 
+/// The live numbers `status` shows for `pool` of `app`.
+fn live(px: &TestProxy, pool: &str) -> switchyard_control::protocol::LiveStats {
+    let st = px.handle().status();
+    let p = st.upstream("app").and_then(|u| u.pool(pool)).cloned();
+    p.and_then(|p| p.live)
+        .unwrap_or_else(|| panic!("no live numbers for {pool}"))
+}
+
 /// `Set-Cookie` value of the sticky cookie, if the response has one.
 fn sticky_cookie(r: &Reply) -> Option<String> {
     r.headers
@@ -429,16 +437,8 @@ async fn a_healthy_canary_and_one_with_too_few_requests_are_not_rolled_back() {
     assert!(sent > 500, "{sent}");
     assert_eq!(failed, 0);
     assert_eq!(weight(&px, "green"), 20, "a healthy canary was rolled back");
-    let st = px.handle().status();
-    let live = st
-        .upstream("app")
-        .unwrap()
-        .pool("green")
-        .unwrap()
-        .live
-        .clone()
-        .unwrap();
-    assert_eq!(live.verdict.as_deref(), Some("healthy"), "{live:?}");
+    let stats = live(&px, "green");
+    assert_eq!(stats.verdict.as_deref(), Some("healthy"), "{stats:?}");
     px.shutdown().await;
 
     // Every canary request fails, but 10 requests are too few to judge (min_requests 20).
@@ -457,23 +457,15 @@ async fn a_healthy_canary_and_one_with_too_few_requests_are_not_rolled_back() {
     // `for` + a bucket, so a rollback would have happened by now.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(weight(&px, "green"), 1, "rolled back on 10 requests");
-    let st = px.handle().status();
-    let live = st
-        .upstream("app")
-        .unwrap()
-        .pool("green")
-        .unwrap()
-        .live
-        .clone()
-        .unwrap();
+    let stats = live(&px, "green");
     // The 10 requests, or fewer once the oldest leave the window.
-    let verdict = live.verdict.clone().unwrap_or_default();
+    let verdict = stats.verdict.clone().unwrap_or_default();
     let seen: u64 = verdict
         .strip_prefix("too few requests: ")
         .and_then(|rest| rest.strip_suffix(" of 20"))
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{live:?}"));
-    assert!(seen <= 10, "{live:?}");
+        .unwrap_or_else(|| panic!("{stats:?}"));
+    assert!(seen <= 10, "{stats:?}");
     px.shutdown().await;
 }
 
@@ -855,16 +847,8 @@ async fn a_healed_canary_given_weight_again_is_judged_afresh() {
         .filter(|e| e.kind == "auto_rollback")
         .count();
     assert_eq!(rollbacks, 1);
-    let st = px.handle().status();
-    let live = st
-        .upstream("app")
-        .unwrap()
-        .pool("green")
-        .unwrap()
-        .live
-        .clone()
-        .unwrap();
-    assert_eq!(live.verdict.as_deref(), Some("healthy"), "{live:?}");
+    let stats = live(&px, "green");
+    assert_eq!(stats.verdict.as_deref(), Some("healthy"), "{stats:?}");
     px.shutdown().await;
 }
 

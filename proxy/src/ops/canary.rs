@@ -32,6 +32,25 @@ fn rfc3339(ms: u64) -> String {
 /// How often `canary --wait` looks when nothing wakes it (the time left moves on).
 const WAIT_POLL: Duration = Duration::from_secs(1);
 
+/// What `abort`/`promote` answer when no rollout ran (a canary set by `weight`): the outcome
+/// alone.
+fn no_rollout(weight: u32, state: &str, ended_by: Option<&str>) -> RolloutStatus {
+    RolloutStatus {
+        pool: String::new(),
+        steps: Vec::new(),
+        step: 0,
+        weight,
+        interval_ms: 0,
+        state: state.into(),
+        step_left_ms: None,
+        waiting: None,
+        started: String::new(),
+        ended: None,
+        ended_by: ended_by.map(str::to_string),
+        id: 0,
+    }
+}
+
 /// A rollout as `status` shows it; `waiting` from the autopilot's observations.
 pub(crate) fn rollout_status(r: &Rollout, now_ms: u64, waiting: Option<String>) -> RolloutStatus {
     let time = rfc3339;
@@ -339,20 +358,7 @@ impl Controller {
         })?;
         let rollout = self.rollout_now(&change.upstream);
         Ok(CanaryResult {
-            rollout: rollout.unwrap_or_else(|| RolloutStatus {
-                pool: String::new(),
-                steps: Vec::new(),
-                step: 0,
-                weight: 0,
-                interval_ms: 0,
-                state: "aborted".into(),
-                step_left_ms: None,
-                waiting: None,
-                started: String::new(),
-                ended: None,
-                ended_by: Some("canary abort".into()),
-                id: 0,
-            }),
+            rollout: rollout.unwrap_or_else(|| no_rollout(0, "aborted", Some("canary abort"))),
             change,
         })
     }
@@ -404,20 +410,7 @@ impl Controller {
         })?;
         let rollout = self.rollout_now(&change.upstream);
         Ok(CanaryResult {
-            rollout: rollout.unwrap_or_else(|| RolloutStatus {
-                pool: String::new(),
-                steps: Vec::new(),
-                step: 0,
-                weight: 100,
-                interval_ms: 0,
-                state: "promoted".into(),
-                step_left_ms: None,
-                waiting: None,
-                started: String::new(),
-                ended: None,
-                ended_by: None,
-                id: 0,
-            }),
+            rollout: rollout.unwrap_or_else(|| no_rollout(100, "promoted", None)),
             change,
         })
     }
