@@ -21,6 +21,21 @@ fn weight(px: &TestProxy, pool: &str) -> u32 {
     px.handle().status().upstream("app").unwrap().weights[pool]
 }
 
+/// Poll (bounded by `limit`) until green's weight is 0: the automatic rollback happened.
+async fn wait_rolled_back(px: &TestProxy, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while weight(px, "green") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never rolled back within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Latency alone judges the canary: `error_rate` 1.0 is never exceeded.
+const LATENCY_ONLY: &str = "    canary:\n      sticky: none\n      auto_rollback: {error_rate: 1.0, latency_p99: 100ms, for: 1s, window: 3s, min_requests: 5}\n";
+
 /// The live numbers `status` shows for `pool` of `app`.
 fn live(px: &TestProxy, pool: &str) -> switchyard_control::protocol::LiveStats {
     let st = px.handle().status();
@@ -352,11 +367,7 @@ async fn a_canary_failing_10_percent_is_rolled_back_within_for_plus_one_bucket()
     }
     let errors_begin = Instant::now();
     px.handle().set_weight(None, "green", 20).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while weight(&px, "green") != 0 {
-        assert!(Instant::now() < deadline, "never rolled back");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_rolled_back(&px, Duration::from_secs(15)).await;
     let rolled_back_after = errors_begin.elapsed();
     // Nothing reaches the canary once the rollback is in effect.
     let hits_at_rollback = green.hits();
@@ -823,11 +834,7 @@ async fn a_healed_canary_given_weight_again_is_judged_afresh() {
     green.set_mode(Mode::FailShare(30));
     let load = Load::start(px.addr, 4);
     px.handle().set_weight(None, "green", 20).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while weight(&px, "green") != 0 {
-        assert!(Instant::now() < deadline, "never rolled back");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_rolled_back(&px, Duration::from_secs(15)).await;
     green.set_mode(Mode::Normal);
     px.handle().set_weight(None, "green", 10).unwrap();
     // Observation window: the 3 s window still holds the failures for most of it; `for` + a
@@ -1020,19 +1027,12 @@ async fn proxies_sharing_a_key_file_honor_each_others_cookies() {
 #[tokio::test]
 async fn a_canary_that_hangs_is_rolled_back_for_latency() {
     trace_init();
-    let extra = "    read_timeout: 400ms\n    retries: 0\n    passive: {consecutive_failures: 0}\n    canary:\n      sticky: none\n      auto_rollback: {error_rate: 1.0, latency_p99: 100ms, for: 1s, window: 3s, min_requests: 5}\n";
-    let (_blue, green, px) = blue_green(false, extra).await;
+    let extra = format!("    read_timeout: 400ms\n    retries: 0\n    passive: {{consecutive_failures: 0}}\n{LATENCY_ONLY}");
+    let (_blue, green, px) = blue_green(false, &extra).await;
     green.set_mode(Mode::Hang);
     let load = Load::start(px.addr, 8);
     px.handle().set_weight(None, "green", 20).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while weight(&px, "green") != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "a hanging canary was never rolled back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_rolled_back(&px, Duration::from_secs(20)).await;
     load.stop().await;
     let st = px.handle().status();
     let rb = st.upstream("app").unwrap().last_rollback.clone().unwrap();
@@ -1048,7 +1048,7 @@ async fn a_canary_that_hangs_is_rolled_back_for_latency() {
 async fn stalled_uploads_forced_onto_a_healthy_canary_do_not_roll_it_back() {
     use tokio::io::AsyncWriteExt;
     trace_init();
-    let extra = "    canary:\n      sticky: none\n      auto_rollback: {error_rate: 1.0, latency_p99: 100ms, for: 1s, window: 3s, min_requests: 5}\n";
+    let extra = LATENCY_ONLY;
     let (_blue, _green, px) = blue_green(false, extra).await;
     px.handle().set_weight(None, "green", 20).unwrap();
     let load = Load::start(px.addr, 2);
