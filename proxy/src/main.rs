@@ -164,15 +164,55 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot create the signal runtime")
 }
 
-/// Wait for SIGTERM or SIGINT.
-async fn terminated() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// The signals switchyard acts on, taken over from their default action (which for all four
+/// is to end the process at once). Installed before anything listens: a SIGTERM from systemd or
+/// a SIGHUP from a deploy script that arrives a moment after the listeners opened must drain or
+/// reload, not kill the process with requests in flight. Call within a Tokio runtime.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+/// What [`Signals::recv`] got.
+enum Sig {
+    Stop(&'static str),
+    Reload,
+    ReopenLogs,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let on = |k: SignalKind, name: &str| {
+            signal(k).with_context(|| format!("cannot install the {name} handler"))
+        };
+        Ok(Signals {
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+            usr1: on(SignalKind::user_defined1(), "SIGUSR1")?,
+        })
+    }
+
+    async fn recv(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.term.recv() => Sig::Stop("SIGTERM"),
+            _ = self.int.recv() => Sig::Stop("SIGINT"),
+            _ = self.hup.recv() => Sig::Reload,
+            _ = self.usr1.recv() => Sig::ReopenLogs,
+        }
+    }
+
+    /// Wait for SIGTERM or SIGINT (SIGHUP and SIGUSR1 are ignored).
+    async fn stopped(&mut self) -> &'static str {
+        loop {
+            if let Sig::Stop(name) = self.recv().await {
+                return name;
+            }
+        }
+    }
 }
 
 fn run(
@@ -191,19 +231,19 @@ fn run(
     let opts = switchyard_proxy::StartOptions::default()
         .with_config_path(path)
         .with_log_dropped(move || log_dropped.dropped_lines() as u64);
+    let rt = runtime()?;
+    let mut signals = {
+        let _in_rt = rt.enter();
+        Signals::install()?
+    };
     let handle = switchyard_proxy::start(cfg, opts)?;
     tracing::info!(listen = ?handle.listen_addrs(), control = %handle.control_socket().display(), "switchyard started");
-    runtime()?.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut usr1 = signal(SignalKind::user_defined1())?;
-        let stop = terminated();
-        tokio::pin!(stop);
+    rt.block_on(async {
         let sig = loop {
-            tokio::select! {
-                s = &mut stop => break s?,
-                _ = usr1.recv() => handle.reopen_logs(),
-                _ = hup.recv() => match handle.reload_on_signal().await {
+            match signals.recv().await {
+                Sig::Stop(name) => break name,
+                Sig::ReopenLogs => handle.reopen_logs(),
+                Sig::Reload => match handle.reload_on_signal().await {
                     Ok(r) => tracing::info!(summary = %r.summary, needs_restart = ?r.needs_restart, "SIGHUP: config reloaded"),
                     Err(e) => tracing::error!(error = %e.message, "SIGHUP: reload refused, the running config stays"),
                 },
@@ -222,6 +262,7 @@ fn demo(listen: SocketAddr) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let mut signals = Signals::install()?;
         let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
         let demo = switchyard_proxy::demo::run(listen, dir.clone())
             .await
@@ -234,7 +275,7 @@ fn demo(listen: SocketAddr) -> anyhow::Result<()> {
             "{}",
             switchyard_proxy::demo::walkthrough(&demo, bin_dir.as_deref())
         );
-        terminated().await?;
+        signals.stopped().await;
         let switchyard_proxy::demo::Demo { proxy, .. } = demo;
         proxy.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -253,6 +294,7 @@ fn fake_upstream(
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let mut signals = Signals::install()?;
         let up = switchyard_proxy::demo::upstream::FakeUpstream::builder(name)
             .addr(listen)
             .record(false)
@@ -270,7 +312,7 @@ fn fake_upstream(
                 booting.set_health(HealthReply::up());
             });
         }
-        terminated().await?;
+        signals.stopped().await;
         Ok(())
     })
 }

@@ -409,6 +409,84 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert_eq!(exit.code(), Some(0));
 }
 
+/// SIGHUP and SIGTERM act from the moment anything listens: a signal sent the instant the
+/// control socket appears reloads (or drains) instead of killing the process with the default
+/// action. (The handlers were once installed after the listeners opened; a SIGTERM in that
+/// window cut the in-flight request of `sigterm_finishes_in_flight_requests_and_exits_zero`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_act_from_the_moment_the_proxy_listens() {
+    let up = upstream("blue").await;
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("c.sock");
+        std::fs::write(
+            dir.path().join("switchyard.yaml"),
+            format!(
+                "listen: [{{addr: \"127.0.0.1:0\"}}]\nthreads: 2\ncontrol: {{socket: \"{d}/c.sock\"}}\nstate_file: \"{d}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n      blue: [\"{up}\"]\n    active: blue\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+                d = dir.path().display(),
+                up = up.addr()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(BIN)
+            .arg("-c")
+            .arg(dir.path().join("switchyard.yaml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // As soon as the control socket exists (bound inside start-up, before the listeners
+        // are served): SIGHUP.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "round {round}: exited");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no control socket"
+            );
+            std::thread::yield_now();
+        }
+        let pid = child.id().to_string();
+        let signal = |name: &str| {
+            assert!(Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success());
+        };
+        signal("-HUP");
+        // Still there, and answering on the control socket.
+        let mut answered = false;
+        while !answered {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "round {round}: SIGHUP killed the process"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: control socket silent"
+            );
+            answered = match switchyard_control::ControlClient::connect(&sock).await {
+                Ok(mut c) => c
+                    .request(&switchyard_control::Request::Status)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        signal("-TERM");
+        let exit = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "round {round}: did not exit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(exit.code(), Some(0), "round {round}: {exit:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_after_an_acknowledged_change_loses_nothing() {
     let blue = upstream("blue").await;

@@ -97,12 +97,16 @@ fn serve(mut s: TcpStream, log: &Log) {
     }
 }
 
-/// Send `bytes`, read for up to 3 s (or until closed): the status codes seen.
-fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u16> {
+/// Send `bytes` (then, with `half_close`, shut the sending side), read for up to 3 s (or
+/// until closed): the status codes seen.
+fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool) -> Vec<u16> {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return vec![];
     };
     let _ = s.write_all(bytes);
+    if half_close {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut got = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -126,6 +130,8 @@ fn exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u16> {
 struct Case {
     name: &'static str,
     bytes: String,
+    /// The client shuts its sending side after the bytes.
+    half_close: bool,
     /// What to look for in the app's log to say what reached it.
     probe: Probe,
 }
@@ -142,8 +148,15 @@ enum Probe {
 fn cases() -> Vec<Case> {
     let h = "Host: t\r\n";
     let mut v = Vec::new();
-    let mut add =
-        |name: &'static str, bytes: String, probe: Probe| v.push(Case { name, bytes, probe });
+    let mut add = |name: &'static str, bytes: String, probe: Probe| {
+        let half_close = name.ends_with(", then FIN");
+        v.push(Case {
+            name,
+            bytes,
+            half_close,
+            probe,
+        })
+    };
     for t in [
         "x:/actuator/env",
         "foo:bar:/actuator/env",
@@ -246,6 +259,16 @@ fn cases() -> Vec<Case> {
     add(
         "POST /slow then a pipelined GET",
         format!("POST /slow HTTP/1.1\r\n{h}Content-Length: 2\r\n\r\nhiGET / HTTP/1.1\r\n{h}\r\n"),
+        Probe::Count,
+    );
+    add(
+        "2 pipelined GETs, then FIN",
+        format!("GET /1 HTTP/1.1\r\n{h}\r\nGET /slow HTTP/1.1\r\n{h}\r\n"),
+        Probe::Count,
+    );
+    add(
+        "GET /slow, then FIN",
+        format!("GET /slow HTTP/1.1\r\n{h}\r\n"),
         Probe::Count,
     );
     v
@@ -371,6 +394,7 @@ fn main() -> Result<()> {
             let r = exchange(
                 SocketAddr::from(([127, 0, 0, 1], ng_port)),
                 c.bytes.as_bytes(),
+                c.half_close,
             );
             (fmt(&r), what_reached(&ng_log, before, &c.probe))
         } else {
@@ -380,6 +404,7 @@ fn main() -> Result<()> {
         let r = exchange(
             SocketAddr::from(([127, 0, 0, 1], sy_port)),
             c.bytes.as_bytes(),
+            c.half_close,
         );
         let sy_got = what_reached(&sy_log, before, &c.probe);
         let _ = writeln!(

@@ -98,7 +98,7 @@ pub(crate) struct Conn<S> {
     scanned: usize,
     phase: Phase,
     /// The peer closed its side after sending requests that are still queued here: they are
-    /// answered first.
+    /// answered first; the last one sees the end of the stream (see `poll_queue`).
     eof: bool,
 }
 
@@ -274,11 +274,21 @@ impl<S: AsyncRead + Unpin> Conn<S> {
 
     /// The request is complete and Pingora reads anyway (it watches for the client going
     /// away): keep what arrives — pipelined requests — up to [`QUEUE_LIMIT`], and report the end
-    /// of the stream only when nothing is queued (the client may close its side after sending
-    /// its last request; those still get their answers, as nginx gives them).
+    /// of the stream only when nothing is queued. So a client that closes (or half-closes) its
+    /// side is gone for the request in flight when nothing follows it — nginx's client abort
+    /// (499), whether the FIN was read before or after that request began — while requests it
+    /// pipelined before its last one are all answered.
     fn poll_queue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if self.eof || self.buffered() >= QUEUE_LIMIT {
+            if self.eof {
+                // Read earlier, while a request was queued: now it is this request's turn.
+                return if self.buffered() == 0 {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            if self.buffered() >= QUEUE_LIMIT {
                 return Poll::Pending;
             }
             match self.poll_read_ahead(cx) {

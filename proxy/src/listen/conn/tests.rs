@@ -89,7 +89,7 @@ async fn a_malformed_chunked_body_is_a_read_error() {
 }
 
 #[tokio::test]
-async fn queued_requests_are_answered_after_the_client_closed_its_side() {
+async fn queued_requests_are_answered_after_the_client_closed_its_side_and_the_last_is_not() {
     let (a, mut b) = tokio::io::duplex(1 << 20);
     let mut c = Conn::new(a);
     b.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -104,6 +104,13 @@ async fn queued_requests_are_answered_after_the_client_closed_its_side() {
     assert!(c.request_complete());
     next_request(&mut c).await;
     read_all_now(&mut c);
+    // The FIN was read while /2 was queued; /2 is the last request, so Pingora sees the client
+    // gone now (nginx's 499), exactly as when the FIN arrives while /2 is in flight.
+    assert_eq!(
+        read_now(&mut c),
+        Some(Vec::new()),
+        "the end, for the last request"
+    );
     assert!(c.request_complete());
     assert!(!c.first_byte().await, "then the connection ends");
 }
