@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
@@ -127,6 +127,9 @@ pub struct ControlServer {
     /// Connections being served now.
     open: Arc<AtomicUsize>,
     idle_timeout: std::time::Duration,
+    /// Whether dropping the server removes the socket file: not once the listening socket was
+    /// handed to a successor process (a binary upgrade), which serves the same file.
+    owns_path: Arc<AtomicBool>,
 }
 
 /// Connections waiting for their next request line, so a full server can close one to make
@@ -213,7 +216,40 @@ impl ControlServer {
             path: path.to_path_buf(),
             open: Arc::new(AtomicUsize::new(0)),
             idle_timeout: IDLE_TIMEOUT,
+            owns_path: Arc::new(AtomicBool::new(true)),
         })
+    }
+
+    /// Serve a listening socket taken over from a predecessor process (binary upgrade): the
+    /// socket file at `path` stays as it is, with its mode.
+    pub fn adopt(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+    ) -> Result<Self, ControlSocketError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| ControlSocketError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+            open: Arc::new(AtomicUsize::new(0)),
+            idle_timeout: IDLE_TIMEOUT,
+            owns_path: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// The listening socket, to hand to a successor process.
+    pub fn listener(&self) -> &std::os::unix::net::UnixListener {
+        &self.listener
+    }
+
+    /// Set to false so that dropping the server leaves the socket file in place (a successor
+    /// serves it now).
+    pub fn owns_path(&self) -> Arc<AtomicBool> {
+        self.owns_path.clone()
     }
 
     /// Close connections idle this long (default [`IDLE_TIMEOUT`]).
@@ -324,7 +360,9 @@ impl Drop for Counted {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.owns_path.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

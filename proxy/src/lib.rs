@@ -50,4 +50,4 @@ pub mod bench;
 
 pub use checks::{Resolve, SystemResolver};
 pub use listen::{preflight, DrainReport, ListenError};
-pub use runtime::{start, Handle, LogDropped, StartError, StartOptions};
+pub use runtime::{start, upgrade, Handle, LogDropped, StartError, StartOptions, UpgradeError};

@@ -25,6 +25,11 @@ struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Zero-downtime binary upgrade: take the listening sockets, control socket, admin
+    /// listener and state of the switchyard running with this config's control.socket, then
+    /// run in its place (it stops accepting, drains and exits). Same as `switchyard upgrade`.
+    #[arg(long)]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -41,6 +46,8 @@ enum Command {
     Run,
     /// Validate the config file: print every problem and exit 1, or a summary and exit 0.
     Check,
+    /// The same as `--upgrade`: take over from the running switchyard.
+    Upgrade,
     /// Start two demo upstreams and a proxy in front of them, and print a walkthrough.
     Demo {
         /// Where the demo proxy listens.
@@ -115,7 +122,8 @@ fn main() -> ExitCode {
             threads,
             boot,
         }) => fake_upstream(listen, &name, threads, boot.map(Into::into)),
-        Some(Command::Run) | None => run(&cli.config, log_dropped),
+        Some(Command::Upgrade) => run(&cli.config, log_dropped, true),
+        Some(Command::Run) | None => run(&cli.config, log_dropped, cli.upgrade),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -218,6 +226,7 @@ impl Signals {
 fn run(
     path: &std::path::Path,
     log_dropped: tracing_appender::non_blocking::ErrorCounter,
+    upgrade: bool,
 ) -> anyhow::Result<()> {
     let cfg = match switchyard_config::load(path) {
         Ok(c) => c,
@@ -236,11 +245,25 @@ fn run(
         let _in_rt = rt.enter();
         Signals::install()?
     };
-    let handle = switchyard_proxy::start(cfg, opts)?;
-    tracing::info!(listen = ?handle.listen_addrs(), control = %handle.control_socket().display(), "switchyard started");
+    let handle = if upgrade {
+        let h = switchyard_proxy::upgrade(cfg, opts)?;
+        tracing::info!(listen = ?h.listen_addrs(), control = %h.control_socket().display(), predecessor = ?h.predecessor(), "switchyard upgraded: took over from the running process");
+        h
+    } else {
+        let h = switchyard_proxy::start(cfg, opts)?;
+        tracing::info!(listen = ?h.listen_addrs(), control = %h.control_socket().display(), "switchyard started");
+        h
+    };
     rt.block_on(async {
         let sig = loop {
-            match signals.recv().await {
+            let event = tokio::select! {
+                s = signals.recv() => s,
+                pid = handle.handed_over() => {
+                    tracing::info!(successor = pid, "handed over to a new process; finishing in-flight requests, then exiting");
+                    break "upgrade";
+                }
+            };
+            match event {
                 Sig::Stop(name) => break name,
                 Sig::ReopenLogs => handle.reopen_logs(),
                 Sig::Reload => match handle.reload_on_signal().await {

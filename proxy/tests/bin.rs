@@ -409,6 +409,166 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert_eq!(exit.code(), Some(0));
 }
 
+/// `switchyard --upgrade` five times in a row under keep-alive load plus a stream of new
+/// connections: no request fails, no connection is refused, every old process exits 0 by
+/// itself, the port never changes; an upgrade with a broken config exits 1 and the running
+/// process serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_of_the_binary_under_load_fail_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let up = upstream("blue").await;
+    let mut px = ProxyProcess::start(up.addr(), "10s");
+    let addr = px.addr;
+    let cfg = px.dir.path().join("switchyard.yaml");
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut load = Vec::new();
+    for i in 0..32 {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            let mut s: Option<
+                hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+            > = None;
+            for n in 0..10_000_000u64 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut c = match s.take() {
+                    Some(c) => c,
+                    None => match tokio::net::TcpStream::connect(addr).await {
+                        Ok(t) => {
+                            let (c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(t))
+                                .await
+                                .unwrap();
+                            tokio::spawn(conn);
+                            c
+                        }
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("connect: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                let req = http::Request::get(format!("/k/{i}/{n}"))
+                    .header("host", "test")
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .unwrap();
+                let fresh = n % 10 == 0;
+                match c.send_request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let close = r
+                            .headers()
+                            .get("connection")
+                            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                        match r.into_body().collect().await {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.lock().unwrap().push(format!("body: {e}")),
+                        }
+                        // Every tenth request on a new connection.
+                        if !close && !fresh {
+                            s = Some(c);
+                        }
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(format!("request: {e}")),
+                }
+            }
+        }));
+    }
+    let wait_ok = |n: u64| {
+        let ok = ok.clone();
+        async move {
+            let start = ok.load(Ordering::Relaxed);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while ok.load(Ordering::Relaxed) < start + n {
+                assert!(Instant::now() < deadline, "the load stalled");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_ok(300).await;
+    let mut times = Vec::new();
+    for round in 0..5 {
+        let started = Instant::now();
+        let mut new = Command::new(BIN)
+            .arg("--upgrade")
+            .arg("-c")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The old process exits by itself, with 0, once drained; the new one runs on.
+        let mut old = std::mem::replace(&mut px.child, Command::new("true").spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = old.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                new.try_wait().unwrap().is_none(),
+                "round {round}: the new process exited"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the old process is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(status.code(), Some(0), "round {round}");
+        times.push(started.elapsed());
+        let _ = px.child.wait();
+        px.child = new;
+        wait_ok(300).await;
+    }
+    eprintln!("upgrade: --upgrade to old exit: {times:?}");
+    // A broken config: refused before anything is touched.
+    let bad = px.dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("threads: 2", "threads: two"),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--upgrade")
+        .arg("-c")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("threads"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_ok(300).await;
+    assert!(px.child.try_wait().unwrap().is_none(), "still serving");
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed),
+        &failures[..failures.len().min(10)]
+    );
+    assert_eq!(px.addr, addr);
+    let st = px.ctl(switchyard_control::Request::Status).await;
+    assert!(st.ok);
+}
+
 /// SIGHUP and SIGTERM act from the moment anything listens: a signal sent the instant the
 /// control socket appears reloads (or drains) instead of killing the process with the default
 /// action. (The handlers were once installed after the listeners opened; a SIGTERM in that

@@ -15,4 +15,5 @@ mod reload;
 mod routing;
 mod switching;
 mod tls;
+mod upgrade;
 mod upstreams;

@@ -258,6 +258,41 @@ impl TestProxy {
         }
     }
 
+    /// Binary upgrade, in this process: a new proxy started from `yaml` (`{dir}` is this
+    /// proxy's directory) takes over this one's sockets and state. `Ok`: the old handle (it
+    /// stopped accepting and drains; `shutdown` waits for the end) and the new proxy. `Err`:
+    /// this proxy, still serving, and why.
+    pub async fn upgrade(
+        mut self,
+        yaml: &str,
+    ) -> Result<(Handle, TestProxy), (TestProxy, switchyard_proxy::UpgradeError)> {
+        let yaml = yaml.replace("{dir}", &self.dir.path().display().to_string());
+        let config = switchyard_config::parse(&yaml).unwrap();
+        let opts =
+            StartOptions::default().with_config_path(self.dir.path().join("switchyard.yaml"));
+        // Blocking (a Unix-socket handshake and a start); off this runtime, which may be
+        // driving a load meanwhile.
+        let started = tokio::task::spawn_blocking(move || switchyard_proxy::upgrade(config, opts))
+            .await
+            .unwrap();
+        match started {
+            Ok(handle) => {
+                let old = self.handle.take().unwrap();
+                let addr = handle.listen_addrs()[0];
+                let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+                Ok((
+                    old,
+                    TestProxy {
+                        handle: Some(handle),
+                        addr,
+                        dir,
+                    },
+                ))
+            }
+            Err(e) => Err((self, e)),
+        }
+    }
+
     /// GET on a fresh connection.
     pub async fn get(&self, path: &str) -> Reply {
         request(self.addr, "GET", path, &[], Bytes::new())

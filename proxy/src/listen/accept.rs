@@ -19,6 +19,7 @@ use super::conn::{Conn, Fill, HEAD_LIMIT};
 use super::head;
 use super::WorkerSocket;
 use crate::proxy::Switchyard;
+use crate::runtime::upgrade::HANDOVER_LINGER;
 use crate::state::Shared;
 use crate::upstream::stats::PoolStats;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
@@ -27,7 +28,7 @@ use pingora::protocols::{Ssl, Stream, ALPN, IO};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -150,6 +151,10 @@ pub(crate) struct App {
     /// Where requests the proxy refuses before parsing (431, 408) are counted.
     unrouted: Arc<PoolStats>,
     connections: Arc<Connections>,
+    /// Set when a successor took over (binary upgrade): during the drain, an idle keep-alive
+    /// connection stays open for [`HANDOVER_LINGER`] so a request already on its way is
+    /// answered (with `Connection: close`) rather than meeting a closed connection.
+    lingering: Arc<AtomicBool>,
 }
 
 impl App {
@@ -158,11 +163,13 @@ impl App {
         shared: Arc<Shared>,
         unrouted: Arc<PoolStats>,
         connections: Arc<Connections>,
+        lingering: Arc<AtomicBool>,
     ) -> Self {
         App {
             proxy: Arc::new(proxy),
             shared,
             unrouted,
+            lingering,
             connections,
         }
     }
@@ -203,7 +210,7 @@ impl App {
                 Instant::now() + cfg.client_header_timeout
             };
             let head = tokio::time::timeout_at(head_deadline, stream.fill_head());
-            match until_shutdown(head, shutdown).await {
+            match self.idle_until_shutdown(head, shutdown).await {
                 Some(Ok(Ok(Fill::Complete))) => {}
                 Some(Ok(Ok(Fill::TooLarge))) => {
                     let why = format!("the request head is larger than {} KiB", HEAD_LIMIT / 1024);
@@ -270,7 +277,10 @@ impl App {
         }
         if !evictable {
             let wait = tokio::time::timeout_at(until, stream.first_byte());
-            return matches!(until_shutdown(wait, shutdown).await, Some(Ok(true)));
+            return matches!(
+                self.idle_until_shutdown(wait, shutdown).await,
+                Some(Ok(true))
+            );
         }
         let _idle = Idle::new(&self.connections);
         let wait = async {
@@ -290,7 +300,27 @@ impl App {
                 }
             }
         };
-        until_shutdown(wait, shutdown).await.unwrap_or(false)
+        self.idle_until_shutdown(wait, shutdown)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// [`until_shutdown`] for a connection waiting for its next request: after a handover it
+    /// keeps waiting for [`HANDOVER_LINGER`] (bounded by `grace_period`) before giving up.
+    async fn idle_until_shutdown<T>(
+        &self,
+        fut: impl std::future::Future<Output = T>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<T> {
+        tokio::pin!(fut);
+        if let Some(v) = until_shutdown(&mut fut, shutdown).await {
+            return Some(v);
+        }
+        if !self.lingering.load(Ordering::Acquire) {
+            return None;
+        }
+        let linger = HANDOVER_LINGER.min(self.shared.load().config.grace_period);
+        tokio::time::timeout(linger, fut).await.ok()
     }
 
     /// Answer a request the proxy refuses at the door (its head), and close.
@@ -401,6 +431,8 @@ async fn until_shutdown<T>(
 ) -> Option<T> {
     let mut sd = shutdown.clone();
     tokio::select! {
+        // What is already there (a buffered request) is served.
+        biased;
         v = fut => Some(v),
         _ = sd.wait_for(|s| *s) => None,
     }
@@ -457,7 +489,16 @@ pub(crate) async fn serve(
     if open > 0 {
         tracing::info!(requests = open, grace = ?grace, "draining in-flight requests");
     }
-    while active.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+    // After a handover, idle connections linger a moment (see `App::lingering`): wait for
+    // them as well, or the runtime's end would cut them.
+    let linger_until = start + HANDOVER_LINGER.min(grace) + Duration::from_millis(100);
+    let busy = || {
+        active.load(Ordering::Acquire) > 0
+            || (app.lingering.load(Ordering::Acquire)
+                && app.connections.open.load(Ordering::Acquire) > 0
+                && tokio::time::Instant::now() < linger_until)
+    };
+    while busy() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let abandoned = active.load(Ordering::Acquire);

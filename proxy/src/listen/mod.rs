@@ -73,6 +73,11 @@ pub(crate) struct WorkerSocket {
 }
 
 impl BoundListener {
+    /// A duplicate of the listening socket, to hand to a successor process (binary upgrade).
+    pub(crate) fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.socket.try_clone()?.into())
+    }
+
     /// A duplicate for one worker thread (every worker accepts on every listener).
     pub(crate) fn try_clone(&self) -> std::io::Result<WorkerSocket> {
         Ok(WorkerSocket {
@@ -95,6 +100,25 @@ impl std::fmt::Debug for BoundListener {
 /// Listen backlog: above the kernel default of 4096 is pointless (somaxconn caps it), and
 /// nginx's 511 is too small for a burst of 10k connections.
 const BACKLOG: i32 = 4096;
+
+/// Serve a listening socket taken over from a predecessor process (binary upgrade) for this
+/// configured listener (and load its TLS certificate): the same kernel queue, no new bind.
+pub(crate) fn adopt(
+    cfg: &ListenConfig,
+    socket: std::net::TcpListener,
+) -> Result<BoundListener, ListenError> {
+    let err = |source: std::io::Error| ListenError::Bind {
+        addr: cfg.addr,
+        source,
+    };
+    socket.set_nonblocking(true).map_err(err)?;
+    let addr = socket.local_addr().map_err(err)?;
+    let tls = match &cfg.tls {
+        Some(t) => Some(Arc::new(tls::tls_settings(t, cfg.http2)?.build())),
+        None => None,
+    };
+    Ok(BoundListener { addr, socket, tls })
+}
 
 /// Bind one configured listener (and load its TLS certificate).
 pub(crate) fn bind(cfg: &ListenConfig) -> Result<BoundListener, ListenError> {

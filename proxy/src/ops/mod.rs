@@ -20,7 +20,7 @@
 
 use crate::checks::dns::Resolve;
 use crate::routing::weights::fmt_weights;
-use crate::state::{Shared, Snapshot};
+use crate::state::{CommitError, Shared, Snapshot};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::{self, EventLog};
 use crate::telemetry::metrics::Metrics;
@@ -222,14 +222,15 @@ impl Controller {
         let new_snap = self.shared.with_upstream(&guard, next.clone());
         self.shared
             .commit(&guard, new_snap, &self.state_file)
-            .map_err(|e| {
-                err(
+            .map_err(|e| match e {
+                CommitError::Frozen => err(ErrorCode::Busy, format!("not applied: {e}")),
+                CommitError::Io(e) => err(
                     ErrorCode::Internal,
                     format!(
                         "not applied: cannot write the state file {}: {e}",
                         self.state_file.display()
                     ),
-                )
+                ),
             })?;
         drop(guard);
         let new_weights = next.weights();

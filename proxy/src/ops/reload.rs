@@ -4,7 +4,7 @@
 use super::{err, Actor, Controller};
 use crate::checks::dns;
 use crate::routing::weights::fmt_weights;
-use crate::state::Snapshot;
+use crate::state::{CommitError, Snapshot};
 use crate::telemetry::events;
 use std::sync::Arc;
 use switchyard_control::protocol::{ControlError, ErrorCode, ReloadResult};
@@ -126,10 +126,11 @@ impl Controller {
         self.shared
             .commit(&guard, new_snap, &self.state_file)
             .map_err(|e| {
-                err(
-                    ErrorCode::Internal,
-                    format!("not applied: cannot write the state file: {e}"),
-                )
+                let code = match e {
+                    CommitError::Frozen => ErrorCode::Busy,
+                    CommitError::Io(_) => ErrorCode::Internal,
+                };
+                err(code, format!("not applied: {e}"))
             })?;
         // Under the writer lock, so two reloads cannot leave the log of one and the config of
         // the other. The file was checked to open before anything was applied; only a race

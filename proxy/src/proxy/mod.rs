@@ -136,8 +136,13 @@ impl ProxyHttp for Switchyard {
                 guard,
             }
         });
-        let ka = snap.config.keepalive_timeout;
-        session.set_keepalive((!ka.is_zero()).then(|| ka.as_secs().max(1)));
+        // While draining (shutdown, or a successor took over) the answer says
+        // `Connection: close`, as the accept loop set it: the client reconnects, to whoever
+        // is accepting now.
+        if !session.is_process_shutting_down() {
+            let ka = snap.config.keepalive_timeout;
+            session.set_keepalive((!ka.is_zero()).then(|| ka.as_secs().max(1)));
+        }
         // A client that stops reading its response holds a connection slot and keeps its
         // pool in flight (a drain would never end): each write to it must make progress within
         // SEND_TIMEOUT, as nginx's send_timeout; each read of its body within

@@ -23,6 +23,10 @@ pub struct Handle {
     pub(super) shutdown: watch::Sender<bool>,
     pub(super) data_done: Option<oneshot::Receiver<DrainReport>>,
     pub(super) threads: Vec<std::thread::JoinHandle<()>>,
+    /// The pid of the process that took over (binary upgrade), once it did.
+    pub(super) handed_over: watch::Receiver<Option<u32>>,
+    /// The pid of the process this one took over from, if it was started by `upgrade`.
+    pub(super) predecessor: Option<u32>,
 }
 
 impl Handle {
@@ -158,6 +162,23 @@ impl Handle {
     /// Reopen the access log file (SIGUSR1; logrotate's convention).
     pub fn reopen_logs(&self) {
         self.access_log.reopen();
+    }
+
+    /// Resolves with the successor's pid once a new process took over (binary upgrade): this
+    /// one has stopped accepting and is draining; call [`Self::shutdown`] to wait for the end.
+    pub async fn handed_over(&self) -> u32 {
+        let mut rx = self.handed_over.clone();
+        let pid = match rx.wait_for(|p| p.is_some()).await {
+            Ok(p) => (*p).unwrap_or_default(),
+            Err(_) => return std::future::pending().await,
+        };
+        pid
+    }
+
+    /// The pid of the process this one took over from, if it was started by
+    /// [`crate::upgrade`].
+    pub fn predecessor(&self) -> Option<u32> {
+        self.predecessor
     }
 
     /// The control socket path.

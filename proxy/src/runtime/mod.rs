@@ -9,8 +9,10 @@
 //! traffic cannot starve a `proxyctl switch`.
 
 mod handle;
+pub(crate) mod upgrade;
 
 pub use handle::Handle;
+pub use upgrade::UpgradeError;
 
 use crate::checks::dns::{self, Resolve, SystemResolver};
 use crate::listen::{self, BoundListener, ListenError};
@@ -56,6 +58,14 @@ pub enum StartError {
     /// The `sticky_key_file` could not be read or is too short.
     #[error("sticky_key_file: {0}")]
     StickyKey(String),
+    /// The upgrade socket (for a later binary upgrade) could not be created.
+    #[error("cannot create the upgrade socket {}: {source}", path.display())]
+    UpgradeSocket {
+        /// Its path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A runtime or thread could not be created.
     #[error("cannot start {what}: {source}")]
     Runtime {
@@ -142,23 +152,103 @@ const FD_RESERVE: u64 = 64;
 
 /// Start a proxy from a validated config.
 pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
+    start_on(config, opts, None)
+}
+
+/// Take over from the switchyard running with the same `control.socket` (binary upgrade, SPEC
+/// §10; see `upgrade`): its listening sockets, its state, its instances' health. When this
+/// returns `Ok`, the new proxy serves and the old one has been told to stop accepting and
+/// drain. On an error the old one keeps serving.
+pub fn upgrade(config: Config, opts: StartOptions) -> Result<Handle, UpgradeError> {
+    let mut t = upgrade::take_over(&config.control.socket)?;
+    let predecessor = t.predecessor;
+    match start_on(config, opts, Some(&mut t)) {
+        Ok(mut h) => {
+            t.answer(Ok(()))?;
+            h.predecessor = Some(predecessor);
+            tracing::info!(
+                predecessor,
+                "upgrade: serving on the sockets taken over; the old process drains"
+            );
+            Ok(h)
+        }
+        Err(e) => {
+            let _ = t.answer(Err(e.to_string()));
+            Err(e.into())
+        }
+    }
+}
+
+fn start_on(
+    config: Config,
+    opts: StartOptions,
+    mut takeover: Option<&mut upgrade::Takeover>,
+) -> Result<Handle, StartError> {
     let listeners: Vec<BoundListener> = config
         .listen
         .iter()
-        .map(listen::bind)
+        .map(|l| {
+            match takeover
+                .as_deref_mut()
+                .and_then(|t| t.take_listener(l.addr))
+            {
+                Some(socket) => listen::adopt(l, socket),
+                None => listen::bind(l),
+            }
+        })
         .collect::<Result<_, _>>()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.addr).collect();
     for a in &addrs {
         tracing::info!(addr = %a, "listening");
     }
     let admin_listener = match config.admin.listen {
-        Some(addr) => {
-            Some(surfaces::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?)
-        }
+        Some(addr) => match takeover.as_deref_mut().and_then(|t| t.take_admin(addr)) {
+            Some(l) => {
+                l.set_nonblocking(true)
+                    .map_err(|source| StartError::Admin { addr, source })?;
+                Some(l)
+            }
+            None => Some(
+                surfaces::admin::bind(addr).map_err(|source| StartError::Admin { addr, source })?,
+            ),
+        },
         None => None,
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let control_socket = ControlServer::bind(&config.control.socket, config.control.mode)?;
+    let control_socket = match takeover.as_deref_mut().and_then(|t| t.control.take()) {
+        Some(l) => ControlServer::adopt(l, &config.control.socket)?,
+        None => ControlServer::bind(&config.control.socket, config.control.mode)?,
+    };
+    // What a successor would take over: duplicates of every listening socket.
+    let handover = {
+        use upgrade::Offered;
+        let io = |source| StartError::UpgradeSocket {
+            path: upgrade::socket_path(&config.control.socket),
+            source,
+        };
+        let mut sockets = Vec::new();
+        for (l, cfg) in listeners.iter().zip(&config.listen) {
+            sockets.push((
+                Offered::Listen {
+                    configured: cfg.addr,
+                    bound: l.addr,
+                },
+                l.dup_fd().map_err(io)?,
+            ));
+        }
+        if let (Some(l), Some(configured)) = (&admin_listener, config.admin.listen) {
+            sockets.push((
+                Offered::Admin { configured },
+                l.try_clone().map_err(io)?.into(),
+            ));
+        }
+        sockets.push((
+            Offered::Control,
+            control_socket.listener().try_clone().map_err(io)?.into(),
+        ));
+        upgrade::HandoverServer::bind(&config.control.socket, config.control.mode, sockets)
+            .map_err(io)?
+    };
     let mut restored = persist::load(&config.state_file, &config);
     if let Some(path) = &config.sticky_key_file {
         // The shared secret wins over the key in the state file: every proxy given the same
@@ -179,6 +269,9 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         None,
         StickyKey::generate,
     )));
+    if let Some(t) = takeover.as_deref() {
+        upgrade::seed_health(&shared, &t.health);
+    }
     if restored.sticky.is_none() && shared.load().upstreams.iter().any(|u| u.canary_active()) {
         // A canary runs (restored from an older state file) and cookies are about to be
         // issued with a new key: keep it, or a restart before the next change would move
@@ -224,6 +317,8 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         observed: Default::default(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (handed_over_tx, handed_over_rx) = watch::channel(None);
+    let lingering = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut threads = Vec::new();
 
     // Control plane.
@@ -241,6 +336,16 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             registry: registry.clone(),
             shutdown: shutdown_rx.clone(),
         };
+        let handover_ctx = upgrade::HandoverContext {
+            shared: shared.clone(),
+            state_file: config.state_file.clone(),
+            control_owns_path: control_socket.owns_path(),
+            lingering: lingering.clone(),
+            shutdown: shutdown_tx.clone(),
+            handed_over: handed_over_tx,
+        };
+        let handover_stop = shutdown_rx.clone();
+        let handed_over = handed_over_rx.clone();
         let rt = current_thread_runtime("control runtime")?;
         threads.push(spawn_thread("switchyard-control", move || {
             rt.block_on(async move {
@@ -267,6 +372,15 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
                     // The control socket stays up while the data plane drains, so `proxyctl
                     // status` can watch the drain; it closes when the runtime stops.
                     _ = control_socket.serve(handler, std::future::pending()) => {}
+                    // After a handover the successor serves the control socket, the admin
+                    // listener and the health checks: all of this ends here. After a shutdown
+                    // the upgrade socket is closed and the rest stays until the drain ends.
+                    _ = async move {
+                        handover.serve(handover_ctx, handover_stop).await;
+                        if handed_over.borrow().is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    } => {}
                     _ = async move {
                         let _ = stop.wait_for(|s| *s).await;
                         let _ = data_stopped_rx.await;
@@ -315,6 +429,7 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
             shared.clone(),
             metrics.unrouted.clone(),
             Arc::new(listen::Connections::new(budget.clients)),
+            lingering,
         ));
         let listeners = Arc::new(listeners);
         let mut workers = Vec::new();
@@ -362,6 +477,8 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
         shutdown: shutdown_tx,
         data_done: Some(done_rx),
         threads,
+        handed_over: handed_over_rx,
+        predecessor: None,
     })
 }
 

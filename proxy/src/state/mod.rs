@@ -17,7 +17,7 @@ pub(crate) use snapshot::{Restored, Snapshot};
 
 use crate::upstream::UpstreamState;
 use arc_swap::ArcSwap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Bound on how often one request decides again because changes keep arriving (a change
@@ -35,6 +35,20 @@ pub(crate) struct Shared {
     changes: tokio::sync::Notify,
     /// Wakes `--wait-healthy` waiters on any health transition.
     health: tokio::sync::Notify,
+    /// A binary upgrade is handing the state to a successor: no change may be committed (it
+    /// would be lost).
+    frozen: AtomicBool,
+}
+
+/// Why a change was not committed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommitError {
+    /// The state file could not be written.
+    #[error("cannot write the state file: {0}")]
+    Io(#[from] std::io::Error),
+    /// A binary upgrade is under way.
+    #[error("a binary upgrade is handing this proxy's state to a new process; retry in a moment (the new process will answer)")]
+    Frozen,
 }
 
 impl Shared {
@@ -46,6 +60,7 @@ impl Shared {
             write: Mutex::new(()),
             changes: tokio::sync::Notify::new(),
             health: tokio::sync::Notify::new(),
+            frozen: AtomicBool::new(false),
         }
     }
 
@@ -80,10 +95,28 @@ impl Shared {
         guard: &MutexGuard<'_, ()>,
         snapshot: Snapshot,
         state_file: &std::path::Path,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), CommitError> {
+        if self.frozen.load(Ordering::Acquire) {
+            return Err(CommitError::Frozen);
+        }
         persist::save(state_file, &snapshot)?;
         self.store(guard, snapshot);
         Ok(())
+    }
+
+    /// Refuse every change from now on, and write the current state to the state file: what a
+    /// successor process reads is everything acknowledged (binary upgrade).
+    pub(crate) fn freeze(&self, state_file: &std::path::Path) -> std::io::Result<()> {
+        let _guard = self.lock();
+        persist::save(state_file, &self.load())?;
+        self.frozen.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Accept changes again (the upgrade failed; this process goes on).
+    pub(crate) fn thaw(&self) {
+        let _guard = self.lock();
+        self.frozen.store(false, Ordering::Release);
     }
 
     /// Make `snapshot` current without persisting it. Caller holds `lock()`.

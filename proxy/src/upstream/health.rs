@@ -175,8 +175,8 @@ impl Health {
         prev <= now_ms
     }
 
-    /// Set the state directly (tests, and instances taken over with a known state).
-    #[cfg(test)]
+    /// Set the state directly (tests, and instances whose state a predecessor process knew at
+    /// a binary upgrade).
     pub(crate) fn force(&self, s: HealthState) {
         let v = match s {
             HealthState::Healthy => HEALTHY,
