@@ -23,6 +23,9 @@ pub struct Status {
     pub version: String,
     /// Seconds since the proxy started.
     pub uptime_secs: u64,
+    /// The serving process (after a binary upgrade, the new one's).
+    #[serde(default)]
+    pub pid: u32,
     /// Every upstream.
     pub upstreams: Vec<UpstreamStatus>,
 }

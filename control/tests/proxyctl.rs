@@ -35,6 +35,7 @@ impl ControlHandler for Fake {
                 protocol: PROTOCOL_VERSION,
                 version: "test".into(),
                 uptime_secs: 1,
+                pid: 1,
                 upstreams: vec![],
             }),
             Request::Switch { pool, drain, .. }
@@ -331,6 +332,7 @@ fn sample_status() -> Status {
         protocol: PROTOCOL_VERSION,
         version: "test".into(),
         uptime_secs: 60,
+        pid: 1,
         upstreams: vec![UpstreamStatus {
             name: "app".into(),
             generation: 7,

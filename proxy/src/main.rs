@@ -30,6 +30,10 @@ struct Cli {
     /// run in its place (it stops accepting, drains and exits). Same as `switchyard upgrade`.
     #[arg(long)]
     upgrade: bool,
+    /// With --upgrade: start the new process in the background and exit once it serves (0)
+    /// or has failed (1, the running one keeps serving): what systemd's ExecReload needs.
+    #[arg(long, requires = "upgrade")]
+    detach: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -47,7 +51,11 @@ enum Command {
     /// Validate the config file: print every problem and exit 1, or a summary and exit 0.
     Check,
     /// The same as `--upgrade`: take over from the running switchyard.
-    Upgrade,
+    Upgrade {
+        /// As `--detach`.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Start two demo upstreams and a proxy in front of them, and print a walkthrough.
     Demo {
         /// Where the demo proxy listens.
@@ -122,7 +130,9 @@ fn main() -> ExitCode {
             threads,
             boot,
         }) => fake_upstream(listen, &name, threads, boot.map(Into::into)),
-        Some(Command::Upgrade) => run(&cli.config, log_dropped, true),
+        Some(Command::Upgrade { detach }) if detach || cli.detach => detached_upgrade(&cli),
+        Some(Command::Upgrade { .. }) => run(&cli.config, log_dropped, true),
+        Some(Command::Run) | None if cli.detach => detached_upgrade(&cli),
         Some(Command::Run) | None => run(&cli.config, log_dropped, cli.upgrade),
     };
     match result {
@@ -245,13 +255,20 @@ fn run(
         let _in_rt = rt.enter();
         Signals::install()?
     };
+    use sd_notify::NotifyState;
     let handle = if upgrade {
         let h = switchyard_proxy::upgrade(cfg, opts)?;
         tracing::info!(listen = ?h.listen_addrs(), control = %h.control_socket().display(), predecessor = ?h.predecessor(), "switchyard upgraded: took over from the running process");
+        // Under systemd (NotifyAccess=all) this process is the service's main process now.
+        let _ = sd_notify::notify(
+            false,
+            &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
+        );
         h
     } else {
         let h = switchyard_proxy::start(cfg, opts)?;
         tracing::info!(listen = ?h.listen_addrs(), control = %h.control_socket().display(), "switchyard started");
+        let _ = sd_notify::notify(false, &[NotifyState::Ready]);
         h
     };
     rt.block_on(async {
@@ -272,10 +289,68 @@ fn run(
                 },
             }
         };
+        if sig != "upgrade" {
+            // Not after a handover: the service goes on, in the successor.
+            let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+        }
         tracing::info!(signal = sig, "finishing in-flight requests, then exiting");
         let report = handle.shutdown().await;
         tracing::info!(?report, "stopped");
         Ok(())
+    })
+}
+
+/// `switchyard upgrade --detach`: start `switchyard --upgrade` in the background (same config,
+/// same log settings, same stdout/stderr) and report how it went: 0 once the control socket
+/// answers from the new process, 1 (with its exit status) if it exited first — the running
+/// switchyard then keeps serving. Readiness is read from the control socket's `status` (its
+/// `pid`), so nothing but the two sockets is shared between the processes.
+fn detached_upgrade(cli: &Cli) -> anyhow::Result<()> {
+    let cfg = match switchyard_config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            for fe in e.field_errors() {
+                eprintln!("{}: {fe}", cli.config.display());
+            }
+            anyhow::bail!("invalid config {}, nothing changed", cli.config.display());
+        }
+    };
+    let exe = std::env::current_exe().context("cannot find the switchyard binary")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("--upgrade")
+        .arg("-c")
+        .arg(&cli.config)
+        .arg("--log-level")
+        .arg(&cli.log_level)
+        .arg("--log-format")
+        .arg(match cli.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+        .spawn()
+        .context("cannot start the new process")?;
+    let pid = child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    runtime()?.block_on(async {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("the new process (pid {pid}) exited ({status}) before it served; the running switchyard keeps serving");
+            }
+            if let Ok(mut c) = switchyard_control::ControlClient::connect(&cfg.control.socket).await {
+                if let Ok(r) = c.request(&switchyard_control::Request::Status).await {
+                    let serving = r.result.as_ref().and_then(|v| v.get("pid")).and_then(|p| p.as_u64());
+                    if serving == Some(u64::from(pid)) {
+                        println!("switchyard upgraded: pid {pid} serves; the old process drains and exits");
+                        return Ok(());
+                    }
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                anyhow::bail!("the new process (pid {pid}) did not take over within 60 s; stopped it, the running switchyard keeps serving");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     })
 }
 

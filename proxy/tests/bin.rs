@@ -567,6 +567,55 @@ async fn upgrades_of_the_binary_under_load_fail_nothing() {
     assert_eq!(px.addr, addr);
     let st = px.ctl(switchyard_control::Request::Status).await;
     assert!(st.ok);
+    // systemd's ExecReload form: `upgrade --detach` returns once the new process serves.
+    // (Its stdout is a file: the new process inherits it, so a pipe would stay open.)
+    let said_path = px.dir.path().join("detach.out");
+    let code = Command::new(BIN)
+        .args(["upgrade", "--detach", "-c"])
+        .arg(&cfg)
+        .stdout(std::fs::File::create(&said_path).unwrap())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let said = std::fs::read_to_string(&said_path).unwrap();
+    assert_eq!(code.code(), Some(0), "{said}");
+    let new_pid: u32 = said
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {said:?}"));
+    let st = px.ctl(switchyard_control::Request::Status).await;
+    assert_eq!(st.result.unwrap()["pid"].as_u64(), Some(u64::from(new_pid)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = px.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old process is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(get(addr, "/").await.0, 200);
+    assert!(Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // Bounded wait for it to go (it is not our child: it was reparented).
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{new_pid}"));
+    while proc_dir.exists()
+        && !std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the detached process did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// SIGHUP and SIGTERM act from the moment anything listens: a signal sent the instant the

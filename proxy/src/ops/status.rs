@@ -21,6 +21,7 @@ impl Controller {
             protocol: PROTOCOL_VERSION,
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
+            pid: std::process::id(),
             upstreams: snap
                 .upstreams
                 .iter()
