@@ -24,6 +24,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Deadline for a whole request head.
     pub client_header_timeout: Duration,
+    /// The largest request body accepted, in bytes; 0 = unlimited.
+    pub client_max_body_size: u64,
     /// The request-id header name.
     pub request_id: String,
     /// Control socket.

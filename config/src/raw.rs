@@ -28,6 +28,10 @@ pub struct Config {
     /// counts from the accept (TLS handshake included); on a keep-alive connection from the
     /// first byte of the next request. Default `10s`.
     pub client_header_timeout: Option<String>,
+    /// The largest request body accepted: bytes, or with a unit `k`, `m`, `g` (nginx's
+    /// `client_max_body_size`; 1k = 1024). `0` = unlimited. Default `10m` (Spring's
+    /// `max-request-size`). Above it the answer is 413 and the app gets nothing.
+    pub client_max_body_size: Option<Size>,
     /// The request-id header: kept if the client sent a well-formed one, else generated;
     /// forwarded to the app, returned on the response, logged. Default `X-Request-Id`.
     pub request_id: Option<String>,
@@ -239,4 +243,14 @@ pub struct Deny {
     /// request path, both as sent and percent-decoded.
     #[serde(default)]
     pub paths: Vec<String>,
+}
+
+/// A size as written: a number of bytes, or text such as `10m`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Size {
+    /// Bytes.
+    Bytes(u64),
+    /// With a unit.
+    Text(String),
 }

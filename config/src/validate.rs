@@ -51,6 +51,13 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         &mut errs,
     );
 
+    let client_max_body_size = size(
+        raw.client_max_body_size.as_ref(),
+        &root.key("client_max_body_size"),
+        10 << 20,
+        &mut errs,
+    );
+
     let control = control(raw.control.as_ref(), &root.key("control"), &mut errs);
     let admin = admin(raw.admin.as_ref(), &root.key("admin"), &mut errs);
 
@@ -176,6 +183,7 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         keepalive_timeout,
         max_connections,
         client_header_timeout,
+        client_max_body_size,
         request_id,
         control,
         admin,
@@ -702,6 +710,37 @@ fn deny(raw: Option<&raw::Deny>, path: &FieldPath, errs: &mut Errors) -> DenyCon
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parse a duration such as `500ms`, `2s`, `5m`, `1h 30m`.
+/// A size in bytes: a number, or a number with `k`, `m` or `g` (nginx's units, powers of 1024,
+/// either case).
+fn size(v: Option<&crate::raw::Size>, path: &FieldPath, default: u64, errs: &mut Errors) -> u64 {
+    use crate::raw::Size;
+    let text = match v {
+        None => return default,
+        Some(Size::Bytes(n)) => return *n,
+        Some(Size::Text(t)) => t.trim(),
+    };
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    match digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+    {
+        Some(n) => n,
+        None => {
+            errs.push(
+                path.clone(),
+                format!("{text:?} is not a size such as 1048576, 512k, 10m or 1g (0 = unlimited)"),
+            );
+            default
+        }
+    }
+}
+
 fn duration(
     v: Option<&str>,
     path: &FieldPath,

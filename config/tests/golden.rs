@@ -55,6 +55,7 @@ fn spec_example_has_the_documented_values() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid/spec-example.yaml");
     let c = switchyard_config::load(&path).unwrap();
     assert_eq!(c.threads, 2);
+    assert_eq!(c.client_max_body_size, 10 << 20);
     assert_eq!(c.listen.len(), 2);
     assert!(c.listen[1].http2 && c.listen[1].tls.is_some());
     assert!(!c.listen[0].http2);
@@ -84,6 +85,7 @@ fn defaults_are_the_documented_ones() {
     let s = std::time::Duration::from_secs;
     assert_eq!(c.grace_period, s(30));
     assert_eq!(c.keepalive_timeout, s(75));
+    assert_eq!(c.client_max_body_size, 10 * 1024 * 1024);
     assert_eq!(c.control.socket, PathBuf::from("./switchyard.sock"));
     assert_eq!(c.admin.listen, Some("127.0.0.1:9091".parse().unwrap()));
     assert_eq!(c.state_file, PathBuf::from("./switchyard.state.json"));

@@ -188,3 +188,120 @@ async fn at_max_connections_the_longest_idle_connection_makes_room() {
     assert!(!idle[2].is_closed(), "the newest idle one stays");
     px.shutdown().await;
 }
+
+/// Send `bytes` (concurrently with reading, as the proxy may answer before it read them all)
+/// and read the answer until the connection closes (bounded).
+async fn send_and_read(addr: std::net::SocketAddr, bytes: Vec<u8>) -> String {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(&bytes).await;
+        w
+    });
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let _ = writer.await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn chunked(chunks: &[usize]) -> Vec<u8> {
+    let mut b = b"POST /sha256 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for n in chunks {
+        b.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        b.extend(std::iter::repeat_n(b'x', *n));
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(b"0\r\n\r\n");
+    b
+}
+
+#[tokio::test]
+async fn a_body_over_client_max_body_size_is_413_and_the_app_gets_nothing() {
+    trace_init();
+    let (blue, px) = proxy("client_max_body_size: 1k\n").await;
+    // Content-Length over the limit: refused at the door.
+    let mut b = b"POST /sha256 HTTP/1.1\r\nHost: t\r\nContent-Length: 1025\r\n\r\n".to_vec();
+    b.extend(std::iter::repeat_n(b'x', 1025));
+    let text = send_and_read(px.addr, b).await;
+    assert!(
+        text.starts_with("HTTP/1.1 413 Payload Too Large")
+            || text.starts_with("HTTP/1.1 413 Content Too Large"),
+        "{text}"
+    );
+    assert!(text.contains("client_max_body_size (1k)"), "{text}");
+    // A chunked body that grows past it: refused before the app sees a byte.
+    let text = send_and_read(px.addr, chunked(&[600, 600])).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert_eq!(blue.hits(), 0, "the app got nothing");
+    // At the limit: forwarded, both ways.
+    let mut b = b"POST /sha256 HTTP/1.1\r\nHost: t\r\nContent-Length: 1024\r\n\r\n".to_vec();
+    b.extend(std::iter::repeat_n(b'x', 1024));
+    let text = send_and_read(
+        px.addr,
+        [
+            b,
+            b"GET /bye HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"bytes\":1024"), "{text}");
+    let text = send_and_read(
+        px.addr,
+        [
+            chunked(&[1000, 24]),
+            b"GET /bye HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"bytes\":1024"), "{text}");
+    assert_eq!(blue.hits(), 4);
+    // Counted under the proxy's own answers.
+    let metrics = px.handle().metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("switchyard_http_requests_total")
+                && l.contains("status=\"413\"")
+                && l.ends_with(" 2")),
+        "{metrics}"
+    );
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_chunked_body_too_long_to_hold_is_cut_where_it_crosses_the_limit() {
+    trace_init();
+    let (blue, px) = proxy("client_max_body_size: 200k\n").await;
+    // 5 x 50000 bytes: past the 64 KiB read ahead within the limit, so it streams; the fifth
+    // chunk crosses 200k and is never forwarded; the app never answers it.
+    let text = send_and_read(px.addr, chunked(&[50_000; 5])).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(!text.contains("\"bytes\""), "{text}");
+    // 0 = unlimited.
+    let (_b2, px2) = proxy("client_max_body_size: 0\n").await;
+    let text = send_and_read(
+        px2.addr,
+        [
+            chunked(&[50_000; 5]),
+            b"GET /bye HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(text.contains("\"bytes\":250000"), "{text}");
+    px.shutdown().await;
+    px2.shutdown().await;
+}

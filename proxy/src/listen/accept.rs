@@ -15,7 +15,7 @@
 //! The drain ends as soon as no request is in flight, bounded by `grace_period` (Pingora's
 //! `Server` always sleeps the whole grace period, then cancels tasks).
 
-use super::conn::{Conn, Fill, HEAD_LIMIT};
+use super::conn::{Conn, Fill, Prebuffered, HEAD_LIMIT};
 use super::head;
 use super::WorkerSocket;
 use crate::proxy::Switchyard;
@@ -228,13 +228,46 @@ impl App {
                 // Closed or broken mid-head, or shutting down.
                 Some(Ok(Err(_))) | None => return,
             }
-            match head::inspect(stream.unread()).and_then(|h| prescan(stream.unread(), h)) {
-                Ok(h) => stream.begin(&h),
+            let h = match head::inspect(stream.unread()).and_then(|h| prescan(stream.unread(), h)) {
+                Ok(h) => h,
                 Err(r) => {
                     self.refuse(&mut stream, r.status, r.reason, accepted).await;
                     return;
                 }
+            };
+            // client_max_body_size: a body announced larger, or a chunked one found larger
+            // while it is read ahead, is refused before anything reaches the app.
+            let limit = cfg.client_max_body_size;
+            let too_large = match h.body {
+                head::Body::Length(n) => limit > 0 && n > limit,
+                // (A client that waits for `100 Continue` sends no body yet: it streams.)
+                head::Body::Chunked if h.expect_continue => false,
+                head::Body::Chunked => {
+                    let ahead =
+                        tokio::time::timeout_at(head_deadline, stream.prebuffer_chunked(&h, limit));
+                    match self.idle_until_shutdown(ahead, shutdown).await {
+                        Some(Ok(Prebuffered::TooLarge)) => true,
+                        Some(Ok(Prebuffered::Malformed(why))) => {
+                            self.refuse(&mut stream, 400, why, accepted).await;
+                            return;
+                        }
+                        // Complete, too long to hold, or the client paused: it streams (and is
+                        // cut at the limit).
+                        Some(Ok(Prebuffered::Forward)) | Some(Err(_)) => false,
+                        None => return,
+                    }
+                }
+                head::Body::None => false,
+            };
+            if too_large {
+                let why = format!(
+                    "the request body is larger than client_max_body_size ({})",
+                    human_size(limit)
+                );
+                self.refuse(&mut stream, 413, &why, accepted).await;
+                return;
             }
+            stream.begin(&h, limit);
             first = false;
             let mut session = ServerSession::new_http1(Box::new(stream));
             // Pingora's default; request_filter sets the configured keepalive_timeout.
@@ -436,6 +469,16 @@ async fn until_shutdown<T>(
         v = fut => Some(v),
         _ = sd.wait_for(|s| *s) => None,
     }
+}
+
+/// `10m`, `512k`, or bytes: a size as an operator writes it.
+pub(crate) fn human_size(n: u64) -> String {
+    for (unit, shift) in [("g", 30), ("m", 20), ("k", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    format!("{n} bytes")
 }
 
 /// How the data plane ended.

@@ -47,6 +47,8 @@ pub(crate) struct Chunked {
     digits: u8,
     /// Bytes of the current extension / trailer section.
     line: usize,
+    /// Chunk data announced so far (the body's size once done).
+    total: u64,
 }
 
 impl Default for Chunked {
@@ -56,11 +58,18 @@ impl Default for Chunked {
             size: 0,
             digits: 0,
             line: 0,
+            total: 0,
         }
     }
 }
 
 impl Chunked {
+    /// Bytes of chunk data announced by the size lines seen so far (a chunk counts in full
+    /// once its size line is read, before its data arrives).
+    pub(crate) fn declared(&self) -> u64 {
+        self.total
+    }
+
     /// Whether the body is complete.
     pub(crate) fn done(&self) -> bool {
         self.state == State::Done
@@ -121,6 +130,7 @@ impl Chunked {
                         return Err(Malformed("CR without LF after a chunk size"));
                     }
                     self.line = 0;
+                    self.total = self.total.saturating_add(self.size);
                     self.state = if self.size == 0 {
                         State::Trailer
                     } else {

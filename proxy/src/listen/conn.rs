@@ -52,6 +52,29 @@ pub(crate) const HEAD_LIMIT: usize = 64 * 1024;
 /// stops reading (TCP flow control holds the client back).
 pub(crate) const QUEUE_LIMIT: usize = 64 * 1024;
 
+/// Bytes of a chunked request body read ahead, before the request is forwarded, to refuse one
+/// over `client_max_body_size` before the app sees any of it (413). A larger body is forwarded
+/// as it streams and cut where it crosses the limit. (nginx buffers the whole body by default;
+/// this bounds what one connection holds.)
+pub(crate) const PREBUFFER: usize = 64 * 1024;
+
+/// A request body over `client_max_body_size` (the error inside the `io::Error` the connection
+/// reports, so the request path can answer 413).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the request body is larger than client_max_body_size ({0} bytes)")]
+pub(crate) struct BodyTooLarge(pub(crate) u64);
+
+/// What [`Conn::prebuffer_chunked`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prebuffered {
+    /// Complete within the limit, or too long to hold (then checked as it streams).
+    Forward,
+    /// Announces more than the limit.
+    TooLarge,
+    /// Its framing is broken.
+    Malformed(&'static str),
+}
+
 /// What [`Conn::fill_head`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fill {
@@ -100,6 +123,8 @@ pub(crate) struct Conn<S> {
     /// The peer closed its side after sending requests that are still queued here: they are
     /// answered first; the last one sees the end of the stream (see `poll_queue`).
     eof: bool,
+    /// `client_max_body_size` for the current request (0 = unlimited).
+    body_limit: u64,
 }
 
 impl<S> Conn<S> {
@@ -112,6 +137,7 @@ impl<S> Conn<S> {
             scanned: 0,
             phase: Phase::Between,
             eof: false,
+            body_limit: 0,
         }
     }
 
@@ -125,8 +151,11 @@ impl<S> Conn<S> {
         &self.rbuf[self.rpos..]
     }
 
-    /// Declare the request whose head is buffered: from now on Pingora reads exactly it.
-    pub(crate) fn begin(&mut self, h: &head::Head) {
+    /// Declare the request whose head is buffered: from now on Pingora reads exactly it. A
+    /// chunked body that grows past `body_limit` (0 = unlimited) is cut there with
+    /// [`BodyTooLarge`].
+    pub(crate) fn begin(&mut self, h: &head::Head, body_limit: u64) {
+        self.body_limit = body_limit;
         self.consume(h.skip);
         let next = if h.upgrade {
             Next::Tunnel
@@ -255,6 +284,30 @@ impl<S: AsyncRead + Unpin> Conn<S> {
                     io::ErrorKind::UnexpectedEof,
                     "connection closed in the middle of a request head",
                 ));
+            }
+        }
+    }
+
+    /// Read the chunked body of the request whose head is buffered (`h`, not begun yet) ahead:
+    /// until it is complete, announces more than `limit` bytes (0 = no limit), or
+    /// [`PREBUFFER`] bytes of it are here, or the client pauses sending (the end of the stream,
+    /// or the caller's deadline).
+    pub(crate) async fn prebuffer_chunked(&mut self, h: &head::Head, limit: u64) -> Prebuffered {
+        let at = h.skip + h.len;
+        loop {
+            let body = &self.rbuf[self.rpos + at..];
+            let mut t = Chunked::default();
+            if let Err(m) = t.advance(body) {
+                return Prebuffered::Malformed(m.0);
+            }
+            if limit > 0 && t.declared() > limit {
+                return Prebuffered::TooLarge;
+            }
+            if t.done() || body.len() >= PREBUFFER || self.eof {
+                return Prebuffered::Forward;
+            }
+            if !matches!(self.read_ahead().await, Ok(k) if k > 0) {
+                return Prebuffered::Forward;
             }
         }
     }
@@ -415,6 +468,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Conn<S> {
                     let n = t
                         .advance(&this.rbuf[this.rpos..this.rpos + avail])
                         .map_err(|m| io::Error::new(io::ErrorKind::InvalidData, m.0))?;
+                    if this.body_limit > 0 && t.declared() > this.body_limit {
+                        // Cut before the chunk that crosses the limit reaches the app.
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            BodyTooLarge(this.body_limit),
+                        )));
+                    }
                     let done = t.done();
                     this.hand_out(buf, n);
                     if done {

@@ -44,6 +44,8 @@ pub(crate) struct Head {
     /// from anything else). If the app agrees, the connection stops being HTTP; if it does not,
     /// the request path closes the connection after the answer.
     pub(crate) upgrade: bool,
+    /// `Expect: 100-continue`: the client sends its body only once told to go on.
+    pub(crate) expect_continue: bool,
 }
 
 /// A head that did not pass: the status and a short reason for the client.
@@ -88,6 +90,7 @@ pub(crate) fn inspect(buf: &[u8]) -> Result<Head, Refusal> {
     let mut chunked = false;
     let mut upgrade_header = false;
     let mut connection_upgrade = false;
+    let mut expect_continue = false;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("host") {
@@ -107,6 +110,8 @@ pub(crate) fn inspect(buf: &[u8]) -> Result<Head, Refusal> {
             chunked = just_chunked(h.value, raw_value(buf, h.value));
         } else if name.eq_ignore_ascii_case("upgrade") {
             upgrade_header = true;
+        } else if name.eq_ignore_ascii_case("expect") {
+            expect_continue |= h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case("connection") {
             connection_upgrade |= h
                 .value
@@ -160,6 +165,7 @@ pub(crate) fn inspect(buf: &[u8]) -> Result<Head, Refusal> {
         len,
         body,
         upgrade: http11 && upgrade_header && connection_upgrade && body == Body::None,
+        expect_continue,
     })
 }
 

@@ -25,7 +25,8 @@ pub(crate) mod head;
 mod tls;
 
 pub use accept::DrainReport;
-pub(crate) use accept::{serve, App, Connections};
+pub(crate) use accept::{human_size, serve, App, Connections};
+pub(crate) use conn::BodyTooLarge;
 pub use tls::preflight;
 
 use std::net::SocketAddr;

@@ -77,6 +77,9 @@ pub(crate) struct RequestCtx {
     pub(crate) response_at: Option<std::time::Instant>,
     /// The whole request (its last body byte, or a head without body) went on to the app.
     pub(crate) request_sent: bool,
+    /// `client_max_body_size` for this request (0 = unlimited), and the body bytes so far.
+    pub(crate) body_limit: u64,
+    pub(crate) body_bytes: u64,
     /// The request id header and its value (`request_id`): forwarded, returned, logged.
     /// The name is spelled as configured (HTTP/1 sends it so).
     pub(crate) request_id: Option<(bytes::Bytes, http::HeaderValue)>,

@@ -151,6 +151,28 @@ impl ProxyHttp for Switchyard {
         session.set_read_timeout(Some(BODY_READ_TIMEOUT));
         let id = request_id::of(session.req_header().headers.get(&snap.request_id));
         ctx.request_id = Some((snap.request_id_spelled.clone(), id));
+        // client_max_body_size. HTTP/1 bodies are checked at the door (`listen`); this is for
+        // h2, whose requests do not pass there: a larger Content-Length is 413 before anything
+        // is forwarded, and a body without one is cut where it crosses the limit
+        // (`request_body_filter`).
+        ctx.body_limit = snap.config.client_max_body_size;
+        if ctx.body_limit > 0
+            && session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > ctx.body_limit)
+        {
+            let text = format!(
+                "413 Content Too Large: the request body is larger than client_max_body_size ({})",
+                crate::listen::human_size(ctx.body_limit)
+            );
+            session.set_keepalive(None);
+            reply::respond(session, 413, &text, ctx.request_id.as_ref()).await?;
+            return Ok(true);
+        }
         match decision {
             Decision::Deny(status) => {
                 let text = format!("{status} {}", reply::reason(status));
@@ -274,13 +296,22 @@ impl ProxyHttp for Switchyard {
     async fn request_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<bytes::Bytes>,
+        body: &mut Option<bytes::Bytes>,
         end_of_stream: bool,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         // Pingora calls this with `end_of_stream` also for a request without body; a client
         // that stops mid-body ends with an error instead (the canary analysis tells the two
         // apart, `log::finish`).
+        if let Some(b) = body {
+            ctx.body_bytes = ctx.body_bytes.saturating_add(b.len() as u64);
+            if ctx.body_limit > 0 && ctx.body_bytes > ctx.body_limit {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "the request body is larger than client_max_body_size",
+                );
+            }
+        }
         if end_of_stream {
             ctx.request_sent = true;
         }

@@ -40,6 +40,7 @@ pub(crate) fn failure_status(e: &Error) -> u16 {
         }
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
+            ErrorSource::Downstream if body_too_large(e) => 413,
             ErrorSource::Downstream if malformed_body(e) => 400,
             ErrorSource::Downstream => match e.etype() {
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
@@ -49,6 +50,14 @@ pub(crate) fn failure_status(e: &Error) -> u16 {
             ErrorSource::Internal | ErrorSource::Unset => 500,
         },
     }
+}
+
+/// The client's body grew past `client_max_body_size` (see `listen::conn`).
+fn body_too_large(e: &Error) -> bool {
+    e.root_cause()
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<crate::listen::BodyTooLarge>())
 }
 
 /// The client's body broke its framing (the connection reports `InvalidData`, see

@@ -26,7 +26,7 @@ async fn next_request<S: AsyncRead + Unpin>(c: &mut Conn<S>) -> head::Head {
     assert!(c.first_byte().await);
     assert_eq!(c.fill_head().await.unwrap(), Fill::Complete);
     let h = head::inspect(c.unread()).expect("a valid head");
-    c.begin(&h);
+    c.begin(&h, 0);
     h
 }
 
