@@ -17,12 +17,14 @@ use switchyard_proxy::bench::{Decide, DenyList, RouteTable, Routing, Upstream};
 fn routes(n: usize) -> RouteTable {
     let mut cfg: Vec<RouteConfig> = (0..n)
         .map(|i| RouteConfig {
+            host: None,
             path_prefix: format!("/svc{i}/"),
             upstream: "app".into(),
             strip_prefix: true,
         })
         .collect();
     cfg.push(RouteConfig {
+        host: None,
         path_prefix: "/".into(),
         upstream: "app".into(),
         strip_prefix: false,
@@ -37,14 +39,14 @@ fn route_matching(c: &mut Criterion) {
         let first = b"/svc0/users/42".as_slice();
         let last = b"/other/path".as_slice();
         g.bench_function(format!("{n}_routes_first"), |b| {
-            b.iter(|| black_box(t.find(black_box(first)).map(|(i, _)| i)))
+            b.iter(|| black_box(t.find(None, black_box(first)).map(|(i, _)| i)))
         });
         g.bench_function(format!("{n}_routes_fallthrough"), |b| {
-            b.iter(|| black_box(t.find(black_box(last)).map(|(i, _)| i)))
+            b.iter(|| black_box(t.find(None, black_box(last)).map(|(i, _)| i)))
         });
     }
     let t = routes(1);
-    let (_, r) = t.find(b"/svc0/users?id=1").unwrap();
+    let (_, r) = t.find(None, b"/svc0/users?id=1").unwrap();
     g.bench_function("rewrite_strip_prefix", |b| {
         b.iter(|| black_box(r.rewrite(black_box(b"/svc0/users?id=1"))))
     });

@@ -258,12 +258,73 @@ pub struct PreviewConfig {
 /// One route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
+    /// The host it is for; any when `None`.
+    pub host: Option<HostMatch>,
     /// Path prefix (starts with `/`).
     pub path_prefix: String,
     /// Upstream name (known to exist).
     pub upstream: String,
     /// Strip the prefix before forwarding.
     pub strip_prefix: bool,
+}
+
+/// A route's `host` (nginx's `server_name`): exact, or a leading wildcard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `api.example.com`: this name only (lower case, no trailing dot).
+    Exact(String),
+    /// `*.example.com`, kept as `.example.com`: any name ending in it, with one label or more
+    /// before it (`a.example.com`, `a.b.example.com`; not `example.com`), as nginx has it.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Parse `api.example.com` or `*.example.com` (case-insensitive, no port).
+    pub fn parse(s: &str) -> Result<HostMatch, String> {
+        let bad = || {
+            format!("{s:?} is not a host name: write it without port or scheme, exact (api.example.com) or with a leading wildcard (*.example.com)")
+        };
+        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let (name, wildcard) = match lower.strip_prefix("*.") {
+            Some(rest) => (rest, true),
+            None => (lower.as_str(), false),
+        };
+        if name.is_empty() || name.contains('*') || !is_dns_name(name) {
+            return Err(bad());
+        }
+        Ok(if wildcard {
+            HostMatch::Suffix(format!(".{name}"))
+        } else {
+            HostMatch::Exact(name.to_string())
+        })
+    }
+
+    /// Whether a request for `host` (lower case, no port, no trailing dot) matches.
+    pub fn matches(&self, host: &[u8]) -> bool {
+        match self {
+            HostMatch::Exact(n) => host == n.as_bytes(),
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_bytes()),
+        }
+    }
+
+    /// Whether every host `other` matches, this matches too.
+    pub fn covers(&self, other: &HostMatch) -> bool {
+        match (self, other) {
+            (HostMatch::Exact(a), HostMatch::Exact(b)) => a == b,
+            (HostMatch::Exact(_), HostMatch::Suffix(_)) => false,
+            (HostMatch::Suffix(_), HostMatch::Exact(b)) => self.matches(b.as_bytes()),
+            (HostMatch::Suffix(a), HostMatch::Suffix(b)) => b.ends_with(a.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(n) => f.write_str(n),
+            HostMatch::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
 }
 
 /// Paths answered by the proxy.

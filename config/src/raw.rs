@@ -225,6 +225,10 @@ pub struct Preview {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// Only requests for this host (nginx's `server_name`): exact (`api.example.com`) or a
+    /// leading wildcard (`*.example.com`), matched on the Host header without its port. Any
+    /// host when left out.
+    pub host: Option<String>,
     /// Requests whose path starts with this go to `upstream`. Must start with `/`.
     pub path_prefix: String,
     /// Name of an upstream.

@@ -139,9 +139,17 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
     if raw.routes.is_empty() {
         errs.push(rpath.clone(), "at least one route is required");
     }
-    let mut routes = Vec::with_capacity(raw.routes.len());
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(raw.routes.len());
+    let hosts: Vec<Option<HostMatch>> = raw
+        .routes
+        .iter()
+        .map(|r| r.host.as_deref().and_then(|h| HostMatch::parse(h).ok()))
+        .collect();
     for (i, r) in raw.routes.iter().enumerate() {
         let p = rpath.index(i);
+        if let Some(Err(e)) = r.host.as_deref().map(HostMatch::parse) {
+            errs.push(p.key("host"), e);
+        }
         if !r.path_prefix.starts_with('/') {
             errs.push(
                 p.key("path_prefix"),
@@ -154,19 +162,43 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
                 format!("unknown upstream {:?} (known: {})", r.upstream, known()),
             );
         }
-        if let Some(j) = raw.routes[..i]
-            .iter()
-            .position(|earlier| r.path_prefix.starts_with(&earlier.path_prefix))
+        // Shadowed: an earlier route takes every request this one would (its host covers
+        // this one's, and its prefix is a prefix of this one's).
+        // (A route whose host is invalid is reported for that alone.)
+        let bad = |k: usize| raw.routes[k].host.is_some() && hosts[k].is_none();
+        let covers = |j: usize| {
+            !bad(i)
+                && !bad(j)
+                && match (&hosts[j], &hosts[i]) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(a), Some(b)) => a.covers(b),
+                }
+        };
+        if let Some(j) =
+            (0..i).find(|&j| covers(j) && r.path_prefix.starts_with(&raw.routes[j].path_prefix))
         {
-            errs.push(
-                p.key("path_prefix"),
+            let earlier = &raw.routes[j];
+            let what = |h: &Option<HostMatch>, prefix: &str| match h {
+                Some(h) => format!("host {h}, {prefix:?}"),
+                None => format!("{prefix:?}"),
+            };
+            let msg = if hosts[j] == hosts[i] && earlier.path_prefix == r.path_prefix {
                 format!(
-                    "{:?} can never match: routes[{j}] ({:?}) comes first and matches everything it would",
-                    r.path_prefix, raw.routes[j].path_prefix
-                ),
-            );
+                    "duplicates routes[{j}] ({}): it can never match",
+                    what(&hosts[j], &earlier.path_prefix)
+                )
+            } else {
+                format!(
+                    "{} can never match: routes[{j}] ({}) comes first and matches everything it would",
+                    what(&hosts[i], &r.path_prefix),
+                    what(&hosts[j], &earlier.path_prefix)
+                )
+            };
+            errs.push(p.key("path_prefix"), msg);
         }
         routes.push(RouteConfig {
+            host: hosts[i].clone(),
             path_prefix: r.path_prefix.clone(),
             upstream: r.upstream.clone(),
             strip_prefix: r.strip_prefix.unwrap_or(false),

@@ -284,7 +284,7 @@ async fn a_body_over_client_max_body_size_is_413_and_the_app_gets_nothing() {
 #[tokio::test]
 async fn a_chunked_body_too_long_to_hold_is_cut_where_it_crosses_the_limit() {
     trace_init();
-    let (blue, px) = proxy("client_max_body_size: 200k\n").await;
+    let (_blue, px) = proxy("client_max_body_size: 200k\n").await;
     // 5 x 50000 bytes: past the 64 KiB read ahead within the limit, so it streams; the fifth
     // chunk crosses 200k and is never forwarded; the app never answers it.
     let text = send_and_read(px.addr, chunked(&[50_000; 5])).await;

@@ -144,3 +144,88 @@ async fn forwarding_headers_reach_the_upstream() {
     assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn hosts_route_to_their_upstreams_exact_then_wildcard_then_any() {
+    trace_init();
+    let api = FakeUpstream::start("api").await.unwrap();
+    let app = FakeUpstream::start("app").await.unwrap();
+    let shop = FakeUpstream::start("shop").await.unwrap();
+    let px = TestProxy::start(&format!(
+        r#"listen: [{{addr: "127.0.0.1:0"}}]
+admin: {{listen: "off"}}
+access_log: "off"
+control: {{socket: "{{dir}}/c.sock"}}
+state_file: "{{dir}}/s.json"
+upstreams:
+  api:
+    pools:
+      blue: ["{api}"]
+    health: {{interval: 100ms, timeout: 100ms}}
+  app:
+    pools:
+      blue: ["{app}"]
+    health: {{interval: 100ms, timeout: 100ms}}
+  shop:
+    pools:
+      blue: ["{shop}"]
+    health: {{interval: 100ms, timeout: 100ms}}
+routes:
+  - host: api.example.com
+    path_prefix: /
+    upstream: api
+  - host: "*.shop.example"
+    path_prefix: /
+    upstream: shop
+  - host: app.example.com
+    path_prefix: /
+    upstream: app
+  - path_prefix: /public/
+    upstream: app
+"#,
+        api = api.addr(),
+        app = app.addr(),
+        shop = shop.addr()
+    ))
+    .await;
+    // Raw requests: the harness's client sets its own Host.
+    let get = |host: &'static str, path: &'static str| {
+        let addr = px.addr;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut got = Vec::new();
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut got))
+                    .await;
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let status: u16 = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+            (status, body)
+        }
+    };
+    let color = |r: &(u16, String)| {
+        serde_json::from_str::<serde_json::Value>(&r.1)
+            .ok()
+            .and_then(|v| v["color"].as_str().map(String::from))
+            .unwrap_or_else(|| format!("{} {}", r.0, r.1))
+    };
+    assert_eq!(color(&get("api.example.com", "/x").await), "api");
+    assert_eq!(color(&get("API.EXAMPLE.COM:8080", "/x").await), "api");
+    assert_eq!(color(&get("app.example.com.", "/x").await), "app");
+    assert_eq!(color(&get("eu.shop.example", "/x").await), "shop");
+    assert_eq!(color(&get("a.b.shop.example", "/x").await), "shop");
+    // Not a subdomain; an unknown host reaches only the host-less route, else 404.
+    assert_eq!(get("shop.example", "/x").await.0, 404);
+    assert_eq!(get("other.example", "/x").await.0, 404);
+    assert_eq!(color(&get("other.example", "/public/a").await), "app");
+    assert_eq!(api.hits(), 2);
+    assert_eq!(shop.hits(), 2);
+    px.shutdown().await;
+}

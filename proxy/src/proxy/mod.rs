@@ -119,11 +119,26 @@ impl ProxyHttp for Switchyard {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let headers = &session.req_header().headers;
+        // The host, for routes that name one: the target's authority (absolute-form, h2's
+        // :authority), else the Host header. Only looked at when some route names a host.
+        let mut host_buf = [0u8; 253];
+        let authority = session
+            .req_header()
+            .uri
+            .authority()
+            .map(|a| a.host().as_bytes())
+            .or_else(|| headers.get(http::header::HOST).map(|h| h.as_bytes()));
         let (snap, decision) = self.shared.bind(|snap| {
             if snap.deny.denies(path) {
                 return Decision::Deny(snap.deny.status);
             }
-            let Some((route, r)) = snap.routes.find(path.as_bytes()) else {
+            let host = match authority {
+                Some(a) if snap.routes.by_host() => {
+                    crate::routing::routes::request_host(a, &mut host_buf).map(|h| &*h)
+                }
+                _ => None,
+            };
+            let Some((route, r)) = snap.routes.find(host, path.as_bytes()) else {
                 return Decision::NoRoute;
             };
             let upstream = snap.upstreams[r.upstream].clone();
