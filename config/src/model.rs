@@ -64,11 +64,20 @@ pub struct ListenConfig {
     pub tls: Option<TlsConfig>,
     /// Offer h2 by ALPN (TLS listeners only).
     pub http2: bool,
+    /// Answer 308 to `https://` instead of proxying (plain listeners only).
+    pub redirect_https: bool,
 }
 
-/// Certificate and key files of a TLS listener.
+/// The certificates of a TLS listener: at least one; chosen by SNI, the first by default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
+    /// Certificate and key files, in config order.
+    pub certs: Vec<CertPair>,
+}
+
+/// Certificate and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPair {
     /// PEM certificate chain.
     pub cert: PathBuf,
     /// PEM private key.

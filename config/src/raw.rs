@@ -70,6 +70,9 @@ pub struct Listen {
     pub tls: Option<Tls>,
     /// Offer HTTP/2 by ALPN. Default: true on TLS listeners; ignored without TLS.
     pub http2: Option<bool>,
+    /// Answer every request on this (plain) listener with `308` to the same host, path and
+    /// query over `https://` instead of proxying it (nginx's `return 308 https://$host$request_uri`).
+    pub redirect_https: Option<bool>,
 }
 
 /// PEM files for a TLS listener.
@@ -77,8 +80,21 @@ pub struct Listen {
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// Certificate chain (leaf first), PEM.
-    pub cert: String,
+    pub cert: Option<String>,
     /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<String>,
+    /// Instead of `cert`/`key`: several certificates, chosen by the client's SNI among the
+    /// names each certificate holds; the first is the default (no SNI, or no name matches).
+    pub certs: Option<Vec<CertFiles>>,
+}
+
+/// One certificate of a TLS listener with several.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    /// Certificate chain (leaf first), PEM.
+    pub cert: String,
+    /// Private key, PEM.
     pub key: String,
 }
 

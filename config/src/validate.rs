@@ -270,16 +270,44 @@ fn listeners(raw: &[raw::Listen], path: &FieldPath, errs: &mut Errors) -> Vec<Li
             errs.push(p.key("addr"), format!("{addr} is listed twice"));
         }
         let tls = l.tls.as_ref().map(|t| {
-            for (key, file) in [("cert", &t.cert), ("key", &t.key)] {
-                if file.is_empty() {
-                    errs.push(p.key("tls").key(key), "must not be empty");
+            let tp = p.key("tls");
+            let mut certs = Vec::new();
+            let mut pair = |cert: &str, key: &str, at: &FieldPath| {
+                for (k, file) in [("cert", cert), ("key", key)] {
+                    if file.is_empty() {
+                        errs.push(at.key(k), "must not be empty");
+                    }
                 }
+                certs.push(CertPair {
+                    cert: PathBuf::from(cert),
+                    key: PathBuf::from(key),
+                });
+            };
+            match (&t.cert, &t.key, &t.certs) {
+                (Some(c), Some(k), None) => pair(c, k, &tp),
+                (None, None, Some(list)) if !list.is_empty() => {
+                    for (j, c) in list.iter().enumerate() {
+                        pair(&c.cert, &c.key, &tp.key("certs").index(j));
+                    }
+                }
+                (None, None, Some(_)) => errs.push(tp.key("certs"), "at least one certificate"),
+                (_, _, Some(_)) => errs.push(
+                    tp.clone(),
+                    "either cert and key, or certs: [{cert, key}, ...], not both",
+                ),
+                (Some(_), None, None) => errs.push(tp.key("key"), "cert needs its key"),
+                (None, Some(_), None) => errs.push(tp.key("cert"), "key needs its cert"),
+                (None, None, None) => errs.push(tp.clone(), "cert and key are required"),
             }
-            TlsConfig {
-                cert: PathBuf::from(&t.cert),
-                key: PathBuf::from(&t.key),
-            }
+            TlsConfig { certs }
         });
+        let redirect_https = l.redirect_https.unwrap_or(false);
+        if redirect_https && tls.is_some() {
+            errs.push(
+                p.key("redirect_https"),
+                "is for a plain listener: this one already serves https",
+            );
+        }
         if l.http2 == Some(true) && tls.is_none() {
             errs.push(
                 p.key("http2"),
@@ -287,7 +315,12 @@ fn listeners(raw: &[raw::Listen], path: &FieldPath, errs: &mut Errors) -> Vec<Li
             );
         }
         let http2 = tls.is_some() && l.http2.unwrap_or(true);
-        out.push(ListenConfig { addr, tls, http2 });
+        out.push(ListenConfig {
+            addr,
+            tls,
+            http2,
+            redirect_https,
+        });
     }
     out
 }

@@ -304,7 +304,11 @@ const FIFTY_MB: u64 = 50 * 1024 * 1024;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_megabytes_stream_through_with_bounded_memory() {
     let up = upstream("blue").await;
-    let px = ProxyProcess::start(up.addr(), "5s");
+    // (Above the default client_max_body_size of 10m.)
+    let px = ProxyProcess::start_yaml(&format!(
+        "client_max_body_size: 64m\nlisten: [{{addr: \"127.0.0.1:{{port}}\"}}]\nthreads: 2\ngrace_period: 5s\ncontrol: {{socket: \"{{dir}}/c.sock\"}}\nstate_file: \"{{dir}}/s.json\"\nadmin: {{listen: \"off\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n      blue: [\"{}\"]\n    active: blue\n    health: {{interval: 100ms, timeout: 100ms}}\nroutes: [{{path_prefix: /, upstream: app}}]\n",
+        up.addr()
+    ));
     let baseline = px.peak_rss_kib();
 
     // Upload: generated chunk by chunk, hashed on both sides.

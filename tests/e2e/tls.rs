@@ -145,3 +145,147 @@ fn a_port_in_use_is_a_start_error() {
         "{err}"
     );
 }
+
+/// Connect with SNI `sni`, trusting `roots`; the stream and the leaf certificate presented.
+async fn connect_sni(
+    addr: std::net::SocketAddr,
+    roots: &[&rcgen::CertifiedKey<rcgen::KeyPair>],
+    sni: &str,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+) {
+    let mut store = rustls::RootCertStore::empty();
+    for c in roots {
+        store.add(c.cert.der().clone()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("TLS to {sni}: {e}"));
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (tls, leaf)
+}
+
+/// One HTTP/1.1 GET on a TLS stream: the status.
+async fn get_on(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (hyper::client::conn::http1::SendRequest<Empty<Bytes>>, u16) {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let status = again(&mut send).await;
+    (send, status)
+}
+
+async fn again(send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -> u16 {
+    let req = http::Request::get("/")
+        .header("host", "a.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+#[tokio::test]
+async fn certificates_are_chosen_by_sni_and_reloaded_without_dropping_connections() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let a = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+    let b =
+        rcgen::generate_simple_self_signed(vec!["b.test".into(), "*.wild.test".into()]).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, c: &rcgen::CertifiedKey<rcgen::KeyPair>| {
+        let (crt, key) = (
+            files.path().join(format!("{name}.crt")),
+            files.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&crt, c.cert.pem()).unwrap();
+        std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
+        (crt.display().to_string(), key.display().to_string())
+    };
+    let (a_crt, a_key) = write("a", &a);
+    let (b_crt, b_key) = write("b", &b);
+    let yaml = app_yaml(&[("blue", &[up.addr()])], "blue", "").replace(
+        "  - addr: \"127.0.0.1:0\"\n",
+        &format!(
+            "  - addr: \"127.0.0.1:0\"\n    http2: false\n    tls:\n      certs:\n        - {{cert: \"{a_crt}\", key: \"{a_key}\"}}\n        - {{cert: \"{b_crt}\", key: \"{b_key}\"}}\n"
+        ),
+    );
+    let px = TestProxy::start_from_file(&yaml).await;
+    let der = |c: &rcgen::CertifiedKey<rcgen::KeyPair>| c.cert.der().to_vec();
+    assert_eq!(connect_sni(px.addr, &[&a, &b], "a.test").await.1, der(&a));
+    assert_eq!(connect_sni(px.addr, &[&a, &b], "b.test").await.1, der(&b));
+    assert_eq!(
+        connect_sni(px.addr, &[&a, &b], "x.wild.test").await.1,
+        der(&b)
+    );
+    // A connection open across the reload keeps working.
+    let (open, _) = connect_sni(px.addr, &[&a, &b], "a.test").await;
+    let (mut send, status) = get_on(open).await;
+    assert_eq!(status, 200);
+    // Renewed: new files at the same paths, then reload.
+    let a2 = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+    write("a", &a2);
+    let r = px.ctl_call(switchyard_control::Request::Reload).await;
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(connect_sni(px.addr, &[&a2, &b], "a.test").await.1, der(&a2));
+    assert_eq!(again(&mut send).await, 200, "the open connection goes on");
+    // A key that does not belong to its certificate: the reload is refused, naming the
+    // files, and the certificates in use stay.
+    std::fs::write(files.path().join("a.key"), b.signing_key.serialize_pem()).unwrap();
+    let r = px.ctl_call(switchyard_control::Request::Reload).await;
+    assert!(!r.ok);
+    let msg = r.error.unwrap().message;
+    assert!(
+        msg.contains("do not match") && msg.contains("a.key"),
+        "{msg}"
+    );
+    assert_eq!(connect_sni(px.addr, &[&a2, &b], "a.test").await.1, der(&a2));
+    px.shutdown().await;
+}
+
+#[tokio::test]
+async fn redirect_https_answers_308_with_host_path_and_query() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let yaml = app_yaml(&[("blue", &[up.addr()])], "blue", "").replace(
+        "  - addr: \"127.0.0.1:0\"\n",
+        "  - addr: \"127.0.0.1:0\"\n    redirect_https: true\n",
+    );
+    let px = TestProxy::start(&yaml).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (req, want) in [
+        (
+            "GET /p/x?q=1&r=%20 HTTP/1.1\r\nHost: Example.com:8080\r\n\r\n",
+            "https://Example.com/p/x?q=1&r=%20",
+        ),
+        (
+            "POST http://api.example.com:80/y HTTP/1.1\r\nHost: api.example.com:80\r\nContent-Length: 0\r\n\r\n",
+            "https://api.example.com/y",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut got))
+            .await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 308 Permanent Redirect\r\n"), "{text}");
+        assert!(text.contains(&format!("\r\nLocation: {want}\r\n")), "{text}");
+    }
+    assert_eq!(up.hits(), 0, "never proxied");
+    px.shutdown().await;
+}

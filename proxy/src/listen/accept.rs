@@ -180,6 +180,7 @@ impl App {
         mut stream: Conn<S>,
         accepted: Instant,
         shutdown: &ShutdownWatch,
+        redirect_https: bool,
     ) {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut first = true;
@@ -235,6 +236,22 @@ impl App {
                     return;
                 }
             };
+            if redirect_https {
+                // Never proxied: the same host, path and query over https.
+                match head::https_location(stream.unread()) {
+                    Some(to) => {
+                        let reply = format!("308 Permanent Redirect: {to}\n");
+                        let extra = format!("Location: {to}\r\n");
+                        self.answer(&mut stream, 308, &extra, &reply, accepted)
+                            .await;
+                    }
+                    None => {
+                        self.refuse(&mut stream, 400, "no host to redirect to", accepted)
+                            .await
+                    }
+                }
+                return;
+            }
             // client_max_body_size: a body announced larger, or a chunked one found larger
             // while it is read ahead, is refused before anything reaches the app.
             let limit = cfg.client_max_body_size;
@@ -363,8 +380,24 @@ impl App {
             .and_then(|s| s.canonical_reason())
             .unwrap_or("Error");
         let body = format!("{status} {reason}: {why}\n");
+        self.answer(stream, status, "", &body, accepted).await;
+    }
+
+    /// Answer with `status`, `extra` header lines and a plain-text `body`, and close.
+    async fn answer<S: IO>(
+        &self,
+        stream: &mut Conn<S>,
+        status: u16,
+        extra: &str,
+        body: &str,
+        accepted: Instant,
+    ) {
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Error");
         let reply = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
+            "HTTP/1.1 {status} {reason}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n{body}",
             body.len()
         );
         let write = async {
@@ -426,7 +459,7 @@ impl App {
             }
             self.serve_h2(Box::new(conn), shutdown).await;
         } else {
-            self.serve_connection(Conn::new(tls_stream), at, shutdown)
+            self.serve_connection(Conn::new(tls_stream), at, shutdown, false)
                 .await;
         }
     }
@@ -474,7 +507,7 @@ async fn until_shutdown<T>(
 /// `10m`, `512k`, or bytes: a size as an operator writes it.
 pub(crate) fn human_size(n: u64) -> String {
     for (unit, shift) in [("g", 30), ("m", 20), ("k", 10)] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{}{unit}", n >> shift);
         }
     }
@@ -516,6 +549,7 @@ pub(crate) async fn serve(
             listener,
             l.addr,
             tls,
+            l.redirect_https,
             app.clone(),
             shutdown.clone(),
         )));
@@ -589,6 +623,7 @@ async fn accept_loop(
     listener: pingora::protocols::l4::listener::Listener,
     addr: SocketAddr,
     tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+    redirect: bool,
     app: Arc<App>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -628,7 +663,9 @@ async fn accept_loop(
             // Each kind of connection in a box of its own size: an idle plain connection must
             // not carry the ~5 KiB of a TLS stream's state (10k idle clients: 66 vs 190 MiB).
             match tls {
-                None => Box::pin(app.serve_connection(Conn::new(stream), at, &shutdown)).await,
+                None => {
+                    Box::pin(app.serve_connection(Conn::new(stream), at, &shutdown, redirect)).await
+                }
                 Some(acceptor) => Box::pin(app.serve_tls(&acceptor, stream, at, &shutdown)).await,
             }
         });

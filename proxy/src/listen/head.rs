@@ -198,6 +198,52 @@ fn check_target(method: &str, target: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Where `redirect_https` sends a request whose head (already checked by [`inspect`]) starts
+/// `buf`: `https://` + the host without its port (the absolute-form target's, else the Host
+/// header's) + the path and query as sent — nginx's `https://$host$request_uri`. `None` when
+/// there is no host.
+pub(crate) fn https_location(buf: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    req.parse(&buf[start..]).ok()?;
+    let target = req.path?;
+    let (authority, path) = match absolute_authority(target) {
+        Some(a) => {
+            let scheme_len = target.find("://").map(|i| i + 3).unwrap_or(0);
+            (a, &target[scheme_len + a.len()..])
+        }
+        None => (
+            req.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))?
+                .value
+                .trim_ascii(),
+            target,
+        ),
+    };
+    let host = if authority.first() == Some(&b'[') {
+        let end = authority.iter().position(|b| *b == b']')?;
+        &authority[..=end]
+    } else {
+        match authority.iter().rposition(|b| *b == b':') {
+            Some(i) => &authority[..i],
+            None => authority,
+        }
+    };
+    if host.is_empty() || !valid_authority(host) {
+        return None;
+    }
+    let path = if path.starts_with('/') {
+        path
+    } else if path.is_empty() {
+        "/"
+    } else {
+        return None;
+    };
+    Some(format!("https://{}{path}", String::from_utf8_lossy(host)))
+}
+
 /// The authority of an absolute-form `http(s)://authority[/...]` target.
 fn absolute_authority(target: &str) -> Option<&[u8]> {
     let t = target.as_bytes();

@@ -28,6 +28,7 @@ pub use accept::DrainReport;
 pub(crate) use accept::{human_size, serve, App, Connections};
 pub(crate) use conn::BodyTooLarge;
 pub use tls::preflight;
+pub(crate) use tls::CertResolver;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +65,10 @@ pub(crate) struct BoundListener {
     pub(crate) addr: SocketAddr,
     socket: std::net::TcpListener,
     tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+    /// Its certificates, swapped by a reload.
+    pub(crate) certs: Option<Arc<CertResolver>>,
+    /// Answers 308 to https instead of proxying.
+    redirect_https: bool,
 }
 
 /// One worker's handle on a listener: a duplicate of the socket.
@@ -71,6 +76,7 @@ pub(crate) struct WorkerSocket {
     addr: SocketAddr,
     socket: std::net::TcpListener,
     tls: Option<Arc<pingora::listeners::tls::Acceptor>>,
+    redirect_https: bool,
 }
 
 impl BoundListener {
@@ -85,6 +91,7 @@ impl BoundListener {
             addr: self.addr,
             socket: self.socket.try_clone()?,
             tls: self.tls.clone(),
+            redirect_https: self.redirect_https,
         })
     }
 }
@@ -114,11 +121,28 @@ pub(crate) fn adopt(
     };
     socket.set_nonblocking(true).map_err(err)?;
     let addr = socket.local_addr().map_err(err)?;
-    let tls = match &cfg.tls {
-        Some(t) => Some(Arc::new(tls::tls_settings(t, cfg.http2)?.build())),
-        None => None,
+    finish(cfg, addr, socket)
+}
+
+fn finish(
+    cfg: &ListenConfig,
+    addr: SocketAddr,
+    socket: std::net::TcpListener,
+) -> Result<BoundListener, ListenError> {
+    let (tls, certs) = match &cfg.tls {
+        Some(t) => {
+            let (settings, certs) = tls::tls_settings(t, cfg.http2)?;
+            (Some(Arc::new(settings.build())), Some(certs))
+        }
+        None => (None, None),
     };
-    Ok(BoundListener { addr, socket, tls })
+    Ok(BoundListener {
+        addr,
+        socket,
+        tls,
+        certs,
+        redirect_https: cfg.redirect_https,
+    })
 }
 
 /// Bind one configured listener (and load its TLS certificate).
@@ -140,9 +164,5 @@ pub(crate) fn bind(cfg: &ListenConfig) -> Result<BoundListener, ListenError> {
     socket.listen(BACKLOG).map_err(err)?;
     let socket: std::net::TcpListener = socket.into();
     let addr = socket.local_addr().map_err(err)?;
-    let tls = match &cfg.tls {
-        Some(t) => Some(Arc::new(tls::tls_settings(t, cfg.http2)?.build())),
-        None => None,
-    };
-    Ok(BoundListener { addr, socket, tls })
+    finish(cfg, addr, socket)
 }

@@ -2,14 +2,14 @@
 //! settings built from them.
 
 use super::ListenError;
+use arc_swap::ArcSwap;
 use pingora::listeners::tls::TlsSettings;
 use std::sync::Arc;
-use switchyard_config::Config;
+use switchyard_config::{CertPair, Config, TlsConfig};
 
-/// Load a certificate chain and key into rustls' form, with errors instead of panics.
-fn load_cert(
-    t: &switchyard_config::TlsConfig,
-) -> Result<Arc<pingora::tls::sign::CertifiedKey>, ListenError> {
+/// Load a certificate chain and key into rustls' form, with errors instead of panics. The
+/// key must belong to the certificate.
+fn load_cert(t: &CertPair) -> Result<Arc<pingora::tls::sign::CertifiedKey>, ListenError> {
     use pingora::tls;
     tls::install_default_crypto_provider();
     let bad = |why: String| ListenError::Tls {
@@ -38,41 +38,112 @@ fn load_cert(
     Ok(Arc::new(ck))
 }
 
-/// Serves the one certificate of a listener (the resolver route lets Pingora's TLS settings
-/// be built without it re-reading — and panicking on — the PEM files).
+/// A listener's certificates, each with the DNS names it holds (lower case; `*.x` wildcards).
 #[derive(Debug)]
-struct OneCert(Arc<pingora::tls::sign::CertifiedKey>);
+struct CertSet {
+    certs: Vec<(Vec<String>, Arc<pingora::tls::sign::CertifiedKey>)>,
+}
 
-impl pingora::tls::ResolvesServerCert for OneCert {
-    fn resolve(
-        &self,
-        _hello: pingora::tls::ClientHello<'_>,
-    ) -> Option<Arc<pingora::tls::sign::CertifiedKey>> {
-        Some(self.0.clone())
+impl CertSet {
+    fn load(t: &TlsConfig) -> Result<CertSet, ListenError> {
+        let mut certs = Vec::with_capacity(t.certs.len());
+        for pair in &t.certs {
+            let ck = load_cert(pair)?;
+            let names = ck
+                .cert
+                .first()
+                .and_then(|leaf| webpki::EndEntityCert::try_from(leaf).ok())
+                .map(|ee| {
+                    ee.valid_dns_names()
+                        .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+                        .collect()
+                })
+                .unwrap_or_default();
+            certs.push((names, ck));
+        }
+        Ok(CertSet { certs })
+    }
+
+    /// The certificate for `sni`: the first whose names match it (exactly, or a `*.` wildcard
+    /// for one label), else the first.
+    fn pick(&self, sni: Option<&str>) -> Option<Arc<pingora::tls::sign::CertifiedKey>> {
+        if let Some(sni) = sni {
+            let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+            let hit = self.certs.iter().find(|(names, _)| {
+                names.iter().any(|n| match n.strip_prefix("*.") {
+                    Some(rest) => sni
+                        .split_once('.')
+                        .is_some_and(|(label, tail)| !label.is_empty() && tail == rest),
+                    None => *n == sni,
+                })
+            });
+            if let Some((_, ck)) = hit {
+                return Some(ck.clone());
+            }
+        }
+        self.certs.first().map(|(_, ck)| ck.clone())
     }
 }
 
-/// Pingora TLS settings for a listener, or a start error.
+/// Certificates loaded by a reload, not serving yet.
+#[derive(Debug)]
+pub(crate) struct PreparedCerts(Arc<CertSet>);
+
+/// Serves a listener's certificates by SNI (the resolver route also lets Pingora's TLS
+/// settings be built without it re-reading — and panicking on — the PEM files). A reload swaps
+/// the set: new handshakes get the new certificates, established connections go on.
+#[derive(Debug)]
+pub(crate) struct CertResolver(ArcSwap<CertSet>);
+
+impl CertResolver {
+    /// Load the files anew (renewed certificates at the same paths, or other files), to be
+    /// [`Self::install`]ed once every listener's loaded.
+    pub(crate) fn prepare(t: &TlsConfig) -> Result<PreparedCerts, ListenError> {
+        CertSet::load(t).map(|s| PreparedCerts(Arc::new(s)))
+    }
+
+    /// Serve these from the next handshake on; established connections go on as they are.
+    pub(crate) fn install(&self, p: PreparedCerts) {
+        self.0.store(p.0);
+    }
+
+    /// Load without installing.
+    pub(crate) fn check(t: &TlsConfig) -> Result<(), ListenError> {
+        CertSet::load(t).map(|_| ())
+    }
+}
+
+impl pingora::tls::ResolvesServerCert for CertResolver {
+    fn resolve(
+        &self,
+        hello: pingora::tls::ClientHello<'_>,
+    ) -> Option<Arc<pingora::tls::sign::CertifiedKey>> {
+        self.0.load().pick(hello.server_name())
+    }
+}
+
+/// Pingora TLS settings for a listener and its certificate resolver, or a start error.
 pub(crate) fn tls_settings(
-    t: &switchyard_config::TlsConfig,
+    t: &TlsConfig,
     http2: bool,
-) -> Result<TlsSettings, ListenError> {
-    let cert = load_cert(t)?;
+) -> Result<(TlsSettings, Arc<CertResolver>), ListenError> {
+    let resolver = Arc::new(CertResolver(ArcSwap::from_pointee(CertSet::load(t)?)));
+    let first = &t.certs[0];
     let mut s = TlsSettings::intermediate("", "").map_err(|e| ListenError::Tls {
-        cert: t.cert.clone(),
-        key: t.key.clone(),
+        cert: first.cert.clone(),
+        key: first.key.clone(),
         why: e.to_string(),
     })?;
-    s.set_cert_resolver(Arc::new(OneCert(cert)));
+    s.set_cert_resolver(resolver.clone());
     if http2 {
         s.enable_h2();
     }
-    Ok(s)
+    Ok((s, resolver))
 }
 
 /// Check a TLS listener's files (for `switchyard check` and reloads).
-pub(crate) fn check_tls(t: &switchyard_config::TlsConfig) -> Result<(), ListenError> {
-    load_cert(t).map(|_| ())
+pub(crate) fn check_tls(t: &TlsConfig) -> Result<(), ListenError> {
+    CertResolver::check(t)
 }
 
 /// Checks that need the machine, not just the file (`switchyard check` runs them, like

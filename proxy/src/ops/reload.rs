@@ -85,8 +85,19 @@ impl Controller {
         let guard = self.shared.lock();
         let old = self.shared.load();
         let o = &old.config;
+        // Certificates are reloaded in place (below); anything else about a listener needs a
+        // restart (or a binary upgrade).
+        let shape = |l: &switchyard_config::ListenConfig| {
+            (l.addr, l.tls.is_some(), l.http2, l.redirect_https)
+        };
         let needs_restart: Vec<String> = [
-            ("listen", o.listen != config.listen),
+            (
+                "listen",
+                !o.listen
+                    .iter()
+                    .map(shape)
+                    .eq(config.listen.iter().map(shape)),
+            ),
             ("threads", o.threads != config.threads),
             ("control", o.control != config.control),
             ("admin", o.admin != config.admin),
@@ -97,6 +108,23 @@ impl Controller {
         .map(|(k, _)| k.to_string())
         .collect();
         let (dest, format) = (config.access_log.clone(), config.access_log_format);
+        // Certificates of the listeners that stay TLS, read again (renewed files at the same
+        // paths, or other files): all load, or nothing changes.
+        let mut certs = Vec::new();
+        for (i, l) in config.listen.iter().enumerate() {
+            let (Some(t), Some((_, resolver))) =
+                (&l.tls, self.tls.iter().find(|(addr, _)| *addr == l.addr))
+            else {
+                continue;
+            };
+            let prepared = crate::listen::CertResolver::prepare(t).map_err(|e| {
+                err(
+                    ErrorCode::Invalid,
+                    format!("listen[{i}].tls: {e}; the running config stays"),
+                )
+            })?;
+            certs.push((resolver.clone(), prepared));
+        }
         // Read again under the lock (preflight read it before): a changed secret takes effect
         // now; an unreadable one leaves everything as it was.
         let sticky = match &config.sticky_key_file {
@@ -132,6 +160,9 @@ impl Controller {
                 };
                 err(code, format!("not applied: {e}"))
             })?;
+        for (resolver, prepared) in certs {
+            resolver.install(prepared);
+        }
         // Under the writer lock, so two reloads cannot leave the log of one and the config of
         // the other. The file was checked to open before anything was applied; only a race
         // with the file system ends here.

@@ -134,7 +134,7 @@ impl ProxyHttp for Switchyard {
             }
             let host = match authority {
                 Some(a) if snap.routes.by_host() => {
-                    crate::routing::routes::request_host(a, &mut host_buf).map(|h| &*h)
+                    crate::routing::routes::request_host(a, &mut host_buf)
                 }
                 _ => None,
             };

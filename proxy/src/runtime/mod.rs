@@ -315,6 +315,12 @@ fn start_on(
         access_log: access_log.clone(),
         started: Instant::now(),
         observed: Default::default(),
+        tls: config
+            .listen
+            .iter()
+            .zip(&listeners)
+            .filter_map(|(c, l)| Some((c.addr, l.certs.clone()?)))
+            .collect(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (handed_over_tx, handed_over_rx) = watch::channel(None);
