@@ -50,4 +50,6 @@ pub mod bench;
 
 pub use checks::{Resolve, SystemResolver};
 pub use listen::{preflight, DrainReport, ListenError};
-pub use runtime::{start, upgrade, Handle, LogDropped, StartError, StartOptions, UpgradeError};
+pub use runtime::{
+    start, upgrade, upgrade_with, Handle, LogDropped, StartError, StartOptions, UpgradeError,
+};

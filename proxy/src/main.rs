@@ -28,11 +28,11 @@ struct Cli {
     /// Zero-downtime binary upgrade: take the listening sockets, control socket, admin
     /// listener and state of the switchyard running with this config's control.socket, then
     /// run in its place (it stops accepting, drains and exits). Same as `switchyard upgrade`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     upgrade: bool,
     /// With --upgrade: start the new process in the background and exit once it serves (0)
     /// or has failed (1, the running one keeps serving): what systemd's ExecReload needs.
-    #[arg(long, requires = "upgrade")]
+    #[arg(long, global = true)]
     detach: bool,
     #[command(subcommand)]
     command: Option<Command>,
@@ -257,13 +257,16 @@ fn run(
     };
     use sd_notify::NotifyState;
     let handle = if upgrade {
-        let h = switchyard_proxy::upgrade(cfg, opts)?;
+        // Under systemd (NotifyAccess=all) this process is the service's main process from
+        // before the old one is told to go (it may exit within milliseconds).
+        let h = switchyard_proxy::upgrade_with(cfg, opts, || {
+            let _ = sd_notify::notify(
+                false,
+                &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
+            );
+        })?;
         tracing::info!(listen = ?h.listen_addrs(), control = %h.control_socket().display(), predecessor = ?h.predecessor(), "switchyard upgraded: took over from the running process");
-        // Under systemd (NotifyAccess=all) this process is the service's main process now.
-        let _ = sd_notify::notify(
-            false,
-            &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
-        );
+        tell_detached_parent();
         h
     } else {
         let h = switchyard_proxy::start(cfg, opts)?;
@@ -274,11 +277,13 @@ fn run(
     rt.block_on(async {
         let sig = loop {
             let event = tokio::select! {
-                s = signals.recv() => s,
+                // A handover first: after it, a SIGTERM is for the successor's service.
+                biased;
                 pid = handle.handed_over() => {
                     tracing::info!(successor = pid, "handed over to a new process; finishing in-flight requests, then exiting");
                     break "upgrade";
                 }
+                s = signals.recv() => s,
             };
             match event {
                 Sig::Stop(name) => break name,
@@ -300,22 +305,39 @@ fn run(
     })
 }
 
+/// Set by `upgrade --detach` for the process it starts: its stdin is a pipe to the parent,
+/// which waits for one line there.
+const READY_ON_STDIN: &str = "SWITCHYARD_UPGRADE_READY_ON_STDIN";
+
+/// In a process started by `upgrade --detach`: say "ready" on the pipe (the old process has
+/// our answer now), then let go of it.
+fn tell_detached_parent() {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    if std::env::var_os(READY_ON_STDIN).is_none() {
+        return;
+    }
+    if let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() {
+        let mut pipe = std::fs::File::from(fd);
+        let _ = writeln!(pipe, "ready {}", std::process::id());
+    }
+}
+
 /// `switchyard upgrade --detach`: start `switchyard --upgrade` in the background (same config,
-/// same log settings, same stdout/stderr) and report how it went: 0 once the control socket
-/// answers from the new process, 1 (with its exit status) if it exited first — the running
-/// switchyard then keeps serving. Readiness is read from the control socket's `status` (its
-/// `pid`), so nothing but the two sockets is shared between the processes.
+/// same log settings, same stdout/stderr) and report how it went: 0 once it has taken over
+/// (the old process has its answer), 1 with the reason if it exited first — the running
+/// switchyard then keeps serving. The new process says "ready" on a pipe given as its stdin,
+/// written only after the old process got the answer.
 fn detached_upgrade(cli: &Cli) -> anyhow::Result<()> {
-    let cfg = match switchyard_config::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            for fe in e.field_errors() {
-                eprintln!("{}: {fe}", cli.config.display());
-            }
-            anyhow::bail!("invalid config {}, nothing changed", cli.config.display());
+    use std::io::BufRead;
+    if let Err(e) = switchyard_config::load(&cli.config) {
+        for fe in e.field_errors() {
+            eprintln!("{}: {fe}", cli.config.display());
         }
-    };
+        anyhow::bail!("invalid config {}, nothing changed", cli.config.display());
+    }
     let exe = std::env::current_exe().context("cannot find the switchyard binary")?;
+    let (reader, writer) = std::io::pipe().context("cannot create a pipe")?;
     let mut child = std::process::Command::new(exe)
         .arg("--upgrade")
         .arg("-c")
@@ -327,31 +349,33 @@ fn detached_upgrade(cli: &Cli) -> anyhow::Result<()> {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
         })
+        .env(READY_ON_STDIN, "1")
+        .stdin(writer)
         .spawn()
         .context("cannot start the new process")?;
     let pid = child.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    runtime()?.block_on(async {
-        loop {
-            if let Some(status) = child.try_wait()? {
-                anyhow::bail!("the new process (pid {pid}) exited ({status}) before it served; the running switchyard keeps serving");
-            }
-            if let Ok(mut c) = switchyard_control::ControlClient::connect(&cfg.control.socket).await {
-                if let Ok(r) = c.request(&switchyard_control::Request::Status).await {
-                    let serving = r.result.as_ref().and_then(|v| v.get("pid")).and_then(|p| p.as_u64());
-                    if serving == Some(u64::from(pid)) {
-                        println!("switchyard upgraded: pid {pid} serves; the old process drains and exits");
-                        return Ok(());
-                    }
-                }
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                anyhow::bail!("the new process (pid {pid}) did not take over within 60 s; stopped it, the running switchyard keeps serving");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Its answer, or the end of the pipe when it exits first; bounded (the old process gives
+    // a new one 30 s to start).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(reader).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(45)) {
+        Ok(line) if line.starts_with("ready") => {
+            println!("switchyard upgraded: pid {pid} serves; the old process drains and exits");
+            Ok(())
         }
-    })
+        Ok(_) => {
+            let status = child.wait()?;
+            anyhow::bail!("the new process (pid {pid}) exited ({status}) without taking over; the running switchyard keeps serving")
+        }
+        Err(_) => {
+            let _ = child.kill();
+            anyhow::bail!("the new process (pid {pid}) did not take over within 45 s; stopped it, the running switchyard keeps serving")
+        }
+    }
 }
 
 fn demo(listen: SocketAddr) -> anyhow::Result<()> {

@@ -37,7 +37,8 @@ impl Load {
                             None => match Conn::open(addr).await {
                                 Ok(c) => c,
                                 Err(e) => {
-                                    failures.lock().unwrap().push(format!("client {i}: {e}"));
+                                    record(&failures, format!("client {i}: {e}"));
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
                                     continue;
                                 }
                             },
@@ -54,12 +55,13 @@ impl Load {
                                     c = Some(conn);
                                 }
                             }
-                            Ok(r) => failures.lock().unwrap().push(format!(
-                                "client {i}: {} {}",
-                                r.status,
-                                r.text()
-                            )),
-                            Err(e) => failures.lock().unwrap().push(format!("client {i}: {e}")),
+                            Ok(r) => {
+                                record(&failures, format!("client {i}: {} {}", r.status, r.text()))
+                            }
+                            Err(e) => {
+                                record(&failures, format!("client {i}: {e}"));
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                         }
                     }
                 })
@@ -76,12 +78,8 @@ impl Load {
                         Ok(r) if r.status == 200 => {
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Ok(r) => failures.lock().unwrap().push(format!(
-                            "fresh: {} {}",
-                            r.status,
-                            r.text()
-                        )),
-                        Err(e) => failures.lock().unwrap().push(format!("fresh: {e}")),
+                        Ok(r) => record(&failures, format!("fresh: {} {}", r.status, r.text())),
+                        Err(e) => record(&failures, format!("fresh: {e}")),
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
@@ -116,14 +114,30 @@ impl Load {
     }
 }
 
-fn two_pools(blue: &FakeUpstream, green: &FakeUpstream) -> String {
+/// Keep a failure (the first 1000: a proxy that is down must not fill the memory).
+fn record(failures: &Mutex<Vec<String>>, what: String) {
+    let mut f = failures.lock().unwrap();
+    if f.len() < 1000 {
+        f.push(what);
+    }
+}
+
+/// blue and green in upstream `app`, and a route `/slow` to upstream `slow` (its own fake
+/// upstream, so a test can tell when its request arrived). Health checks every 100 ms, five
+/// passes to be healthy: a new process that did not take the health over could not call
+/// anything healthy within 400 ms of its start.
+fn two_pools(blue: &FakeUpstream, green: &FakeUpstream, slow: &FakeUpstream) -> String {
     app_yaml(
         &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
         "blue",
-        "",
+        "    health: {interval: 100ms, timeout: 100ms, healthy_threshold: 5}\n",
     )
     .replace("grace_period: 5s", "grace_period: 10s")
     .replace("  listen: \"off\"", "  listen: \"127.0.0.1:0\"")
+    .replace(
+        "routes:\n",
+        &format!("  slow:\n    pools:\n      blue: [\"{}\"]\n    health: {{interval: 100ms, timeout: 100ms, healthy_threshold: 5}}\nroutes:\n  - path_prefix: /slow\n    upstream: slow\n", slow.addr()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,10 +153,15 @@ async fn five_upgrades_under_load_fail_nothing_and_keep_state_and_in_flight_work
         .start()
         .await
         .unwrap();
-    let yaml = two_pools(&blue, &green);
+    let slow_up = FakeUpstream::builder("slow")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let yaml = two_pools(&blue, &green, &slow_up);
     let mut px = TestProxy::start(&yaml).await;
     assert!(
-        px.ctl_call(weights_req(&[("blue", 70), ("green", 30)]))
+        px.ctl_call(on_app(weights_req(&[("blue", 70), ("green", 30)])))
             .await
             .ok
     );
@@ -152,21 +171,29 @@ async fn five_upgrades_under_load_fail_nothing_and_keep_state_and_in_flight_work
     let load = Load::start(addr, 64);
     load.wait_more(500).await;
     for round in 0..5 {
-        // Work in flight on the old process when it is told to stop.
+        // Work in flight on the old process when it is told to stop: it has reached the app.
         let slow = tokio::spawn(async move {
             request(addr, "GET", "/slow?ms=700", &[], bytes::Bytes::new()).await
         });
-        eventually(|| {
-            let st = px.handle().status();
-            let a = st.upstream("app").unwrap();
-            a.pools.iter().map(|p| p.inflight).sum::<i64>() > 0
-        })
-        .await;
+        let before = round as u64;
+        eventually(|| slow_up.hits() > before).await;
         let (old, new) = match px.upgrade(&yaml).await {
             Ok(x) => x,
             Err((_, e)) => panic!("round {round}: upgrade failed: {e}"),
         };
         px = new;
+        // Health carried over: right after the start, with checks needing five passes (500 ms),
+        // every instance is already healthy.
+        let st = px.handle().status();
+        let unhealthy: Vec<_> = st
+            .upstreams
+            .iter()
+            .flat_map(|u| &u.pools)
+            .flat_map(|p| &p.instances)
+            .filter(|i| i.health != switchyard_control::HealthState::Healthy)
+            .map(|i| (i.addr.clone(), i.health))
+            .collect();
+        assert!(unhealthy.is_empty(), "round {round}: {unhealthy:?}");
         assert_eq!(
             tokio::time::timeout(Duration::from_secs(5), old.handed_over())
                 .await
@@ -195,14 +222,6 @@ async fn five_upgrades_under_load_fail_nothing_and_keep_state_and_in_flight_work
                 .collect::<Vec<_>>(),
             "round {round}"
         );
-        // Health carried over: no instance starts unknown.
-        assert!(
-            now.pools
-                .iter()
-                .flat_map(|p| &p.instances)
-                .all(|i| i.health == switchyard_control::HealthState::Healthy),
-            "round {round}: {now:?}"
-        );
         let over_socket = px.ctl_call(Request::Status).await;
         assert!(over_socket.ok, "round {round}");
         load.wait_more(200).await;
@@ -222,7 +241,7 @@ async fn five_upgrades_under_load_fail_nothing_and_keep_state_and_in_flight_work
     );
     assert!(fresh > 10, "new connections were made throughout ({fresh})");
     // Changes work on the new proxy and persist.
-    assert!(px.ctl_call(switch_req("green", None)).await.ok);
+    assert!(px.ctl_call(on_app(switch_req("green", None))).await.ok);
     px.shutdown().await;
 }
 
@@ -231,7 +250,8 @@ async fn an_upgrade_that_cannot_start_leaves_the_old_proxy_serving_and_changeabl
     trace_init();
     let blue = FakeUpstream::start("blue").await.unwrap();
     let green = FakeUpstream::start("green").await.unwrap();
-    let yaml = two_pools(&blue, &green);
+    let slow = FakeUpstream::start("slow").await.unwrap();
+    let yaml = two_pools(&blue, &green, &slow);
     let px = TestProxy::start(&yaml).await;
     // The new config adds a listener on a port someone else holds: the new proxy cannot start.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -248,7 +268,7 @@ async fn an_upgrade_that_cannot_start_leaves_the_old_proxy_serving_and_changeabl
     assert!(e.to_string().contains("keeps serving"), "{e}");
     // Still serving, on its control socket too, and not frozen.
     assert_eq!(px.get("/").await.status, 200);
-    let r = px.ctl_call(switch_req("green", None)).await;
+    let r = px.ctl_call(on_app(switch_req("green", None))).await;
     assert!(r.ok, "{:?}", r.error);
     assert_eq!(color(&px.get("/").await), "green");
     // Nothing running at another control socket: a clear error.
@@ -258,7 +278,52 @@ async fn an_upgrade_that_cannot_start_leaves_the_old_proxy_serving_and_changeabl
         Err(x) => x,
     };
     assert!(e.to_string().contains("no running switchyard"), "{e}");
-    // And a later upgrade still works.
+    // A new process that fails late in its start (an access log it cannot open, after it took
+    // the control socket over): the running one keeps its control socket and upgrade socket
+    // files, and is not frozen.
+    let bad_log = yaml.replace(
+        "access_log: \"off\"",
+        "access_log: \"/nonexistent/dir/access.log\"",
+    );
+    let (px, e) = match px.upgrade(&bad_log).await {
+        Ok(_) => panic!("the upgrade should fail"),
+        Err(x) => x,
+    };
+    assert!(e.to_string().contains("access log"), "{e}");
+    assert!(px.socket().exists());
+    assert!(px.dir.path().join("control.sock.upgrade").exists());
+    let r = px.ctl_call(on_app(switch_req("blue", None))).await;
+    assert!(r.ok, "{:?}", r.error);
+    // Another state file: refused before anything starts.
+    let other_state = yaml.replace("{dir}/state.json", "{dir}/other.json");
+    let (px, e) = match px.upgrade(&other_state).await {
+        Ok(_) => panic!("the upgrade should fail"),
+        Err(x) => x,
+    };
+    assert!(e.to_string().contains("state_file"), "{e}");
+    // Garbage (a hello with a forged "ready" behind it), an oversized hello and a silent peer
+    // on the upgrade socket change nothing; the silent one stays connected across the next
+    // upgrade, which goes through once its hello deadline (5 s) has passed.
+    let _silent = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let path = px.dir.path().join("control.sock.upgrade");
+        let mut g = tokio::net::UnixStream::connect(&path).await.unwrap();
+        g.write_all(b"{\"upgrade\":1,\"pid\":1}\n{\"ready\":true}\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), g.read_to_string(&mut answer)).await;
+        assert!(answer.contains("refused"), "{answer}");
+        let mut big = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let _ = big.write_all(&[b'x'; 4096]).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), big.read_to_string(&mut answer)).await;
+        tokio::net::UnixStream::connect(&path).await.unwrap()
+    };
+    assert_eq!(px.get("/").await.status, 200);
+    let r = px.ctl_call(on_app(switch_req("green", None))).await;
+    assert!(r.ok, "{:?}", r.error);
+    // And a later upgrade still works (after the silent peer's hello deadline).
     let (old, px) = match px.upgrade(&yaml).await {
         Ok(x) => x,
         Err((_, e)) => panic!("{e}"),
@@ -272,4 +337,15 @@ async fn an_upgrade_that_cannot_start_leaves_the_old_proxy_serving_and_changeabl
 
 fn color(r: &Reply) -> String {
     r.json()["color"].as_str().unwrap_or("?").to_string()
+}
+
+/// The request, for upstream `app` (these configs have two upstreams).
+fn on_app(mut r: Request) -> Request {
+    match &mut r {
+        Request::Switch { upstream, .. } | Request::Weights { upstream, .. } => {
+            *upstream = Some("app".into())
+        }
+        _ => {}
+    }
+    r
 }

@@ -155,6 +155,9 @@ pub(crate) struct App {
     /// connection stays open for [`HANDOVER_LINGER`] so a request already on its way is
     /// answered (with `Connection: close`) rather than meeting a closed connection.
     lingering: Arc<AtomicBool>,
+    /// When the linger ends: one deadline for every connection, fixed at the first look after
+    /// the handover (so the drain knows when to stop waiting for them).
+    linger_until: std::sync::OnceLock<Instant>,
 }
 
 impl App {
@@ -170,6 +173,7 @@ impl App {
             shared,
             unrouted,
             lingering,
+            linger_until: std::sync::OnceLock::new(),
             connections,
         }
     }
@@ -366,11 +370,19 @@ impl App {
         if let Some(v) = until_shutdown(&mut fut, shutdown).await {
             return Some(v);
         }
+        let until = self.linger_until()?;
+        tokio::time::timeout_at(until, fut).await.ok()
+    }
+
+    /// After a handover: until when idle connections linger (`HANDOVER_LINGER` from the first
+    /// look, bounded by `grace_period`). `None` otherwise.
+    fn linger_until(&self) -> Option<Instant> {
         if !self.lingering.load(Ordering::Acquire) {
             return None;
         }
-        let linger = HANDOVER_LINGER.min(self.shared.load().config.grace_period);
-        tokio::time::timeout(linger, fut).await.ok()
+        Some(*self.linger_until.get_or_init(|| {
+            Instant::now() + HANDOVER_LINGER.min(self.shared.load().config.grace_period)
+        }))
     }
 
     /// Answer a request the proxy refuses at the door (its head), and close.
@@ -454,7 +466,10 @@ impl App {
             // like an HTTP/1 head; afterwards Pingora's h2_idle_timeout closes idle ones.
             let mut conn = Conn::new(tls_stream);
             let preface = tokio::time::timeout_at(at + limit, conn.fill(H2_PREFACE_LEN));
-            if !matches!(until_shutdown(preface, shutdown).await, Some(Ok(true))) {
+            if !matches!(
+                self.idle_until_shutdown(preface, shutdown).await,
+                Some(Ok(true))
+            ) {
                 return;
             }
             self.serve_h2(Box::new(conn), shutdown).await;
@@ -568,12 +583,12 @@ pub(crate) async fn serve(
     }
     // After a handover, idle connections linger a moment (see `App::lingering`): wait for
     // them as well, or the runtime's end would cut them.
-    let linger_until = start + HANDOVER_LINGER.min(grace) + Duration::from_millis(100);
+    let linger_until = app.linger_until().map(|t| t + Duration::from_millis(100));
     let busy = || {
         active.load(Ordering::Acquire) > 0
-            || (app.lingering.load(Ordering::Acquire)
-                && app.connections.open.load(Ordering::Acquire) > 0
-                && tokio::time::Instant::now() < linger_until)
+            || linger_until.is_some_and(|t| {
+                app.connections.open.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < t
+            })
     };
     while busy() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

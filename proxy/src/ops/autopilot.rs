@@ -220,6 +220,12 @@ pub(crate) async fn run(ctl: Arc<Controller>) {
         for action in actions {
             match ctl.off_runtime(move |c| c.autopilot_act(action)).await {
                 Ok(changed) => applied |= changed,
+                // A binary upgrade is handing the state over: the change waits (and the
+                // successor's autopilot takes it up if this process goes away).
+                Err(e) if e.code == switchyard_control::ErrorCode::Busy => {
+                    tracing::debug!(error = %e.message, "the autopilot waits for an upgrade");
+                    failed = true;
+                }
                 Err(e) => {
                     failed = true;
                     if last_warn.is_none_or(|t| t.elapsed() >= WARN_EVERY) {

@@ -27,6 +27,10 @@ pub struct Handle {
     pub(super) handed_over: watch::Receiver<Option<u32>>,
     /// The pid of the process this one took over from, if it was started by `upgrade`.
     pub(super) predecessor: Option<u32>,
+    /// The upgrade socket's file (none when it could not be created).
+    pub(super) upgrade_placement: Option<Arc<super::upgrade::Placement>>,
+    /// Whether dropping the control server removes the control socket's file.
+    pub(super) control_owns_path: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Handle {

@@ -160,11 +160,53 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
 /// returns `Ok`, the new proxy serves and the old one has been told to stop accepting and
 /// drain. On an error the old one keeps serving.
 pub fn upgrade(config: Config, opts: StartOptions) -> Result<Handle, UpgradeError> {
+    upgrade_with(config, opts, || {})
+}
+
+/// [`upgrade`], calling `before_ready` once the new proxy serves, just before the old one is
+/// told (the binary tells systemd its new main pid there, before the old process can exit).
+pub fn upgrade_with(
+    config: Config,
+    opts: StartOptions,
+    before_ready: impl FnOnce(),
+) -> Result<Handle, UpgradeError> {
     let mut t = upgrade::take_over(&config.control.socket)?;
     let predecessor = t.predecessor;
+    // The state is handed over through the state file: both must use the same one.
+    let ours = std::fs::canonicalize(&config.state_file).unwrap_or(config.state_file.clone());
+    if ours != t.state_file {
+        let why = format!(
+            "state_file {} is not the running switchyard's ({}); a binary upgrade keeps the state file (change it with a restart)",
+            config.state_file.display(),
+            t.state_file.display()
+        );
+        let _ = t.answer(Err(why.clone()));
+        return Err(UpgradeError::Incompatible(why));
+    }
+    let (control_path, control_mode) = (config.control.socket.clone(), config.control.mode);
     match start_on(config, opts, Some(&mut t)) {
         Ok(mut h) => {
+            before_ready();
+            // If the old process did not get it, it goes on (it times out and thaws): this one
+            // must not serve next to it (dropping the handle drains it).
             t.answer(Ok(()))?;
+            // Now the files are this process's: the upgrade socket moves into place, the
+            // control socket takes the configured mode, changes are accepted.
+            if let Some(p) = &h.upgrade_placement {
+                if let Err(e) = p.place() {
+                    tracing::warn!(error = %e, "cannot place the upgrade socket; a later binary upgrade will not find this process");
+                }
+            }
+            h.control_owns_path
+                .store(true, std::sync::atomic::Ordering::Release);
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(
+                    &control_path,
+                    std::fs::Permissions::from_mode(control_mode),
+                );
+            }
+            h.controller.shared.thaw();
             h.predecessor = Some(predecessor);
             tracing::info!(
                 predecessor,
@@ -216,9 +258,16 @@ fn start_on(
     };
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     let control_socket = match takeover.as_deref_mut().and_then(|t| t.control.take()) {
-        Some(l) => ControlServer::adopt(l, &config.control.socket)?,
+        Some(l) => {
+            let c = ControlServer::adopt(l, &config.control.socket)?;
+            // Still the old process's file until it has our answer.
+            c.owns_path()
+                .store(false, std::sync::atomic::Ordering::Release);
+            c
+        }
         None => ControlServer::bind(&config.control.socket, config.control.mode)?,
     };
+    let control_owns_path = control_socket.owns_path();
     // What a successor would take over: duplicates of every listening socket.
     let handover = {
         use upgrade::Offered;
@@ -246,9 +295,23 @@ fn start_on(
             Offered::Control,
             control_socket.listener().try_clone().map_err(io)?.into(),
         ));
-        upgrade::HandoverServer::bind(&config.control.socket, config.control.mode, sockets)
-            .map_err(io)?
+        // A new process of an upgrade moves its upgrade socket into place only once the old
+        // one has its answer. One that cannot be created (a path too long for a Unix socket)
+        // means no binary upgrade for this process, not no proxy.
+        match upgrade::HandoverServer::bind(
+            &config.control.socket,
+            sockets,
+            &config.state_file,
+            takeover.is_none(),
+        ) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %io(e), "binary upgrades are off for this process");
+                None
+            }
+        }
     };
+    let upgrade_placement = handover.as_ref().map(|h| h.placement());
     let mut restored = persist::load(&config.state_file, &config);
     if let Some(path) = &config.sticky_key_file {
         // The shared secret wins over the key in the state file: every proxy given the same
@@ -271,6 +334,8 @@ fn start_on(
     )));
     if let Some(t) = takeover.as_deref() {
         upgrade::seed_health(&shared, &t.health);
+        // Nothing is acknowledged before the old process has our answer (`upgrade_with`).
+        shared.hold();
     }
     if restored.sticky.is_none() && shared.load().upstreams.iter().any(|u| u.canary_active()) {
         // A canary runs (restored from an older state file) and cookies are about to be
@@ -344,7 +409,6 @@ fn start_on(
         };
         let handover_ctx = upgrade::HandoverContext {
             shared: shared.clone(),
-            state_file: config.state_file.clone(),
             control_owns_path: control_socket.owns_path(),
             lingering: lingering.clone(),
             shutdown: shutdown_tx.clone(),
@@ -382,7 +446,9 @@ fn start_on(
                     // listener and the health checks: all of this ends here. After a shutdown
                     // the upgrade socket is closed and the rest stays until the drain ends.
                     _ = async move {
-                        handover.serve(handover_ctx, handover_stop).await;
+                        if let Some(h) = handover {
+                            h.serve(handover_ctx, handover_stop).await;
+                        }
                         if handed_over.borrow().is_none() {
                             std::future::pending::<()>().await;
                         }
@@ -485,6 +551,8 @@ fn start_on(
         threads,
         handed_over: handed_over_rx,
         predecessor: None,
+        upgrade_placement,
+        control_owns_path,
     })
 }
 

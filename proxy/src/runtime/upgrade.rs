@@ -1,7 +1,9 @@
 //! Binary upgrade (SPEC §10): a running switchyard hands its listening sockets to a new one.
 //!
 //! Every running proxy listens on a second Unix socket next to the control socket
-//! (`<control.socket>.upgrade`, same file mode). `switchyard --upgrade -c FILE`:
+//! (`<control.socket>.upgrade`, mode 0600 whatever `control.mode` says; only a peer with the
+//! same user id, or root, is listened to: it is handed the listening sockets).
+//! `switchyard --upgrade -c FILE`:
 //!
 //! 1. validates its config — a bad one never reaches the running process;
 //! 2. connects to that socket and says hello;
@@ -26,6 +28,13 @@
 //! the old one unfreezes and serves on; the new process prints why. Between 4 and 5 both
 //! processes accept from the same queues, which is harmless.
 //!
+//! Who owns the socket files: from the moment the sockets are offered until the answer, the
+//! old process removes neither the control socket's file nor the upgrade socket's (a SIGTERM
+//! in between must not delete what the successor will serve); the new process removes neither
+//! unless its "ready" got through: it binds its upgrade socket under a temporary name and
+//! moves it into place only after the answer, and starts with its routing state frozen (no
+//! change is acknowledged by a process that may still fail to take over).
+//!
 //! The sockets are passed with `rustix` (safe `sendmsg`/`recvmsg`, descriptors arrive as
 //! `OwnedFd`) over a blocking std `UnixStream`: the exchange is three messages long and runs
 //! off the request path.
@@ -36,7 +45,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -44,7 +53,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use switchyard_control::HealthState;
 use tokio::sync::watch;
 
@@ -62,8 +71,12 @@ const MAX_SOCKETS: usize = 64;
 /// Longest message either side sends (the socket list and every instance's health).
 const MAX_MESSAGE: usize = 4 << 20;
 
-/// How long the old process waits for the hello after a connection.
+/// How long the old process waits for a whole hello after a connection (one deadline, not per
+/// read: a peer trickling bytes cannot hold the upgrade socket for long).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest hello or answer line accepted.
+const MAX_LINE: usize = 1024;
 
 /// How long the old process waits for the new one to start serving: start-up resolves DNS
 /// names (bounded at 3 s) and loads certificates.
@@ -86,11 +99,13 @@ struct Hello {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Offer {
-    /// The sockets (attached, in this order) and the health to start from.
+    /// The sockets (attached, in this order), the health to start from, and the state file
+    /// the old process wrote (canonical path).
     Sockets {
         pid: u32,
         sockets: Vec<Offered>,
         health: Vec<HealthRecord>,
+        state_file: PathBuf,
     },
     /// Not now, and why.
     Refused(String),
@@ -111,13 +126,16 @@ pub(crate) enum Offered {
     Control,
 }
 
-/// One instance's active health state at the handover.
+/// One instance's health at the handover.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct HealthRecord {
     pub(crate) upstream: String,
     pub(crate) pool: String,
     pub(crate) instance: String,
     pub(crate) healthy: bool,
+    /// Passive ejection left, in milliseconds (0: not ejected).
+    #[serde(default)]
+    pub(crate) ejected_ms: u64,
 }
 
 /// The new process's verdict.
@@ -146,6 +164,10 @@ pub enum UpgradeError {
     /// The exchange broke off or was garbled.
     #[error("upgrade handshake with the running switchyard failed: {0}")]
     Handshake(String),
+    /// The new config cannot take over (a setting a binary upgrade cannot change); nothing
+    /// changed.
+    #[error("{0}; the running switchyard keeps serving")]
+    Incompatible(String),
     /// The sockets were received but the new proxy could not start; the old one keeps serving.
     #[error("{0}; the running switchyard keeps serving")]
     Start(#[from] super::StartError),
@@ -161,16 +183,19 @@ pub(crate) struct Takeover {
     pub(crate) admin: Option<(SocketAddr, std::net::TcpListener)>,
     pub(crate) control: Option<UnixListener>,
     pub(crate) health: Vec<HealthRecord>,
+    /// The old process's state file (canonical).
+    pub(crate) state_file: PathBuf,
 }
 
 impl Takeover {
-    /// The listener handed over for this configured `listen[].addr`, if any.
+    /// The listener handed over for this configured `listen[].addr`, if any (in order:
+    /// several `127.0.0.1:0` listeners keep their own sockets).
     pub(crate) fn take_listener(
         &mut self,
         configured: SocketAddr,
     ) -> Option<std::net::TcpListener> {
         let i = self.listeners.iter().position(|(a, _)| *a == configured)?;
-        Some(self.listeners.swap_remove(i).1)
+        Some(self.listeners.remove(i).1)
     }
 
     /// The admin listener, if it was bound to this configured address.
@@ -207,22 +232,61 @@ fn write_line(stream: &mut UnixStream, value: &impl Serialize) -> std::io::Resul
     stream.write_all(&line)
 }
 
-/// Read one line of at most [`MAX_MESSAGE`] bytes.
-fn read_line(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+/// Read one line of at most `max` bytes before `deadline` (one deadline for the whole line),
+/// giving up early when `stop()` says so.
+fn read_line(
+    r: &mut BufReader<UnixStream>,
+    deadline: Instant,
+    max: usize,
+    stop: &dyn Fn() -> bool,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::ErrorKind;
     let mut line = Vec::new();
-    r.take(MAX_MESSAGE as u64).read_until(b'\n', &mut line)?;
-    if line.last() != Some(&b'\n') {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            if line.is_empty() {
-                "the other side closed the connection".to_string()
-            } else {
-                format!("a message over {MAX_MESSAGE} bytes or cut short")
-            },
-        ));
+    loop {
+        if stop() {
+            return Err(std::io::Error::new(ErrorKind::Interrupted, "shutting down"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(ErrorKind::TimedOut, "timed out"));
+        }
+        r.get_ref()
+            .set_read_timeout(Some(left.min(Duration::from_millis(200))))?;
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Err(std::io::Error::new(
+                ErrorKind::UnexpectedEof,
+                "the other side closed the connection",
+            ));
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if line.len() > max + 1 {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                format!("a message over {max} bytes"),
+            ));
+        }
+        if done {
+            line.pop();
+            return Ok(line);
+        }
     }
-    line.pop();
-    Ok(line)
 }
 
 /// New process: connect to the running switchyard's upgrade socket, and receive its sockets.
@@ -233,8 +297,10 @@ pub(crate) fn take_over(control_socket: &Path) -> Result<Takeover, UpgradeError>
         source,
     })?;
     let shake = |e: std::io::Error| UpgradeError::Handshake(e.to_string());
+    let deadline = Instant::now() + READY_TIMEOUT;
     stream
         .set_read_timeout(Some(READY_TIMEOUT))
+        .and_then(|_| stream.set_write_timeout(Some(HELLO_TIMEOUT)))
         .map_err(shake)?;
     write_line(
         &mut stream,
@@ -263,24 +329,30 @@ pub(crate) fn take_over(control_socket: &Path) -> Result<Takeover, UpgradeError>
         }
     }
     first.truncate(got.bytes);
+    if first.is_empty() {
+        return Err(UpgradeError::Handshake(
+            "the running switchyard closed the connection".into(),
+        ));
+    }
     let offer = if first.ends_with(b"\n") {
         first.pop();
         first
     } else {
-        let mut rest = BufReader::new(&mut stream);
-        let mut tail = read_line(&mut rest).map_err(shake)?;
+        let mut rest = BufReader::new(stream.try_clone().map_err(shake)?);
+        let mut tail = read_line(&mut rest, deadline, MAX_MESSAGE, &|| false).map_err(shake)?;
         first.append(&mut tail);
         first
     };
     let offer: Offer = serde_json::from_slice(&offer)
         .map_err(|e| UpgradeError::Handshake(format!("unreadable offer: {e}")))?;
-    let (predecessor, sockets, health) = match offer {
+    let (predecessor, sockets, health, state_file) = match offer {
         Offer::Refused(why) => return Err(UpgradeError::Refused(why)),
         Offer::Sockets {
             pid,
             sockets,
             health,
-        } => (pid, sockets, health),
+            state_file,
+        } => (pid, sockets, health, state_file),
     };
     if sockets.len() != fds.len() {
         return Err(UpgradeError::Handshake(format!(
@@ -296,6 +368,7 @@ pub(crate) fn take_over(control_socket: &Path) -> Result<Takeover, UpgradeError>
         admin: None,
         control: None,
         health,
+        state_file,
     };
     for (what, fd) in sockets.into_iter().zip(fds) {
         match what {
@@ -311,46 +384,78 @@ pub(crate) fn take_over(control_socket: &Path) -> Result<Takeover, UpgradeError>
     Ok(t)
 }
 
+/// Where the upgrade socket's file is, and whether this process may remove it.
+#[derive(Debug)]
+pub(crate) struct Placement {
+    /// Bound here first.
+    tmp: PathBuf,
+    /// Moved here by [`Self::place`].
+    path: PathBuf,
+    placed: AtomicBool,
+    /// Whether dropping the server removes the file: not while a successor may be taking it
+    /// over, nor after one did.
+    owns: AtomicBool,
+}
+
+impl Placement {
+    /// Move the socket file to its path (replacing a predecessor's).
+    pub(crate) fn place(&self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.placed.store(true, Ordering::Release);
+        self.owns.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
 /// Old process: the sockets it would hand over, and where it listens for a successor.
 #[derive(Debug)]
 pub(crate) struct HandoverServer {
     listener: UnixListener,
-    path: PathBuf,
-    /// Cleared once a successor serves the path: dropping the server must not remove it.
-    owns_path: Arc<AtomicBool>,
+    placement: Arc<Placement>,
     sockets: Vec<(Offered, OwnedFd)>,
+    /// This process's state file, which a successor must use too.
+    state_file: PathBuf,
 }
 
 /// What the handover needs from the running proxy.
 #[derive(Debug)]
 pub(crate) struct HandoverContext {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) state_file: PathBuf,
-    /// Set once the successor is ready: the control socket file is its now.
+    /// Cleared while a successor may be taking over, and after it did: the control socket's
+    /// file is then not this process's to remove.
     pub(crate) control_owns_path: Arc<AtomicBool>,
     /// Tells the data plane to linger on idle connections while it drains.
     pub(crate) lingering: Arc<AtomicBool>,
-    /// Stops the data plane (accepting) once the successor is ready.
+    /// Stops the data plane (accepting) once the successor is ready; read to refuse a handover
+    /// once shutting down.
     pub(crate) shutdown: watch::Sender<bool>,
     /// The successor's pid, once it took over.
     pub(crate) handed_over: watch::Sender<Option<u32>>,
 }
 
 impl HandoverServer {
-    /// Bind the upgrade socket for `control` with `mode`, replacing a predecessor's (the new
-    /// process of an upgrade binds it after taking the old one's sockets).
+    /// Bind the upgrade socket for `control` (mode 0600) under a temporary name; with `place`
+    /// moved into its path at once, else by [`Placement::place`] later (the new process of an
+    /// upgrade, once the old one has its answer).
     pub(crate) fn bind(
         control: &Path,
-        mode: u32,
         sockets: Vec<(Offered, OwnedFd)>,
+        state_file: &Path,
+        place: bool,
     ) -> std::io::Result<HandoverServer> {
         use std::os::unix::fs::PermissionsExt;
         let path = socket_path(control);
         let (_, tmp) = switchyard_control::server::temp_beside(&path);
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(&tmp)?;
-        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .and_then(|_| std::fs::rename(&tmp, &path));
+        let placement = Arc::new(Placement {
+            tmp: tmp.clone(),
+            path,
+            placed: AtomicBool::new(false),
+            owns: AtomicBool::new(false),
+        });
+        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .and_then(|_| if place { placement.place() } else { Ok(()) });
         if let Err(e) = placed {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -358,10 +463,15 @@ impl HandoverServer {
         listener.set_nonblocking(true)?;
         Ok(HandoverServer {
             listener,
-            path,
-            owns_path: Arc::new(AtomicBool::new(true)),
+            placement,
             sockets,
+            state_file: state_file.to_path_buf(),
         })
+    }
+
+    /// Its file's placement.
+    pub(crate) fn placement(&self) -> Arc<Placement> {
+        self.placement.clone()
     }
 
     /// Serve successors, one at a time, until one takes over (then stop the data plane) or
@@ -375,7 +485,7 @@ impl HandoverServer {
         {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "upgrade socket unusable; binary upgrades are off");
+                tracing::error!(path = %self.placement.path.display(), error = %e, "upgrade socket unusable; binary upgrades are off");
                 return;
             }
         };
@@ -397,8 +507,6 @@ impl HandoverServer {
             let outcome = tokio::task::spawn_blocking(move || me2.hand_over(stream, &ctx2)).await;
             match outcome {
                 Ok(Ok(pid)) => {
-                    me.owns_path.store(false, Ordering::Release);
-                    ctx.control_owns_path.store(false, Ordering::Release);
                     ctx.lingering.store(true, Ordering::Release);
                     let _ = ctx.handed_over.send(Some(pid));
                     let _ = ctx.shutdown.send(true);
@@ -408,43 +516,90 @@ impl HandoverServer {
                 Ok(Err(why)) => {
                     tracing::warn!(reason = %why, "upgrade failed; this process keeps serving");
                 }
-                Err(e) => tracing::error!(error = %e, "upgrade task failed"),
+                Err(e) => {
+                    // A panic: as after any failure, this process goes on, unfrozen.
+                    me.release(&ctx, false);
+                    tracing::error!(error = %e, "upgrade task failed; this process keeps serving");
+                }
             }
+        }
+    }
+
+    /// After the conversation: with `handed_over` the successor owns the socket files (never
+    /// remove them); else this process owns them again and accepts changes again.
+    fn release(&self, ctx: &HandoverContext, handed_over: bool) {
+        self.placement.owns.store(!handed_over, Ordering::Release);
+        ctx.control_owns_path.store(!handed_over, Ordering::Release);
+        if !handed_over {
+            ctx.shared.thaw();
         }
     }
 
     /// One handover conversation (blocking). `Ok(pid)`: the successor is serving.
     fn hand_over(&self, mut stream: UnixStream, ctx: &HandoverContext) -> Result<u32, String> {
+        fn refuse(stream: &mut UnixStream, why: String) -> Result<u32, String> {
+            let _ = write_line(stream, &Offer::Refused(why.clone()));
+            Err(why)
+        }
         stream
             .set_nonblocking(false)
-            .and_then(|_| stream.set_read_timeout(Some(HELLO_TIMEOUT)))
             .and_then(|_| stream.set_write_timeout(Some(HELLO_TIMEOUT)))
             .map_err(|e| e.to_string())?;
+        // Only the same user (or root) is handed the listening sockets.
+        let cred = rustix::net::sockopt::socket_peercred(&stream)
+            .map_err(|e| format!("cannot tell who connected: {e}"))?;
+        let me = rustix::process::geteuid();
+        let pid = u32::try_from(cred.pid.as_raw_nonzero().get()).unwrap_or(0);
+        if cred.uid != me && !cred.uid.is_root() {
+            return refuse(
+                &mut stream,
+                format!(
+                    "uid {} may not take over a switchyard running as uid {}",
+                    cred.uid.as_raw(),
+                    me.as_raw()
+                ),
+            );
+        }
+        let stopping = || *ctx.shutdown.borrow();
         let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-        let hello = read_line(&mut reader).map_err(|e| format!("no hello: {e}"))?;
-        let hello: Hello = serde_json::from_slice(&hello).map_err(|e| format!("bad hello: {e}"))?;
+        let hello = read_line(
+            &mut reader,
+            Instant::now() + HELLO_TIMEOUT,
+            MAX_LINE,
+            &stopping,
+        )
+        .map_err(|e| format!("no hello from pid {pid}: {e}"))?;
+        if !reader.buffer().is_empty() {
+            return refuse(
+                &mut stream,
+                "nothing may follow the hello before the offer".into(),
+            );
+        }
+        let hello: Hello = match serde_json::from_slice(&hello) {
+            Ok(h) => h,
+            Err(e) => return refuse(&mut stream, format!("bad hello: {e}")),
+        };
         if hello.upgrade != PROTOCOL {
             let why = format!(
                 "upgrade protocol {} is not this process's ({PROTOCOL})",
                 hello.upgrade
             );
-            let _ = write_line(&mut stream, &Offer::Refused(why.clone()));
-            return Err(why);
+            return refuse(&mut stream, why);
         }
-        tracing::info!(
-            pid = hello.pid,
-            "upgrade: a new process asks for the sockets"
-        );
+        if stopping() {
+            return refuse(&mut stream, "this switchyard is shutting down".into());
+        }
+        tracing::info!(pid, "upgrade: a new process asks for the sockets");
         // Freeze and persist: what the successor reads is everything acknowledged.
-        if let Err(e) = ctx.shared.freeze(&ctx.state_file) {
-            let why = format!("cannot write the state file: {e}");
-            let _ = write_line(&mut stream, &Offer::Refused(why.clone()));
-            return Err(why);
+        if let Err(e) = ctx.shared.freeze(&self.state_file) {
+            return refuse(&mut stream, format!("cannot write the state file: {e}"));
         }
-        let result = self.offer(&mut stream, &mut reader, ctx, hello.pid);
-        if result.is_err() {
-            ctx.shared.thaw();
-        }
+        // From the offer on the successor may serve these files: never remove them, even on a
+        // SIGTERM now, unless the handover fails.
+        self.placement.owns.store(false, Ordering::Release);
+        ctx.control_owns_path.store(false, Ordering::Release);
+        let result = self.offer(&mut stream, &mut reader, ctx, pid, &stopping);
+        self.release(ctx, result.is_ok());
         result
     }
 
@@ -454,11 +609,14 @@ impl HandoverServer {
         reader: &mut BufReader<UnixStream>,
         ctx: &HandoverContext,
         pid: u32,
+        stopping: &dyn Fn() -> bool,
     ) -> Result<u32, String> {
         let offer = Offer::Sockets {
             pid: std::process::id(),
             sockets: self.sockets.iter().map(|(o, _)| o.clone()).collect(),
             health: health_records(&ctx.shared),
+            state_file: std::fs::canonicalize(&self.state_file)
+                .unwrap_or_else(|_| self.state_file.clone()),
         };
         let mut line = serde_json::to_vec(&offer).map_err(|e| e.to_string())?;
         line.push(b'\n');
@@ -481,12 +639,8 @@ impl HandoverServer {
                 .write_all(&line[sent..])
                 .map_err(|e| format!("sending the offer: {e}"))?;
         }
-        stream
-            .set_read_timeout(Some(READY_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let answer = read_line(reader).map_err(|e| {
-            format!("the new process (pid {pid}) went away before it was ready: {e}")
-        })?;
+        let answer = read_line(reader, Instant::now() + READY_TIMEOUT, MAX_LINE, stopping)
+            .map_err(|e| format!("the new process (pid {pid}) did not say it was ready: {e}"))?;
         let answer: Ready =
             serde_json::from_slice(&answer).map_err(|e| format!("bad answer: {e}"))?;
         if answer.ready {
@@ -502,15 +656,20 @@ impl HandoverServer {
 
 impl Drop for HandoverServer {
     fn drop(&mut self) {
-        if self.owns_path.load(Ordering::Acquire) {
-            let _ = std::fs::remove_file(&self.path);
+        let p = &self.placement;
+        if !p.placed.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&p.tmp);
+        } else if p.owns.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&p.path);
         }
     }
 }
 
-/// Every instance's known active health (unknown ones are left out: the successor checks them).
+/// Every instance's known health (unknown ones are left out: the successor checks them),
+/// with its passive ejection.
 fn health_records(shared: &Shared) -> Vec<HealthRecord> {
     let snap = shared.load();
+    let now = crate::upstream::health::now_ms();
     let mut out = Vec::new();
     for u in &snap.upstreams {
         for p in &u.pools {
@@ -520,11 +679,17 @@ fn health_records(shared: &Shared) -> Vec<HealthRecord> {
                     HealthState::Unhealthy => false,
                     _ => continue,
                 };
+                let ejected_ms = i
+                    .health
+                    .ejected_for(now)
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .unwrap_or(0);
                 out.push(HealthRecord {
                     upstream: u.name().to_string(),
                     pool: p.pool.name.clone(),
                     instance: i.label.clone(),
                     healthy,
+                    ejected_ms,
                 });
             }
         }
@@ -532,10 +697,14 @@ fn health_records(shared: &Shared) -> Vec<HealthRecord> {
     out
 }
 
-/// Start from the predecessor's health: instances it knew are healthy or unhealthy from the
-/// first request (the checks go on as usual).
+/// The longest ejection carried over (a year: `eject_for` is bounded well below).
+const MAX_EJECTION_MS: u64 = 365 * 86_400_000;
+
+/// Start from the predecessor's health: instances it knew are healthy or unhealthy, and
+/// ejected for what was left, from the first request (the checks go on as usual).
 pub(crate) fn seed_health(shared: &Shared, records: &[HealthRecord]) {
     let snap = shared.load();
+    let now = crate::upstream::health::now_ms();
     for r in records {
         let Some(u) = snap.upstreams.iter().find(|u| u.name() == r.upstream) else {
             continue;
@@ -549,6 +718,10 @@ pub(crate) fn seed_health(shared: &Shared, records: &[HealthRecord]) {
             } else {
                 HealthState::Unhealthy
             });
+            if r.ejected_ms > 0 {
+                i.health
+                    .eject(now.saturating_add(r.ejected_ms.min(MAX_EJECTION_MS)), now);
+            }
         }
     }
 }

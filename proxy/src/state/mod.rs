@@ -113,6 +113,12 @@ impl Shared {
         Ok(())
     }
 
+    /// Refuse every change until [`Self::thaw`] (a new process of a binary upgrade, until the
+    /// old one has its answer).
+    pub(crate) fn hold(&self) {
+        self.frozen.store(true, Ordering::Release);
+    }
+
     /// Accept changes again (the upgrade failed; this process goes on).
     pub(crate) fn thaw(&self) {
         let _guard = self.lock();
