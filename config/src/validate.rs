@@ -252,9 +252,20 @@ const RESERVED_FOR_REQUEST_ID: [&str; 17] = [
     "Content-Type",
 ];
 
+/// Listeners at most: with the admin listener and the control socket they travel in one
+/// SCM_RIGHTS message at a binary upgrade (the kernel takes up to 253 descriptors; the new
+/// process makes room for 64).
+const MAX_LISTENERS: usize = 60;
+
 fn listeners(raw: &[raw::Listen], path: &FieldPath, errs: &mut Errors) -> Vec<ListenConfig> {
     if raw.is_empty() {
         errs.push(path.clone(), "at least one listener is required");
+    }
+    if raw.len() > MAX_LISTENERS {
+        errs.push(
+            path.clone(),
+            format!("at most {MAX_LISTENERS} listeners (a binary upgrade hands them over in one message)"),
+        );
     }
     let mut out: Vec<ListenConfig> = Vec::new();
     for (i, l) in raw.iter().enumerate() {
