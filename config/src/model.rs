@@ -293,7 +293,7 @@ impl HostMatch {
         let bad = || {
             format!("{s:?} is not a host name: write it without port or scheme, exact (api.example.com) or with a leading wildcard (*.example.com)")
         };
-        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let lower = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
         let (name, wildcard) = match lower.strip_prefix("*.") {
             Some(rest) => (rest, true),
             None => (lower.as_str(), false),

@@ -785,7 +785,6 @@ fn deny(raw: Option<&raw::Deny>, path: &FieldPath, errs: &mut Errors) -> DenyCon
 /// No duration is longer: deadlines are computed as `now + duration`, which must not overflow.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Parse a duration such as `500ms`, `2s`, `5m`, `1h 30m`.
 /// A size in bytes: a number, or a number with `k`, `m` or `g` (nginx's units, powers of 1024,
 /// either case).
 fn size(v: Option<&crate::raw::Size>, path: &FieldPath, default: u64, errs: &mut Errors) -> u64 {
@@ -801,9 +800,11 @@ fn size(v: Option<&crate::raw::Size>, path: &FieldPath, default: u64, errs: &mut
         Some(b'g' | b'G') => (&text[..text.len() - 1], 30),
         _ => (text, 0),
     };
+    let digits_only = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
     match digits
         .parse::<u64>()
         .ok()
+        .filter(|_| digits_only)
         .and_then(|n| n.checked_mul(1u64 << shift))
     {
         Some(n) => n,
@@ -817,6 +818,7 @@ fn size(v: Option<&crate::raw::Size>, path: &FieldPath, default: u64, errs: &mut
     }
 }
 
+/// Parse a duration such as `500ms`, `2s`, `5m`, `1h 30m`.
 fn duration(
     v: Option<&str>,
     path: &FieldPath,

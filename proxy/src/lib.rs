@@ -52,4 +52,5 @@ pub use checks::{Resolve, SystemResolver};
 pub use listen::{preflight, DrainReport, ListenError};
 pub use runtime::{
     start, upgrade, upgrade_with, Handle, LogDropped, StartError, StartOptions, UpgradeError,
+    UpgradeStep,
 };

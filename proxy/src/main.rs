@@ -132,7 +132,13 @@ fn main() -> ExitCode {
         }) => fake_upstream(listen, &name, threads, boot.map(Into::into)),
         Some(Command::Upgrade { detach }) if detach || cli.detach => detached_upgrade(&cli),
         Some(Command::Upgrade { .. }) => run(&cli.config, log_dropped, true),
-        Some(Command::Run) | None if cli.detach => detached_upgrade(&cli),
+        Some(Command::Run) | None if cli.detach && cli.upgrade => detached_upgrade(&cli),
+        Some(Command::Run) | None if cli.detach => {
+            eprintln!(
+                "switchyard: --detach goes with --upgrade (or `switchyard upgrade --detach`)"
+            );
+            return ExitCode::from(2);
+        }
         Some(Command::Run) | None => run(&cli.config, log_dropped, cli.upgrade),
     };
     match result {
@@ -259,11 +265,13 @@ fn run(
     let handle = if upgrade {
         // Under systemd (NotifyAccess=all) this process is the service's main process from
         // before the old one is told to go (it may exit within milliseconds).
-        let h = switchyard_proxy::upgrade_with(cfg, opts, || {
-            let _ = sd_notify::notify(
-                false,
-                &[NotifyState::MainPid(std::process::id()), NotifyState::Ready],
-            );
+        let h = switchyard_proxy::upgrade_with(cfg, opts, |step| {
+            let pid = match step {
+                switchyard_proxy::UpgradeStep::Serving => std::process::id(),
+                switchyard_proxy::UpgradeStep::Aborted { predecessor } => predecessor,
+                _ => return,
+            };
+            let _ = sd_notify::notify(false, &[NotifyState::MainPid(pid), NotifyState::Ready]);
         })?;
         tracing::info!(listen = ?h.listen_addrs(), control = %h.control_socket().display(), predecessor = ?h.predecessor(), "switchyard upgraded: took over from the running process");
         tell_detached_parent();

@@ -596,9 +596,24 @@ async fn upgrades_of_the_binary_under_load_fail_nothing() {
         .nth(1)
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {said:?}"));
-    let st = px.ctl(switchyard_control::Request::Status).await;
-    assert_eq!(st.result.unwrap()["pid"].as_u64(), Some(u64::from(new_pid)));
+    // The control socket answers from the new process (the old one may still take a
+    // connection in the instant it steps down: bounded poll).
     let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sock = px.dir.path().join("c.sock");
+        let st = match switchyard_control::ControlClient::connect(&sock).await {
+            Ok(mut c) => c.request(&switchyard_control::Request::Status).await.ok(),
+            Err(_) => None,
+        };
+        if st.and_then(|s| s.result).and_then(|r| r["pid"].as_u64()) == Some(u64::from(new_pid)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never came from pid {new_pid}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let status = loop {
         if let Some(s) = px.child.try_wait().unwrap() {
             break s;

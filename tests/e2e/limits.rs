@@ -305,3 +305,33 @@ async fn a_chunked_body_too_long_to_hold_is_cut_where_it_crosses_the_limit() {
     px.shutdown().await;
     px2.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_chunked_body_that_pauses_is_forwarded_without_waiting_for_the_rest() {
+    trace_init();
+    // The head deadline is long: only the read-ahead's pause rule forwards this early.
+    let (blue, px) = proxy("client_max_body_size: 1m\nclient_header_timeout: 60s\n").await;
+    let s = TcpStream::connect(px.addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    w.write_all(
+        b"POST /sha256 HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+    )
+    .await
+    .unwrap();
+    // The app has the request while the client still holds the rest back.
+    eventually(|| blue.hits() == 1).await;
+    w.write_all(b"2\r\nde\r\n0\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&got).contains("\"bytes\"") {
+        assert!(Instant::now() < deadline, "no answer");
+        match tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("\"bytes\":5"), "{text}");
+    px.shutdown().await;
+}

@@ -158,6 +158,24 @@ pub(crate) struct App {
     /// When the linger ends: one deadline for every connection, fixed at the first look after
     /// the handover (so the drain knows when to stop waiting for them).
     linger_until: std::sync::OnceLock<Instant>,
+    /// Requests whose chunked body is being read ahead (not in flight in Pingora yet).
+    reading_bodies: AtomicUsize,
+}
+
+/// Counts while it exists.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        Counted(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl App {
@@ -174,6 +192,7 @@ impl App {
             unrouted,
             lingering,
             linger_until: std::sync::OnceLock::new(),
+            reading_bodies: AtomicUsize::new(0),
             connections,
         }
     }
@@ -259,23 +278,25 @@ impl App {
             // client_max_body_size: a body announced larger, or a chunked one found larger
             // while it is read ahead, is refused before anything reaches the app.
             let limit = cfg.client_max_body_size;
+            // A request with a body under way, not an idle connection: a shutdown does not cut
+            // its read-ahead, and the drain waits for it until Pingora counts it in flight.
+            let reading = (h.body != head::Body::None).then(|| Counted::new(&self.reading_bodies));
             let too_large = match h.body {
                 head::Body::Length(n) => limit > 0 && n > limit,
                 // (A client that waits for `100 Continue` sends no body yet: it streams.)
-                head::Body::Chunked if h.expect_continue => false,
+                head::Body::Chunked if h.expect_continue || limit == 0 => false,
                 head::Body::Chunked => {
                     let ahead =
                         tokio::time::timeout_at(head_deadline, stream.prebuffer_chunked(&h, limit));
-                    match self.idle_until_shutdown(ahead, shutdown).await {
-                        Some(Ok(Prebuffered::TooLarge)) => true,
-                        Some(Ok(Prebuffered::Malformed(why))) => {
+                    match ahead.await {
+                        Ok(Prebuffered::TooLarge) => true,
+                        Ok(Prebuffered::Malformed(why)) => {
                             self.refuse(&mut stream, 400, why, accepted).await;
                             return;
                         }
                         // Complete, too long to hold, or the client paused: it streams (and is
                         // cut at the limit).
-                        Some(Ok(Prebuffered::Forward)) | Some(Err(_)) => false,
-                        None => return,
+                        Ok(Prebuffered::Forward) | Err(_) => false,
                     }
                 }
                 head::Body::None => false,
@@ -296,8 +317,9 @@ impl App {
             if let Some(s) = settings.take() {
                 HttpPersistentSettings::apply_to_session(s, &mut session);
             }
-            let Some(reused) = Box::pin(self.proxy.process_new_http(session, shutdown)).await
-            else {
+            let served = Box::pin(self.proxy.process_new_http(session, shutdown)).await;
+            drop(reading);
+            let Some(reused) = served else {
                 return;
             };
             let (next, persistent) = reused.consume();
@@ -586,6 +608,7 @@ pub(crate) async fn serve(
     let linger_until = app.linger_until().map(|t| t + Duration::from_millis(100));
     let busy = || {
         active.load(Ordering::Acquire) > 0
+            || app.reading_bodies.load(Ordering::Acquire) > 0
             || linger_until.is_some_and(|t| {
                 app.connections.open.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < t
             })

@@ -58,6 +58,10 @@ pub(crate) const QUEUE_LIMIT: usize = 64 * 1024;
 /// this bounds what one connection holds.)
 pub(crate) const PREBUFFER: usize = 64 * 1024;
 
+/// A client that sends nothing more for this long while its chunked body is read ahead has
+/// its request forwarded (a streaming upload, or one waiting for an early answer).
+pub(crate) const PREBUFFER_PAUSE: Duration = Duration::from_millis(200);
+
 /// A request body over `client_max_body_size` (the error inside the `io::Error` the connection
 /// reports, so the request path can answer 413).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -289,25 +293,30 @@ impl<S: AsyncRead + Unpin> Conn<S> {
     }
 
     /// Read the chunked body of the request whose head is buffered (`h`, not begun yet) ahead:
-    /// until it is complete, announces more than `limit` bytes (0 = no limit), or
-    /// [`PREBUFFER`] bytes of it are here, or the client pauses sending (the end of the stream,
-    /// or the caller's deadline).
+    /// until it is complete, announces more than `limit` bytes, or [`PREBUFFER`] bytes of it
+    /// are here, or the client pauses sending for [`PREBUFFER_PAUSE`] (or ends the stream; the
+    /// caller bounds the whole with a deadline). Each byte is looked at once.
     pub(crate) async fn prebuffer_chunked(&mut self, h: &head::Head, limit: u64) -> Prebuffered {
         let at = h.skip + h.len;
+        let mut t = Chunked::default();
+        let mut seen = 0;
         loop {
             let body = &self.rbuf[self.rpos + at..];
-            let mut t = Chunked::default();
-            if let Err(m) = t.advance(body) {
-                return Prebuffered::Malformed(m.0);
-            }
+            let n = match t.advance(&body[seen..]) {
+                Ok(n) => n,
+                Err(m) => return Prebuffered::Malformed(m.0),
+            };
+            seen += n;
             if limit > 0 && t.declared() > limit {
                 return Prebuffered::TooLarge;
             }
             if t.done() || body.len() >= PREBUFFER || self.eof {
                 return Prebuffered::Forward;
             }
-            if !matches!(self.read_ahead().await, Ok(k) if k > 0) {
-                return Prebuffered::Forward;
+            match tokio::time::timeout(PREBUFFER_PAUSE, self.read_ahead()).await {
+                Ok(Ok(k)) if k > 0 => {}
+                // The end of the stream, an error, or a pause: forward what is here.
+                _ => return Prebuffered::Forward,
             }
         }
     }

@@ -234,10 +234,13 @@ pub(crate) fn https_location(buf: &[u8]) -> Option<String> {
     if host.is_empty() || !valid_authority(host) {
         return None;
     }
+    // `http://h?x` has an empty path (`/?x`); `OPTIONS *` is about the server (`/`).
     let path = if path.starts_with('/') {
-        path
-    } else if path.is_empty() {
-        "/"
+        path.to_string()
+    } else if path.is_empty() || path == "*" {
+        "/".to_string()
+    } else if path.starts_with('?') {
+        format!("/{path}")
     } else {
         return None;
     };

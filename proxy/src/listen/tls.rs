@@ -64,20 +64,23 @@ impl CertSet {
         Ok(CertSet { certs })
     }
 
-    /// The certificate for `sni`: the first whose names match it (exactly, or a `*.` wildcard
-    /// for one label), else the first.
+    /// The certificate for `sni`: the first holding it exactly, else the first whose `*.`
+    /// wildcard covers it (one label, as nginx prefers exact names), else the first.
     fn pick(&self, sni: Option<&str>) -> Option<Arc<pingora::tls::sign::CertifiedKey>> {
         if let Some(sni) = sni {
             let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-            let hit = self.certs.iter().find(|(names, _)| {
-                names.iter().any(|n| match n.strip_prefix("*.") {
-                    Some(rest) => sni
-                        .split_once('.')
-                        .is_some_and(|(label, tail)| !label.is_empty() && tail == rest),
-                    None => *n == sni,
+            let exact = self.certs.iter().find(|(names, _)| names.contains(&sni));
+            let wildcard = || {
+                self.certs.iter().find(|(names, _)| {
+                    names.iter().any(|n| {
+                        n.strip_prefix("*.").is_some_and(|rest| {
+                            sni.split_once('.')
+                                .is_some_and(|(label, tail)| !label.is_empty() && tail == rest)
+                        })
+                    })
                 })
-            });
-            if let Some((_, ck)) = hit {
+            };
+            if let Some((_, ck)) = exact.or_else(wildcard) {
                 return Some(ck.clone());
             }
         }

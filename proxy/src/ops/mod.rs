@@ -101,8 +101,13 @@ pub(crate) struct Controller {
     pub(crate) started: Instant,
     /// What the autopilot last measured (live numbers, why a rollout waits).
     pub(crate) observed: Arc<autopilot::Observations>,
-    /// Each TLS listener's certificates (by configured address), reloaded by a reload.
-    pub(crate) tls: Vec<(std::net::SocketAddr, Arc<crate::listen::CertResolver>)>,
+    /// Each TLS listener's certificates (by index in `listen` and configured address),
+    /// reloaded by a reload.
+    pub(crate) tls: Vec<(
+        usize,
+        std::net::SocketAddr,
+        Arc<crate::listen::CertResolver>,
+    )>,
 }
 
 pub(crate) fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {

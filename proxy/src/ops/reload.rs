@@ -110,13 +110,26 @@ impl Controller {
         let (dest, format) = (config.access_log.clone(), config.access_log_format);
         // Certificates of the listeners that stay TLS, read again (renewed files at the same
         // paths, or other files): all load, or nothing changes.
+        // A listener is the running one at the same index with the same address (several
+        // may share `127.0.0.1:0`), else the first unused one with that address.
         let mut certs = Vec::new();
+        let mut used = vec![false; self.tls.len()];
         for (i, l) in config.listen.iter().enumerate() {
-            let (Some(t), Some((_, resolver))) =
-                (&l.tls, self.tls.iter().find(|(addr, _)| *addr == l.addr))
-            else {
-                continue;
-            };
+            let Some(t) = &l.tls else { continue };
+            let pick = self
+                .tls
+                .iter()
+                .position(|(j, addr, _)| *j == i && *addr == l.addr)
+                .filter(|k| !used[*k])
+                .or_else(|| {
+                    self.tls
+                        .iter()
+                        .enumerate()
+                        .position(|(k, (_, addr, _))| *addr == l.addr && !used[k])
+                });
+            let Some(k) = pick else { continue };
+            used[k] = true;
+            let resolver = &self.tls[k].2;
             let prepared = crate::listen::CertResolver::prepare(t).map_err(|e| {
                 err(
                     ErrorCode::Invalid,

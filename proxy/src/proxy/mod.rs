@@ -248,6 +248,9 @@ impl ProxyHttp for Switchyard {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        // Each attempt sends the body again (a retry replays Pingora's buffer through
+        // `request_body_filter`): count it afresh.
+        ctx.body_bytes = 0;
         let (Some(up), Some(pool_idx)) = (ctx.upstream.clone(), ctx.pool) else {
             return Err(err_status(500, "request was not routed"));
         };
@@ -341,6 +344,11 @@ impl ProxyHttp for Switchyard {
     ) -> Result<()> {
         if let Some((name, value)) = &ctx.request_id {
             resp.insert_header(name.clone(), value.clone())?;
+        }
+        if session.is_process_shutting_down() && resp.status.as_u16() != 101 {
+            // Draining since the request began: this answer says `Connection: close`, so the
+            // client does not send its next request on a connection about to close.
+            session.set_keepalive(None);
         }
         if ctx.upgrade && resp.status.as_u16() != 101 {
             // The app refused the upgrade: the connection layer already treats what follows

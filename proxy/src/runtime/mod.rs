@@ -160,15 +160,29 @@ pub fn start(config: Config, opts: StartOptions) -> Result<Handle, StartError> {
 /// returns `Ok`, the new proxy serves and the old one has been told to stop accepting and
 /// drain. On an error the old one keeps serving.
 pub fn upgrade(config: Config, opts: StartOptions) -> Result<Handle, UpgradeError> {
-    upgrade_with(config, opts, || {})
+    upgrade_with(config, opts, |_| {})
 }
 
-/// [`upgrade`], calling `before_ready` once the new proxy serves, just before the old one is
-/// told (the binary tells systemd its new main pid there, before the old process can exit).
+/// Where an upgrade is, for [`upgrade_with`]'s observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpgradeStep {
+    /// The new proxy serves; the old one is about to be told (the binary tells systemd its
+    /// new main pid here, before the old process can exit).
+    Serving,
+    /// The old one did not step down after all: it goes on serving (the binary gives systemd
+    /// its pid back). This process drains what it accepted and stops.
+    Aborted {
+        /// The old process.
+        predecessor: u32,
+    },
+}
+
+/// [`upgrade`], telling `observe` where it is.
 pub fn upgrade_with(
     config: Config,
     opts: StartOptions,
-    before_ready: impl FnOnce(),
+    mut observe: impl FnMut(UpgradeStep),
 ) -> Result<Handle, UpgradeError> {
     let mut t = upgrade::take_over(&config.control.socket)?;
     let predecessor = t.predecessor;
@@ -186,10 +200,14 @@ pub fn upgrade_with(
     let (control_path, control_mode) = (config.control.socket.clone(), config.control.mode);
     match start_on(config, opts, Some(&mut t)) {
         Ok(mut h) => {
-            before_ready();
-            // If the old process did not get it, it goes on (it times out and thaws): this one
-            // must not serve next to it (dropping the handle drains it).
-            t.answer(Ok(()))?;
+            observe(UpgradeStep::Serving);
+            if let Err(e) = t.answer(Ok(())) {
+                // The old process did not step down: it goes on, and this one must not serve
+                // next to it. Drain what was accepted meanwhile, then stop.
+                observe(UpgradeStep::Aborted { predecessor });
+                drain_blocking(h);
+                return Err(e);
+            }
             // Now the files are this process's: the upgrade socket moves into place, the
             // control socket takes the configured mode, changes are accepted.
             if let Some(p) = &h.upgrade_placement {
@@ -219,6 +237,20 @@ pub fn upgrade_with(
             Err(e.into())
         }
     }
+}
+
+/// Stop a proxy gracefully from synchronous code (which may run inside a runtime's blocking
+/// pool: a thread of its own drives the drain).
+fn drain_blocking(h: Handle) {
+    let drain = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(h.shutdown());
+        }
+    });
+    let _ = drain.join();
 }
 
 fn start_on(
@@ -384,7 +416,8 @@ fn start_on(
             .listen
             .iter()
             .zip(&listeners)
-            .filter_map(|(c, l)| Some((c.addr, l.certs.clone()?)))
+            .enumerate()
+            .filter_map(|(i, (c, l))| Some((i, c.addr, l.certs.clone()?)))
             .collect(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

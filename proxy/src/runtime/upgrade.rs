@@ -146,6 +146,14 @@ struct Ready {
     error: Option<String>,
 }
 
+/// The old process's last word after "ready": it stops accepting now. Only with it does the
+/// new process consider the handover done (a "ready" that arrives as the old one gives up
+/// must not leave both serving, or both owning the socket files).
+#[derive(Debug, Serialize, Deserialize)]
+struct Bye {
+    bye: bool,
+}
+
 /// Why `--upgrade` could not take over.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -209,8 +217,10 @@ impl Takeover {
         }
     }
 
-    /// Tell the old process how the start went. `Ok`: it stops accepting and drains.
+    /// Tell the old process how the start went. `Ok` (after `Ok`): the old process said it
+    /// stops accepting; only then is the handover done.
     pub(crate) fn answer(mut self, result: Result<(), String>) -> Result<(), UpgradeError> {
+        let ok = result.is_ok();
         let ready = match result {
             Ok(()) => Ready {
                 ready: true,
@@ -222,7 +232,24 @@ impl Takeover {
             },
         };
         write_line(&mut self.stream, &ready)
-            .map_err(|e| UpgradeError::Handshake(format!("cannot answer: {e}")))
+            .map_err(|e| UpgradeError::Handshake(format!("cannot answer: {e}")))?;
+        if !ok {
+            return Ok(());
+        }
+        let mut r = BufReader::new(
+            self.stream
+                .try_clone()
+                .map_err(|e| UpgradeError::Handshake(e.to_string()))?,
+        );
+        let line = read_line(&mut r, Instant::now() + READY_TIMEOUT, MAX_LINE, &|| false).map_err(
+            |e| UpgradeError::Handshake(format!("the running switchyard did not step down: {e}")),
+        )?;
+        match serde_json::from_slice::<Bye>(&line) {
+            Ok(Bye { bye: true }) => Ok(()),
+            _ => Err(UpgradeError::Handshake(
+                "the running switchyard did not step down".into(),
+            )),
+        }
     }
 }
 
@@ -243,6 +270,18 @@ fn read_line(
     use std::io::ErrorKind;
     let mut line = Vec::new();
     loop {
+        // What has arrived counts, even if told to stop meanwhile.
+        if let Some(i) = r.buffer().iter().position(|b| *b == b'\n') {
+            line.extend_from_slice(&r.buffer()[..i]);
+            r.consume(i + 1);
+            if line.len() > max {
+                return Err(std::io::Error::new(
+                    ErrorKind::InvalidData,
+                    format!("a message over {max} bytes"),
+                ));
+            }
+            return Ok(line);
+        }
         if stop() {
             return Err(std::io::Error::new(ErrorKind::Interrupted, "shutting down"));
         }
@@ -644,6 +683,9 @@ impl HandoverServer {
         let answer: Ready =
             serde_json::from_slice(&answer).map_err(|e| format!("bad answer: {e}"))?;
         if answer.ready {
+            // Binding from here: the successor serves once it reads this.
+            write_line(stream, &Bye { bye: true })
+                .map_err(|e| format!("the new process (pid {pid}) went away: {e}"))?;
             Ok(pid)
         } else {
             Err(format!(
