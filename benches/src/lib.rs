@@ -165,6 +165,22 @@ pub fn wrk_with(
     close: bool,
     headers: &[String],
 ) -> Result<(f64, f64, f64, f64, f64, u64)> {
+    let f = wrk_fields(lua, port, path, conns, dur, close, headers)?;
+    let errors = f[5..10].iter().sum::<f64>() as u64;
+    Ok((f[0], f[0] / f[1].max(1e-9), f[2], f[3], f[4], errors))
+}
+
+/// One wrk run, as [`WRK_LUA`] reports it: requests, seconds, p50/p99/p99.9 ms, then errors by
+/// kind — connect, read, write, timeout, non-2xx status.
+pub fn wrk_fields(
+    lua: &Path,
+    port: u16,
+    path: &str,
+    conns: usize,
+    dur: Duration,
+    close: bool,
+    headers: &[String],
+) -> Result<[f64; 10]> {
     let mut cmd = Command::new("wrk");
     for h in headers {
         cmd.args(["-H", h]);
@@ -188,11 +204,10 @@ pub fn wrk_with(
         .split_whitespace()
         .filter_map(|v| v.parse().ok())
         .collect();
-    if f.len() < 10 {
-        bail!("short wrk result: {line}");
+    match <[f64; 10]>::try_from(f.get(..10).unwrap_or_default()) {
+        Ok(a) => Ok(a),
+        Err(_) => bail!("short wrk result: {line}"),
     }
-    let errors = f[5..10].iter().sum::<f64>() as u64;
-    Ok((f[0], f[0] / f[1].max(1e-9), f[2], f[3], f[4], errors))
 }
 
 /// `proxyctl weight POOL PERCENT` on a switchyard control socket.

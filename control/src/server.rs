@@ -210,14 +210,7 @@ impl ControlServer {
             let _ = std::fs::remove_file(&tmp);
             return Err(io_err(e));
         }
-        listener.set_nonblocking(true).map_err(io_err)?;
-        Ok(ControlServer {
-            listener,
-            path: path.to_path_buf(),
-            open: Arc::new(AtomicUsize::new(0)),
-            idle_timeout: IDLE_TIMEOUT,
-            owns_path: Arc::new(AtomicBool::new(true)),
-        })
+        Self::adopt(listener, path)
     }
 
     /// Serve a listening socket taken over from a predecessor process (binary upgrade): the

@@ -82,27 +82,7 @@ impl Counts {
 }
 
 fn wrk(lua: &Path, port: u16, conns: usize, dur: Duration, close: bool) -> Result<Counts> {
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t", "1", "-c", &conns.to_string()])
-        .args(["-d", &format!("{}s", dur.as_secs().max(1))])
-        .args(["--timeout", "10s", "-s", &lua.display().to_string()]);
-    if close {
-        cmd.args(["-H", "Connection: close"]);
-    }
-    cmd.arg(format!("http://127.0.0.1:{port}/hello"));
-    let out = cmd.output().context("wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("RESULT "))
-        .with_context(|| format!("no wrk result: {text}"))?;
-    let f: Vec<f64> = line[7..]
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    if f.len() < 10 {
-        bail!("short wrk result: {line}");
-    }
+    let f = switchyard_benches::wrk_fields(lua, port, "/hello", conns, dur, close, &[])?;
     Ok(Counts {
         requests: f[0] as u64,
         connect: f[5] as u64,
