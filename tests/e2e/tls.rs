@@ -289,3 +289,35 @@ async fn redirect_https_answers_308_with_host_path_and_query() {
     assert_eq!(up.hits(), 0, "never proxied");
     px.shutdown().await;
 }
+
+#[tokio::test]
+async fn h2_bodies_over_client_max_body_size_are_413() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    let (px, cert, _dir) = tls_proxy(&up, "client_max_body_size: 1k\n").await;
+    let tls = tls_connect(&px, &cert, &[b"h2"]).await;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // A Content-Length over the limit: 413 before anything is forwarded.
+    let req = http::Request::post("https://localhost/sha256")
+        .header("content-length", "2048")
+        .body(http_body_util::Full::new(Bytes::from(vec![b'x'; 2048])))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("client_max_body_size (1k)"));
+    assert_eq!(up.hits(), 0, "nothing forwarded");
+    // At the limit: forwarded.
+    let req = http::Request::post("https://localhost/sha256")
+        .body(http_body_util::Full::new(Bytes::from(vec![b'x'; 1024])))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"bytes\":1024"));
+    px.shutdown().await;
+}
