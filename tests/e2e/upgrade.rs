@@ -143,21 +143,9 @@ fn two_pools(blue: &FakeUpstream, green: &FakeUpstream, slow: &FakeUpstream) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_upgrades_under_load_fail_nothing_and_keep_state_and_in_flight_work() {
     trace_init();
-    let blue = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let green = FakeUpstream::builder("green")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let slow_up = FakeUpstream::builder("slow")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
+    let blue = quiet_upstream("blue").await;
+    let green = quiet_upstream("green").await;
+    let slow_up = quiet_upstream("slow").await;
     let yaml = two_pools(&blue, &green, &slow_up);
     let mut px = TestProxy::start(&yaml).await;
     assert!(

@@ -89,6 +89,15 @@ pub fn app_yaml_pools(pools: &str, active: &str, extra: &str) -> String {
     )
 }
 
+/// A fake upstream that keeps no request log (for tests that only count).
+pub async fn quiet_upstream(name: &str) -> FakeUpstream {
+    FakeUpstream::builder(name)
+        .record(false)
+        .start()
+        .await
+        .unwrap()
+}
+
 /// Two fake upstreams, `blue` and `green`, and a settled proxy in front of them with blue
 /// active (`extra` as for [`app_yaml`]). `record`: whether the upstreams log requests.
 pub async fn blue_green(record: bool, extra: &str) -> (FakeUpstream, FakeUpstream, TestProxy) {
