@@ -46,6 +46,21 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Paths answered by the proxy itself.
     pub deny: DenyConfig,
+    /// The fleet this proxy belongs to; `None`: standalone.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// A fleet of proxies following one desired state in etcd (SPEC §9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// etcd endpoints (`http://host:port`).
+    pub etcd: Vec<String>,
+    /// Key space, starting and ending with `/`.
+    pub prefix: String,
+    /// This proxy's id in the fleet.
+    pub name: String,
+    /// How long a silent proxy still counts as live.
+    pub lease_ttl: Duration,
 }
 
 impl Config {

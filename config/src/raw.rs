@@ -58,6 +58,23 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Paths the proxy answers itself (never forwarded).
     pub deny: Option<Deny>,
+    /// Several proxies following one desired state in etcd (SPEC §9). Absent: standalone.
+    pub fleet: Option<Fleet>,
+}
+
+/// A fleet: the etcd cluster holding the desired state, and this proxy's place in it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// etcd endpoints, `http://host:port` (v3 API). At least one.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// The fleet's key space, e.g. `/switchyard/prod/` (must start and end with `/`).
+    pub prefix: Option<String>,
+    /// This proxy's id in the fleet. Default: the host name.
+    pub name: Option<String>,
+    /// A proxy silent this long is no longer counted as live. Default `10s`, range 2s..=5m.
+    pub lease_ttl: Option<String>,
 }
 
 /// One listening socket.

@@ -206,6 +206,10 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
     }
 
     let deny = deny(raw.deny.as_ref(), &root.key("deny"), &mut errs);
+    let fleet = raw
+        .fleet
+        .as_ref()
+        .map(|f| fleet(f, &root.key("fleet"), &mut errs));
 
     errs.finish()?;
     Ok(Config {
@@ -226,7 +230,104 @@ pub fn validate(raw: raw::Config) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         deny,
+        fleet,
     })
+}
+
+/// The longest fleet name and the lease bounds (etcd's own minimum TTL is about 2 s).
+const MAX_FLEET_NAME: usize = 128;
+const MIN_LEASE: Duration = Duration::from_secs(2);
+const MAX_LEASE: Duration = Duration::from_secs(300);
+
+fn fleet(raw: &raw::Fleet, path: &FieldPath, errs: &mut Errors) -> FleetConfig {
+    if raw.etcd.is_empty() {
+        errs.push(path.key("etcd"), "at least one etcd endpoint is needed");
+    }
+    for (i, e) in raw.etcd.iter().enumerate() {
+        let rest = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"));
+        let ok = rest.is_some_and(|r| {
+            let hostport = r.trim_end_matches('/');
+            !hostport.is_empty()
+                && !hostport.contains('/')
+                && hostport
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        });
+        if !ok {
+            errs.push(
+                path.key("etcd").index(i),
+                format!("{e:?} is not an etcd endpoint such as \"http://127.0.0.1:2379\""),
+            );
+        }
+    }
+    let prefix = match raw.prefix.as_deref() {
+        None => {
+            errs.push(
+                path.key("prefix"),
+                "is required (e.g. \"/switchyard/prod/\"): it names the fleet's key space",
+            );
+            String::new()
+        }
+        Some(p) if p.len() < 2 || !p.starts_with('/') || !p.ends_with('/') => {
+            errs.push(
+                path.key("prefix"),
+                format!("{p:?} must start and end with \"/\", e.g. \"/switchyard/prod/\""),
+            );
+            String::new()
+        }
+        Some(p) => p.to_string(),
+    };
+    let name = match raw.name.as_deref() {
+        Some(n) => n.to_string(),
+        None => hostname(),
+    };
+    if name.is_empty()
+        || name.len() > MAX_FLEET_NAME
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        let what = if raw.name.is_some() {
+            ""
+        } else {
+            " (the host name)"
+        };
+        errs.push(
+            path.key("name"),
+            format!("{name:?}{what} is not a fleet name: 1 to {MAX_FLEET_NAME} letters, digits, '.', '_' or '-'"),
+        );
+    }
+    let lease_ttl = duration(
+        raw.lease_ttl.as_deref(),
+        &path.key("lease_ttl"),
+        Duration::from_secs(10),
+        false,
+        errs,
+    );
+    if !(MIN_LEASE..=MAX_LEASE).contains(&lease_ttl) {
+        errs.push(
+            path.key("lease_ttl"),
+            format!(
+                "{} is out of range 2s..=5m",
+                humantime::format_duration(lease_ttl)
+            ),
+        );
+    }
+    FleetConfig {
+        etcd: raw.etcd.clone(),
+        prefix,
+        name,
+        lease_ttl,
+    }
+}
+
+/// This host's name (the default fleet name), from the kernel.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Headers `request_id` must not name: framing and hop-by-hop headers (replacing them would

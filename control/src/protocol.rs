@@ -290,6 +290,84 @@ impl From<MinHealthy> for String {
     }
 }
 
+/// The fleet as one proxy sees it (`proxyctl status --fleet`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// The proxy answering.
+    pub name: String,
+    /// The fleet's key space.
+    pub prefix: String,
+    /// Whether this proxy's link to etcd is up.
+    pub connected: bool,
+    /// Since when the link is down (RFC 3339), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_since: Option<String>,
+    /// The proxy that runs fleet-wide rollouts and automatic rollbacks, if one is elected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The desired state per upstream: generation and weights.
+    pub desired: Vec<FleetDesired>,
+    /// Every proxy known to the fleet, live or not, by name.
+    pub proxies: Vec<FleetProxy>,
+}
+
+/// One upstream's desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetDesired {
+    /// Upstream.
+    pub upstream: String,
+    /// Generation.
+    pub generation: u64,
+    /// Weights.
+    pub weights: Weights,
+}
+
+/// One proxy of a fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetProxy {
+    /// Its name.
+    pub name: String,
+    /// Whether its lease is alive (it published within `lease_ttl`).
+    pub live: bool,
+    /// What it serves, per upstream (empty when not live).
+    pub upstreams: Vec<FleetApplied>,
+}
+
+/// What one proxy serves for one upstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetApplied {
+    /// Upstream.
+    pub upstream: String,
+    /// The generation it serves.
+    pub generation: u64,
+    /// Whether that is the desired generation.
+    pub in_sync: bool,
+    /// Its weights.
+    pub weights: Weights,
+    /// Instances it sees down, as `pool/host:port`.
+    #[serde(default)]
+    pub unhealthy: Vec<String>,
+    /// Why it cannot apply the desired state, if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Milliseconds since it published.
+    pub age_ms: u64,
+}
+
+/// One proxy's answer to a fleet change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetAck {
+    /// The proxy.
+    pub name: String,
+    /// The generation it reported last.
+    pub generation: u64,
+    /// Whether it applied the change (or a later one).
+    pub applied: bool,
+    /// Milliseconds from the change being written to this proxy's report of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<u64>,
+}
+
 impl Status {
     /// The upstream named `name`.
     pub fn upstream(&self, name: &str) -> Option<&UpstreamStatus> {
@@ -469,6 +547,17 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    /// A command for the whole fleet (SPEC §9, `proxyctl --fleet`): `status` answers every
+    /// proxy's applied generation and health view ([`FleetStatus`]); a change returns when
+    /// every live proxy reports it applied, or fails with `timeout` naming the ones that did
+    /// not within `timeout_ms` (the change itself stands). Refused by a proxy without a fleet.
+    Fleet {
+        /// How long to wait for every live proxy (default 10 s).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// The command.
+        request: Box<Request>,
+    },
     /// The audit trail: switches, weight changes, rollbacks, pool changes, reloads, health
     /// changes, ejections. With `follow`, new records are streamed as event lines until the
     /// client disconnects.
@@ -496,6 +585,7 @@ impl Request {
             Request::Drain { .. } => true,
             Request::Events { follow, .. } => *follow,
             Request::Canary { wait, .. } => *wait,
+            Request::Fleet { request, .. } => !matches!(**request, Request::Status),
             _ => false,
         }
     }
@@ -520,6 +610,7 @@ impl Request {
             Request::CanaryAbort { .. } => "canary_abort",
             Request::CanaryPromote { .. } => "canary_promote",
             Request::Events { .. } => "events",
+            Request::Fleet { .. } => "fleet",
         }
     }
 }
@@ -552,6 +643,12 @@ pub enum ErrorCode {
     RolledBack,
     /// The rollout was stopped by a human (`canary abort`, or a weight change).
     Aborted,
+    /// Fleet: another change was written to the desired state first (compare-and-swap on
+    /// its revision); nothing was changed. Look at the state again and retry.
+    Conflict,
+    /// Fleet: the desired state in etcd cannot be reached; nothing was changed (a fleet proxy
+    /// never applies a change locally only). Traffic goes on by the last applied state.
+    FleetUnavailable,
     /// A code this client does not know (a newer proxy): treated as a refusal.
     #[serde(other)]
     Unknown,

@@ -32,6 +32,7 @@
 
 mod canary;
 mod checks;
+mod fleet;
 mod listen;
 mod ops;
 mod proxy;

@@ -5,6 +5,7 @@
 mod canary;
 mod control_socket;
 mod faults;
+mod fleet;
 mod health;
 mod hostile;
 mod lifecycle;

@@ -16,6 +16,8 @@
     missing_debug_implementations
 )]
 
+pub mod etcd;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;

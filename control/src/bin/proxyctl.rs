@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use switchyard_control::protocol::{
-    AuditRecord, CanaryResult, Change, DrainResult, Event, HealthState, LiveStats, PoolPhase,
-    ReloadResult, Reply, Request, RolloutStatus, Status, UpstreamStatus,
+    AuditRecord, CanaryResult, Change, DrainResult, Event, FleetAck, FleetStatus, HealthState,
+    LiveStats, PoolPhase, ReloadResult, Reply, Request, RolloutStatus, Status, UpstreamStatus,
 };
 use switchyard_control::{ClientError, ControlClient, MinHealthy, Weights};
 
@@ -41,6 +41,16 @@ struct Cli {
     /// Print the proxy's reply as one JSON document.
     #[arg(long, global = true)]
     json: bool,
+    /// Fleet (SPEC §9): `status` shows every proxy's generation and health view; a change
+    /// returns when every live proxy reports it applied, printing each (exit 4 naming the
+    /// proxies that did not within --timeout). A change on a fleet proxy waits like this
+    /// anyway; --fleet also refuses to run against a proxy that is not in a fleet.
+    #[arg(long, global = true)]
+    fleet: bool,
+    /// How long to wait: for `drain`, the drain (default: the upstream's drain_timeout); with
+    /// --fleet, every proxy's report (default 10s).
+    #[arg(long, global = true, value_name = "DURATION")]
+    timeout: Option<humantime::Duration>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -94,13 +104,11 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Wait until POOL (at weight 0) has no request in flight.
+    /// Wait until POOL (at weight 0) has no request in flight (`--timeout`: how long,
+    /// default the upstream's drain_timeout).
     Drain {
         /// Pool.
         pool: String,
-        /// How long to wait (default: the upstream's drain_timeout).
-        #[arg(long)]
-        timeout: Option<humantime::Duration>,
     },
     /// Change a pool's instances.
     Pool {
@@ -189,6 +197,30 @@ fn ms(d: humantime::Duration) -> u64 {
 
 /// The request line for the command line; `Err` is a usage error (exit 2).
 fn request(cli: &Cli) -> Result<Request, String> {
+    let req = command(cli)?;
+    if !cli.fleet {
+        if cli.timeout.is_some() && !matches!(cli.cmd, Cmd::Drain { .. }) {
+            return Err("--timeout goes with `drain` or with --fleet".into());
+        }
+        return Ok(req);
+    }
+    if matches!(
+        cli.cmd,
+        Cmd::Drain { .. } | Cmd::Events { .. } | Cmd::Reload
+    ) || matches!(&cli.cmd, Cmd::Canary { target, .. } if target == "status")
+    {
+        return Err(
+            "--fleet goes with `status` and with changes; this command acts on one proxy".into(),
+        );
+    }
+    Ok(Request::Fleet {
+        timeout_ms: cli.timeout.map(ms),
+        request: Box::new(req),
+    })
+}
+
+/// The command itself.
+fn command(cli: &Cli) -> Result<Request, String> {
     let upstream = cli.upstream.clone();
     if let Cmd::Canary {
         target,
@@ -270,10 +302,10 @@ fn request(cli: &Cli) -> Result<Request, String> {
             min_healthy: *min_healthy,
             force: *force,
         },
-        Cmd::Drain { pool, timeout } => Request::Drain {
+        Cmd::Drain { pool } => Request::Drain {
             upstream,
             pool: pool.clone(),
-            timeout_ms: timeout.map(ms),
+            timeout_ms: cli.timeout.map(ms),
         },
         Cmd::Pool { cmd } => match cmd {
             PoolCmd::Set { pool, instances } => Request::PoolSet {
@@ -634,10 +666,99 @@ fn print_drain(d: &DrainResult) {
     );
 }
 
-fn print_result(cmd: &Cmd, reply: &Reply) {
+/// `status --fleet`: one line per proxy and upstream.
+fn print_fleet(f: &FleetStatus) {
+    println!(
+        "fleet {}  seen from {}  link {}{}",
+        f.prefix,
+        f.name,
+        if f.connected { "up" } else { "DOWN" },
+        f.down_since
+            .as_ref()
+            .map(|t| format!(" since {t}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "leader: {}",
+        f.leader
+            .as_deref()
+            .unwrap_or("none (no automatic canary decisions)")
+    );
+    for d in &f.desired {
+        println!(
+            "desired {}: generation {}  weights {}",
+            d.upstream,
+            d.generation,
+            fmt_weights(&d.weights)
+        );
+    }
+    println!(
+        "  {:<20} {:<10} {:>10}  {:<7} {:<24} SEES DOWN",
+        "PROXY", "UPSTREAM", "GENERATION", "STATE", "WEIGHTS"
+    );
+    for p in &f.proxies {
+        if p.upstreams.is_empty() {
+            println!("  {:<20} {:<10} {:>10}  {:<7}", p.name, "-", "-", "gone");
+        }
+        for u in &p.upstreams {
+            let state = match (&u.error, u.in_sync) {
+                (Some(_), _) => "error",
+                (None, true) => "in sync",
+                (None, false) => "LAGGING",
+            };
+            println!(
+                "  {:<20} {:<10} {:>10}  {:<7} {:<24} {}{}",
+                p.name,
+                u.upstream,
+                u.generation,
+                state,
+                fmt_weights(&u.weights),
+                if u.unhealthy.is_empty() {
+                    "-".to_string()
+                } else {
+                    u.unhealthy.join(" ")
+                },
+                u.error
+                    .as_ref()
+                    .map(|e| format!("  ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The proxies' answers to a fleet change.
+fn print_acks(v: &serde_json::Value) {
+    let Some(acks) = v
+        .get("fleet")
+        .and_then(|a| serde_json::from_value::<Vec<FleetAck>>(a.clone()).ok())
+    else {
+        return;
+    };
+    for a in &acks {
+        println!(
+            "  {}: generation {}{}",
+            a.name,
+            a.generation,
+            a.after_ms
+                .map(|ms| format!(", applied after {ms} ms"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn print_result(cmd: &Cmd, reply: &Reply, fleet: bool) {
     let Some(v) = reply.result.clone() else {
         return;
     };
+    if fleet && matches!(cmd, Cmd::Status) {
+        match serde_json::from_value::<FleetStatus>(v) {
+            Ok(f) => print_fleet(&f),
+            Err(e) => println!("unreadable fleet status: {e}"),
+        }
+        return;
+    }
+    print_acks(&v);
     match cmd {
         Cmd::Status => match serde_json::from_value::<Status>(v) {
             Ok(s) => print_status(&s),
@@ -749,7 +870,7 @@ fn main() -> ExitCode {
                     serde_json::to_string_pretty(&reply).unwrap_or_else(|e| e.to_string())
                 );
             } else if reply.ok {
-                print_result(&cli.cmd, &reply);
+                print_result(&cli.cmd, &reply, cli.fleet);
             }
             match &reply.error {
                 None => ExitCode::SUCCESS,

@@ -157,8 +157,13 @@ impl Track {
 
     /// Record this tick's sample (at most one per `bucket`) and return the numbers since the
     /// oldest sample within `window`.
-    fn window(&mut self, now: Instant, window: Duration, bucket: Duration) -> Window {
-        let current = self.pool.stats.sample();
+    fn window(
+        &mut self,
+        current: Sample,
+        now: Instant,
+        window: Duration,
+        bucket: Duration,
+    ) -> Window {
         let due = self
             .samples
             .back()
@@ -294,7 +299,13 @@ fn observe(
                 t.weighted = weighted;
                 t.epoch = p.epoch;
                 t.rollout = rollout;
-                t.window(now, a.window, bucket)
+                // In a fleet, the pool's counts on every live proxy: a canary failing only
+                // behind one proxy is judged on the fleet's traffic.
+                let mut current = p.pool.stats.sample();
+                if let Some(f) = &ctl.fleet {
+                    f.add_remote_counts(u.name(), &p.pool.name, &mut current);
+                }
+                t.window(current, now, a.window, bucket)
             })
             .collect();
         let mut obs = Observed::default();
@@ -365,10 +376,7 @@ fn observe(
                     let left = r.left_ms(wall).unwrap_or(0);
                     tick = tick.min(Duration::from_millis(left).max(MIN_TICK));
                 } else {
-                    let why = match (
-                        Controller::gate(u, &r.pool, r.min_healthy),
-                        verdicts.get(&i),
-                    ) {
+                    let why = match (ctl.gate(u, &r.pool, r.min_healthy), verdicts.get(&i)) {
                         (Err(e), _) => Some(format!(
                             "waiting for health: {}",
                             e.message.lines().next().unwrap_or_default()
@@ -398,6 +406,11 @@ fn observe(
     }
     tracks.retain(|k, _| seen.contains(k));
     ctl.observed.publish(view);
+    if ctl.fleet.as_ref().is_some_and(|f| !f.is_leader()) {
+        // One proxy of a fleet decides (SPEC §9): the elected one. The others measure (for
+        // `status`) and follow the desired state it writes.
+        actions.clear();
+    }
     (actions, tick)
 }
 
@@ -505,7 +518,7 @@ mod tests {
                     Some(Duration::from_millis(2)),
                 );
             }
-            last = t.window(now, window, bucket);
+            last = t.window(pool.stats.sample(), now, window, bucket);
             if step == 2 {
                 assert_eq!(
                     (last.requests, last.errors),

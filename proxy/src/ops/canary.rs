@@ -171,7 +171,7 @@ impl Controller {
                     format!("{pool} already has all the traffic of {}", u.name()),
                 ));
             }
-            Self::gate(u, pool, min_healthy)?;
+            self.gate(u, pool, min_healthy)?;
             // A pool that already has some traffic starts at the first step above it.
             let start = steps.iter().position(|s| *s > p.weight).unwrap_or(steps.len() - 1);
             let w = with_pool_at_via(&u.weights(), pool, steps[start], Some(u.base_name()))
@@ -385,7 +385,7 @@ impl Controller {
                     }
                 },
             };
-            if let Err(e) = Self::gate(u, &target, MinHealthy::All) {
+            if let Err(e) = self.gate(u, &target, MinHealthy::All) {
                 if !force {
                     return Err(e);
                 }
@@ -456,7 +456,7 @@ impl Controller {
                         && r.id == id
                         && r.step == from_step
                         && r.due(now)
-                        && Self::gate(u, &r.pool, r.min_healthy).is_ok()
+                        && self.gate(u, &r.pool, r.min_healthy).is_ok()
                 }) else {
                     // Moved on meanwhile (a human command, a rollback, pause and resume) or
                     // the canary turned unhealthy: the next look judges the new state.

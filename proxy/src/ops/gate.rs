@@ -11,32 +11,66 @@ use switchyard_control::protocol::{ControlError, ErrorCode, Event, InstanceHealt
 use switchyard_control::{EventSender, HealthState, MinHealthy};
 
 impl Controller {
-    /// Each instance of `pool` with its health.
-    pub(crate) fn pool_health(u: &UpstreamState, pool: &str) -> (usize, Vec<InstanceHealth>) {
+    /// Each instance of `pool` with its health, and how many are usable. In a fleet an
+    /// instance counts only if every live proxy sees it healthy (the union of the views): an
+    /// instance one proxy cannot reach is reported unhealthy, naming that proxy.
+    pub(crate) fn pool_health(
+        &self,
+        u: &UpstreamState,
+        pool: &str,
+    ) -> (usize, Vec<InstanceHealth>) {
         let now = now_ms();
         let Some(p) = u.pool(pool) else {
             return (0, Vec::new());
         };
+        let elsewhere = self
+            .fleet
+            .as_ref()
+            .map(|f| f.down_elsewhere(u.name(), pool))
+            .unwrap_or_default();
         let list: Vec<InstanceHealth> = p
             .instances
             .iter()
-            .map(|i| InstanceHealth {
-                addr: i.label.clone(),
-                health: i.health.reported(now),
-                last_check: i.health.detail().last_check,
+            .map(|i| {
+                let here = i.health.reported(now);
+                match elsewhere.get(&i.label) {
+                    Some(proxies) if here == HealthState::Healthy => InstanceHealth {
+                        addr: i.label.clone(),
+                        health: HealthState::Unhealthy,
+                        last_check: Some(format!(
+                            "healthy from this proxy, {}",
+                            proxies.join(", ")
+                        )),
+                    },
+                    _ => InstanceHealth {
+                        addr: i.label.clone(),
+                        health: here,
+                        last_check: i.health.detail().last_check,
+                    },
+                }
             })
             .collect();
         let healthy = p
             .instances
             .iter()
-            .filter(|i| i.current_addr().is_some() && i.health.usable(now))
+            .filter(|i| {
+                i.current_addr().is_some()
+                    && i.health.usable(now)
+                    && !elsewhere.contains_key(&i.label)
+            })
             .count();
         (healthy, list)
     }
 
-    /// The health gate (SPEC §5): enough instances of `pool` must be healthy.
-    pub(crate) fn gate(u: &UpstreamState, pool: &str, min: MinHealthy) -> Result<(), ControlError> {
-        let (healthy, list) = Self::pool_health(u, pool);
+    /// The health gate (SPEC §5): enough instances of `pool` must be healthy (in a fleet:
+    /// from every live proxy).
+    pub(crate) fn gate(
+        &self,
+        u: &UpstreamState,
+        pool: &str,
+        min: MinHealthy,
+    ) -> Result<(), ControlError> {
+        let (healthy, list) = self.pool_health(u, pool);
         let needed = min.needed(list.len());
         if healthy >= needed {
             return Ok(());
@@ -70,6 +104,7 @@ impl Controller {
 
     /// Apply the gate to every pool that gets traffic for the first time under `new`.
     pub(crate) fn gate_new_traffic(
+        &self,
         u: &UpstreamState,
         new: &Weights,
         gate: Gate,
@@ -78,7 +113,7 @@ impl Controller {
         for (pool, w) in new {
             let was = u.pool(pool).map_or(0, |p| p.weight);
             if *w > 0 && was == 0 {
-                if let Err(e) = Self::gate(u, pool, gate.min_healthy) {
+                if let Err(e) = self.gate(u, pool, gate.min_healthy) {
                     if !gate.force {
                         return Err(e);
                     }
@@ -104,7 +139,7 @@ impl Controller {
             let health_changed = self.shared.health_changed();
             let u = Self::upstream(&self.shared.load(), upstream)?;
             Self::check_pool(&u, pool)?;
-            let (healthy, list) = Self::pool_health(&u, pool);
+            let (healthy, list) = self.pool_health(&u, pool);
             let needed = min.needed(list.len());
             if last.as_ref() != Some(&list) {
                 events
@@ -122,7 +157,8 @@ impl Controller {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                let e = Self::gate(&u, pool, min)
+                let e = self
+                    .gate(&u, pool, min)
                     .err()
                     .unwrap_or_else(|| err(ErrorCode::Unhealthy, format!("{pool} is not healthy")));
                 return Err(ControlError {

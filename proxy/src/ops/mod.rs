@@ -54,6 +54,8 @@ pub(crate) enum Actor {
     Signal,
     /// The proxy itself (a rollout step, an automatic rollback).
     Proxy,
+    /// The fleet's desired state, written by another proxy (SPEC §9).
+    Fleet,
 }
 
 impl Actor {
@@ -75,6 +77,7 @@ impl Actor {
             Actor::Library => "library",
             Actor::Signal => "signal",
             Actor::Proxy => "proxy",
+            Actor::Fleet => "fleet",
         }
     }
 }
@@ -108,6 +111,9 @@ pub(crate) struct Controller {
         std::net::SocketAddr,
         Arc<crate::listen::CertResolver>,
     )>,
+    /// The fleet this proxy follows (SPEC §9), if any: every change is written to its desired
+    /// state before it is committed here.
+    pub(crate) fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 pub(crate) fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
@@ -198,6 +204,87 @@ impl Controller {
         self.apply_noted(upstream, actor, cmd, None, build)
     }
 
+    fn commit_error(&self, e: CommitError) -> ControlError {
+        let fleet = if self.fleet.is_some() {
+            " here (the fleet's desired state has it: this proxy applies it when it can)"
+        } else {
+            ""
+        };
+        match e {
+            CommitError::Frozen => err(ErrorCode::Busy, format!("not applied: {e}")),
+            CommitError::Io(e) => err(
+                ErrorCode::Internal,
+                format!(
+                    "not applied{fleet}: cannot write the state file {}: {e}",
+                    self.state_file.display()
+                ),
+            ),
+        }
+    }
+
+    /// Serve the fleet's desired state `d` (revision `rev`) for `upstream`: the same writer
+    /// lock, state file and audit trail as a local change. Already served: nothing to do.
+    pub(crate) fn apply_desired(
+        &self,
+        upstream: &str,
+        rev: i64,
+        d: &crate::fleet::Desired,
+    ) -> Result<(), ControlError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        let guard = self.shared.lock();
+        if rev <= fleet.served_revision(upstream) {
+            return Ok(());
+        }
+        let snap = self.shared.load();
+        let cur = Self::upstream(&snap, Some(upstream))?;
+        let rt = d.runtime(&cur).map_err(|e| err(ErrorCode::Invalid, e))?;
+        let next = Arc::new(UpstreamState::build(cur.config.clone(), &rt, Some(&cur)));
+        let old_weights = cur.weights();
+        let new_snap = self.shared.with_upstream(&guard, next.clone());
+        self.shared
+            .commit(&guard, new_snap, &self.state_file)
+            .map_err(|e| self.commit_error(e))?;
+        fleet.mark_served(upstream, rev);
+        drop(guard);
+        let new_weights = next.weights();
+        if cur.generation == next.generation && old_weights == new_weights {
+            return Ok(());
+        }
+        let by = if d.by.is_empty() { "?" } else { d.by.as_str() };
+        tracing::info!(
+            target: "switchyard::audit",
+            cmd = "fleet",
+            upstream = %upstream,
+            actor = "fleet",
+            by,
+            old = %fmt_weights(&old_weights),
+            new = %fmt_weights(&new_weights),
+            generation = next.generation,
+            revision = rev,
+            "routing changed by the fleet's desired state"
+        );
+        let mut r = events::record(
+            "fleet",
+            Actor::Fleet.kind(),
+            format!(
+                "{upstream}: {} -> {} (the fleet's desired state, written by {by})",
+                fmt_weights(&old_weights),
+                fmt_weights(&new_weights)
+            ),
+        );
+        r.upstream = Some(upstream.to_string());
+        r.generation = Some(next.generation);
+        r.old_weights = Some(old_weights.clone());
+        r.new_weights = Some(new_weights.clone());
+        self.events.record(r);
+        if old_weights != new_weights {
+            self.metrics.switches.with_label_values(&[upstream]).inc();
+        }
+        Ok(())
+    }
+
     /// `apply_gated` with a note for the audit trail (why the proxy made this change).
     pub(crate) fn apply_noted(
         &self,
@@ -226,19 +313,25 @@ impl Controller {
             });
         };
         let next = Arc::new(next);
+        // A fleet proxy: the change goes to the fleet's desired state first (compare-and-swap
+        // on the revision this proxy serves); refused there, it is applied nowhere.
+        let written = match &self.fleet {
+            Some(f) => {
+                if self.shared.is_frozen() {
+                    return Err(self.commit_error(CommitError::Frozen));
+                }
+                let d = crate::fleet::Desired::from_state(&next, f.name());
+                Some((f, f.write(next.name(), &d)?))
+            }
+            None => None,
+        };
         let new_snap = self.shared.with_upstream(&guard, next.clone());
         self.shared
             .commit(&guard, new_snap, &self.state_file)
-            .map_err(|e| match e {
-                CommitError::Frozen => err(ErrorCode::Busy, format!("not applied: {e}")),
-                CommitError::Io(e) => err(
-                    ErrorCode::Internal,
-                    format!(
-                        "not applied: cannot write the state file {}: {e}",
-                        self.state_file.display()
-                    ),
-                ),
-            })?;
+            .map_err(|e| self.commit_error(e))?;
+        if let Some((f, rev)) = written {
+            f.mark_served(next.name(), rev);
+        }
         drop(guard);
         let new_weights = next.weights();
         tracing::info!(

@@ -29,7 +29,7 @@ impl Controller {
                     ),
                 ));
             }
-            if let Err(e) = Self::gate(u, pool, gate.min_healthy) {
+            if let Err(e) = self.gate(u, pool, gate.min_healthy) {
                 if !gate.force {
                     return Err(e);
                 }
@@ -90,7 +90,7 @@ impl Controller {
             if w == u.weights() {
                 return Ok(None);
             }
-            Self::gate_new_traffic(u, &w, gate, forced)?;
+            self.gate_new_traffic(u, &w, gate, forced)?;
             Ok(Some(u.with_weights_by_human(&w, "weight")))
         })
     }
@@ -114,7 +114,7 @@ impl Controller {
             if w == u.weights() {
                 return Ok(None);
             }
-            Self::gate_new_traffic(u, &w, gate, forced)?;
+            self.gate_new_traffic(u, &w, gate, forced)?;
             Ok(Some(u.with_weights_by_human(&w, "weights")))
         })
     }

@@ -185,6 +185,16 @@ impl Handle {
         self.predecessor
     }
 
+    /// Tests: pause every fleet change between reading the revision it builds on and writing
+    /// (two changes on two proxies then meet at the compare-and-swap).
+    #[cfg(feature = "test-util")]
+    #[doc(hidden)]
+    pub fn set_fleet_write_delay(&self, delay: Duration) {
+        if let Some(f) = &self.controller.fleet {
+            *f.cas_delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
+        }
+    }
+
     /// The control socket path.
     pub fn control_socket(&self) -> &Path {
         &self.controller.control_socket

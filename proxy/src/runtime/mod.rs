@@ -401,6 +401,10 @@ fn start_on(
         )
         .map_err(StartError::AccessLog)?,
     );
+    let fleet = config
+        .fleet
+        .clone()
+        .map(|f| crate::fleet::Fleet::new(f, &registry));
     let controller = Arc::new(Controller {
         shared: shared.clone(),
         state_file: config.state_file.clone(),
@@ -412,6 +416,7 @@ fn start_on(
         access_log: access_log.clone(),
         started: Instant::now(),
         observed: Default::default(),
+        fleet: fleet.clone(),
         tls: config
             .listen
             .iter()
@@ -433,6 +438,8 @@ fn start_on(
         let resolver = opts.resolver.clone();
         let handler = Arc::new(surfaces::control::SocketHandler(controller.clone()));
         let autopilot = controller.clone();
+        let fleet_ctl = controller.clone();
+        let fleet_stop = shutdown_rx.clone();
         let shutdown = shutdown_rx.clone();
         let events = events.clone();
         let admin = surfaces::admin::Admin {
@@ -466,6 +473,12 @@ fn start_on(
                     _ = dns::run(shared.clone(), resolver) => {}
                     _ = crate::checks::active::run(shared.clone(), events, health_client) => {}
                     _ = crate::ops::autopilot::run(autopilot) => {}
+                    _ = async move {
+                        match fleet {
+                            Some(f) => crate::fleet::run(fleet_ctl, f, fleet_stop).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                     _ = async move {
                         match admin_listener {
                             Some(l) => surfaces::admin::serve(l, admin).await,

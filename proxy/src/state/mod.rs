@@ -113,6 +113,11 @@ impl Shared {
         Ok(())
     }
 
+    /// Whether changes are refused now (a binary upgrade is handing the state over).
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Acquire)
+    }
+
     /// Refuse every change until [`Self::thaw`] (a new process of a binary upgrade, until the
     /// old one has its answer).
     pub(crate) fn hold(&self) {

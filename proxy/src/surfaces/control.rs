@@ -17,8 +17,115 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
     ControlError::new(code, msg)
 }
 
-/// Carry out one protocol request (the socket's and `Handle::execute`'s entry point).
+/// Whether a request changes routing (and so, in a fleet, the fleet's desired state).
+fn is_change(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Switch { .. }
+            | Request::Rollback { .. }
+            | Request::Weight { .. }
+            | Request::Weights { .. }
+            | Request::PoolSet { .. }
+            | Request::PoolAdd { .. }
+            | Request::PoolRemove { .. }
+            | Request::Canary { .. }
+            | Request::CanaryPause { .. }
+            | Request::CanaryResume { .. }
+            | Request::CanaryAbort { .. }
+            | Request::CanaryPromote { .. }
+    )
+}
+
+/// Carry out one protocol request (the socket's and `Handle::execute`'s entry point). On a
+/// fleet proxy a change returns once every live proxy reports it (SPEC §9), `--fleet` or not.
 pub(crate) async fn execute(
+    this: &Arc<Controller>,
+    req: Request,
+    actor: Actor,
+    events: &EventSender,
+) -> Reply {
+    let (req, timeout, explicit) = match req {
+        Request::Fleet {
+            timeout_ms,
+            request,
+        } => (*request, timeout_ms.map(Duration::from_millis), true),
+        other => (other, None, false),
+    };
+    let Some(fleet) = this.fleet.clone() else {
+        if explicit {
+            return Reply::err(err(
+                ErrorCode::Invalid,
+                "this proxy is not in a fleet (its config has no `fleet:` section): run the command without --fleet",
+            ));
+        }
+        return execute_one(this, req, actor, events).await;
+    };
+    match req {
+        Request::Status if explicit => Reply::ok(fleet.status()),
+        Request::Fleet { .. } => Reply::err(err(ErrorCode::BadRequest, "a fleet command inside a fleet command")),
+        req if is_change(&req) => {
+            let hint = upstream_of(&req);
+            let reply = execute_one(this, req, actor, events).await;
+            if !reply.ok {
+                return reply;
+            }
+            let named = reply.result.as_ref().and_then(|r| {
+                r.get("upstream")
+                    .or_else(|| r.get("change").and_then(|c| c.get("upstream")))
+                    .and_then(|u| u.as_str())
+                    .map(str::to_string)
+            });
+            let Ok(u) = Controller::upstream(&this.shared.load(), named.as_deref().or(hint.as_deref()))
+            else {
+                return reply;
+            };
+            let timeout = timeout.unwrap_or(crate::fleet::DEFAULT_ACK_TIMEOUT);
+            match fleet.wait_applied(u.name(), u.generation, timeout).await {
+                Ok(acks) => {
+                    let mut reply = reply;
+                    if let Some(serde_json::Value::Object(m)) = reply.result.as_mut() {
+                        m.insert(
+                            "fleet".into(),
+                            serde_json::to_value(&acks).unwrap_or_default(),
+                        );
+                    }
+                    reply
+                }
+                Err(e) => Reply::err(e),
+            }
+        }
+        req if explicit => Reply::err(err(
+            ErrorCode::BadRequest,
+            format!(
+                "--fleet applies to `status` and to changes; `{}` acts on this proxy only (run it without --fleet)",
+                req.name()
+            ),
+        )),
+        req => execute_one(this, req, actor, events).await,
+    }
+}
+
+/// The upstream a request names, if it names one.
+fn upstream_of(req: &Request) -> Option<String> {
+    match req {
+        Request::Switch { upstream, .. }
+        | Request::Rollback { upstream }
+        | Request::Weight { upstream, .. }
+        | Request::Weights { upstream, .. }
+        | Request::PoolSet { upstream, .. }
+        | Request::PoolAdd { upstream, .. }
+        | Request::PoolRemove { upstream, .. }
+        | Request::Canary { upstream, .. }
+        | Request::CanaryPause { upstream }
+        | Request::CanaryResume { upstream }
+        | Request::CanaryAbort { upstream }
+        | Request::CanaryPromote { upstream, .. } => upstream.clone(),
+        _ => None,
+    }
+}
+
+/// Carry out one request on this proxy.
+async fn execute_one(
     this: &Arc<Controller>,
     req: Request,
     actor: Actor,

@@ -1,0 +1,831 @@
+//! Fleets (SPEC §9): several proxies follow one desired state in etcd.
+//!
+//! Keys under the fleet's `prefix`:
+//! - `desired/<upstream>`: the routing state every proxy must serve ([`Desired`]: weights,
+//!   instance lists, sticky buckets, rollout, generation). Written only by a transaction that
+//!   compares the key's `mod_revision` with the one the writer last applied, so two changes
+//!   decided on the same state cannot both land: the second gets `conflict` and changes
+//!   nothing.
+//! - `applied/<name>/<upstream>`: what one proxy serves ([`Applied`]: generation, the instances
+//!   it sees down, its per-pool request counts), on the proxy's lease, re-published every
+//!   second and at every change: a proxy that is gone disappears after `lease_ttl`.
+//! - `members/<name>`: every proxy that ever joined (no lease), so one that is gone is still
+//!   listed by `status --fleet`.
+//! - `leader`: the name of the proxy that runs fleet-wide rollouts and automatic rollbacks,
+//!   created only when absent, on that proxy's lease (a lease-based election).
+//!
+//! A change on a fleet proxy (`ops::Controller::apply_noted`) is decided under the writer lock
+//! as on a standalone proxy, written to etcd by that transaction, and only then committed
+//! locally (state file, then the snapshot swap). Every proxy — the writer too — watches the
+//! prefix; a desired revision newer than the one it serves is applied through the same writer
+//! lock and state file as a local change. When etcd cannot be reached nothing is written
+//! anywhere: changes are refused (`fleet_unavailable`), traffic goes on by the last applied
+//! state, and on reconnect the latest desired state is applied. A proxy started while etcd is
+//! down serves its state file.
+//!
+//! One task per proxy ([`run`], on the control runtime) owns the etcd session: connect, lease,
+//! initial read, watch, publish, keep the lease alive, campaign for leadership; on any error it
+//! marks the link down and starts over with a growing pause (at most 5 s).
+
+mod records;
+
+pub(crate) use records::{Applied, Desired};
+
+use crate::ops::Controller;
+use crate::upstream::stats::Sample;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+use switchyard_config::FleetConfig;
+use switchyard_control::protocol::{
+    ControlError, ErrorCode, FleetAck, FleetApplied, FleetDesired, FleetProxy, FleetStatus,
+};
+
+/// Bound on every single etcd operation (a write, a read, a lease grant).
+const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a proxy re-publishes what it serves (its counts feed the fleet's canary analysis).
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// Longest pause between two connection attempts.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Default wait for every proxy to report a change.
+pub(crate) const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What this proxy knows of the fleet, from its watch.
+#[derive(Debug, Default, Clone)]
+struct View {
+    /// Upstream -> (revision, desired state).
+    desired: BTreeMap<String, (i64, Desired)>,
+    /// (proxy, upstream) -> what it serves, and when that was seen here.
+    applied: BTreeMap<(String, String), (Applied, Instant)>,
+    /// Every proxy that ever joined.
+    members: BTreeSet<String>,
+    /// The elected proxy, if any.
+    leader: Option<String>,
+}
+
+/// The etcd client of the current session (the client has no `Debug`).
+#[derive(Clone)]
+struct Session(Client);
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Session")
+    }
+}
+
+/// The link to the fleet.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    pub(crate) cfg: FleetConfig,
+    /// The control runtime, where every etcd call runs.
+    rt: OnceLock<tokio::runtime::Handle>,
+    /// The session's client, while the link is up.
+    client: Mutex<Option<Session>>,
+    /// Connected and in sync (initial read done, watch running).
+    up: AtomicBool,
+    down_since: Mutex<Option<SystemTime>>,
+    view: Mutex<View>,
+    view_changed: tokio::sync::Notify,
+    /// Upstream -> revision of the desired key this proxy serves.
+    revs: Mutex<HashMap<String, i64>>,
+    /// Upstream -> why the desired state cannot be applied here.
+    errors: Mutex<HashMap<String, String>>,
+    /// This proxy holds the `leader` key.
+    leader: AtomicBool,
+    /// The session's lease.
+    lease: AtomicI64,
+    /// Metric: the link is up (1) or down (0).
+    connected_gauge: prometheus::IntGauge,
+    /// Metric: this proxy is the fleet's leader.
+    leader_gauge: prometheus::IntGauge,
+    /// Tests: a pause between reading the expected revision and writing (makes two
+    /// concurrent changes meet at the compare-and-swap).
+    #[cfg(feature = "test-util")]
+    pub(crate) cas_delay: Mutex<Duration>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unavailable(msg: impl std::fmt::Display) -> ControlError {
+    ControlError::new(
+        ErrorCode::FleetUnavailable,
+        format!("not applied: the fleet's desired state in etcd cannot be reached ({msg}); this proxy keeps serving its last applied state and applies no change on its own"),
+    )
+}
+
+impl Fleet {
+    pub(crate) fn new(cfg: FleetConfig, registry: &prometheus::Registry) -> Arc<Self> {
+        let connected_gauge = prometheus::IntGauge::new(
+            "switchyard_fleet_connected",
+            "1 while this proxy's link to the fleet's etcd is up and in sync, else 0",
+        )
+        .expect("a valid metric name");
+        let leader_gauge = prometheus::IntGauge::new(
+            "switchyard_fleet_leader",
+            "1 while this proxy is the fleet's leader (runs rollouts and automatic rollbacks)",
+        )
+        .expect("a valid metric name");
+        // Two proxies sharing a registry (tests) keep the first one's gauges.
+        let _ = registry.register(Box::new(connected_gauge.clone()));
+        let _ = registry.register(Box::new(leader_gauge.clone()));
+        Arc::new(Fleet {
+            cfg,
+            rt: OnceLock::new(),
+            client: Mutex::new(None),
+            up: AtomicBool::new(false),
+            down_since: Mutex::new(Some(SystemTime::now())),
+            view: Mutex::new(View::default()),
+            view_changed: tokio::sync::Notify::new(),
+            revs: Mutex::new(HashMap::new()),
+            errors: Mutex::new(HashMap::new()),
+            leader: AtomicBool::new(false),
+            lease: AtomicI64::new(0),
+            connected_gauge,
+            leader_gauge,
+            #[cfg(feature = "test-util")]
+            cas_delay: Mutex::new(Duration::ZERO),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.cfg.prefix)
+    }
+
+    fn desired_key(&self, upstream: &str) -> String {
+        self.key(&format!("desired/{upstream}"))
+    }
+
+    fn applied_key(&self, upstream: &str) -> String {
+        self.key(&format!("applied/{}/{upstream}", self.cfg.name))
+    }
+
+    /// Whether the link is up and in sync.
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether this proxy runs the fleet's rollouts and automatic rollbacks now.
+    pub(crate) fn is_leader(&self) -> bool {
+        self.is_up() && self.leader.load(Ordering::Acquire)
+    }
+
+    fn set_up(&self, client: Client) {
+        *lock(&self.client) = Some(Session(client));
+        *lock(&self.down_since) = None;
+        self.up.store(true, Ordering::Release);
+        self.connected_gauge.set(1);
+        tracing::info!(fleet = %self.cfg.prefix, name = %self.cfg.name, "fleet link up: following the desired state in etcd");
+    }
+
+    fn set_down(&self, why: &str) {
+        let was_up = self.up.swap(false, Ordering::AcqRel);
+        self.leader.store(false, Ordering::Release);
+        self.leader_gauge.set(0);
+        self.connected_gauge.set(0);
+        *lock(&self.client) = None;
+        {
+            let mut d = lock(&self.down_since);
+            if d.is_none() {
+                *d = Some(SystemTime::now());
+            }
+        }
+        if was_up {
+            tracing::error!(fleet = %self.cfg.prefix, error = %why, "FLEET LINK DOWN: serving the last applied state; changes are refused until etcd is back");
+        } else {
+            tracing::warn!(fleet = %self.cfg.prefix, error = %why, "cannot reach the fleet's etcd; retrying");
+        }
+        self.view_changed.notify_waiters();
+    }
+
+    /// The revision of the desired state this proxy serves for `upstream` (0: none yet).
+    pub(crate) fn served_revision(&self, upstream: &str) -> i64 {
+        lock(&self.revs).get(upstream).copied().unwrap_or(0)
+    }
+
+    /// Record that the desired revision `rev` of `upstream` is served here.
+    pub(crate) fn mark_served(&self, upstream: &str, rev: i64) {
+        let mut revs = lock(&self.revs);
+        let r = revs.entry(upstream.to_string()).or_insert(0);
+        *r = (*r).max(rev);
+        lock(&self.errors).remove(upstream);
+    }
+
+    /// Record why the desired state of `upstream` cannot be applied here (published, shown by
+    /// `status --fleet`).
+    pub(crate) fn mark_error(&self, upstream: &str, why: String) {
+        lock(&self.errors).insert(upstream.to_string(), why);
+    }
+
+    /// Write `desired` as the new desired state of `upstream`, if etcd still holds the
+    /// revision this proxy serves (compare-and-swap). Returns the new revision. Blocks the
+    /// calling thread (never a runtime worker: changes run on the blocking pool or a caller's
+    /// thread), bounded by [`OP_TIMEOUT`].
+    pub(crate) fn write(&self, upstream: &str, desired: &Desired) -> Result<i64, ControlError> {
+        if !self.is_up() {
+            let since = lock(&self.down_since)
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .unwrap_or_default();
+            return Err(unavailable(format!("link down since {since}")));
+        }
+        let (Some(Session(client)), Some(rt)) =
+            (lock(&self.client).clone(), self.rt.get().cloned())
+        else {
+            return Err(unavailable("no session"));
+        };
+        let expected = self.served_revision(upstream);
+        let key = self.desired_key(upstream);
+        let value = serde_json::to_vec(desired).map_err(|e| {
+            ControlError::new(
+                ErrorCode::Internal,
+                format!("cannot encode the desired state: {e}"),
+            )
+        })?;
+        #[cfg(feature = "test-util")]
+        let delay = *lock(&self.cas_delay);
+        #[cfg(not(feature = "test-util"))]
+        let delay = Duration::ZERO;
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    expected,
+                )])
+                .and_then([TxnOp::put(key.clone(), value, None)])
+                .or_else([TxnOp::get(key, None)]);
+            let mut client = client;
+            let r = tokio::time::timeout(OP_TIMEOUT, client.txn(txn)).await;
+            let _ = tx.send(r);
+        });
+        let answer = rx
+            .recv_timeout(OP_TIMEOUT + delay + Duration::from_secs(1))
+            .map_err(|_| unavailable("no answer in time: the change may or may not have been written; `proxyctl status --fleet` shows the desired state, which every proxy follows"))?;
+        let resp = match answer {
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "etcd did not answer within {}s: the change may or may not have been written; `proxyctl status --fleet` shows the desired state, which every proxy follows",
+                    OP_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Ok(Ok(r)) => r,
+        };
+        if resp.succeeded() {
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            return Ok(rev);
+        }
+        // Someone else wrote first: say who and what.
+        let current = resp.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                (
+                    kv.mod_revision(),
+                    serde_json::from_slice::<Desired>(kv.value()).ok(),
+                )
+            }),
+            _ => None,
+        });
+        let what = match current {
+            Some((_, Some(d))) => format!(
+                "generation {} ({}) written by {}",
+                d.generation,
+                crate::routing::weights::fmt_weights(&d.weights),
+                if d.by.is_empty() { "?" } else { &d.by }
+            ),
+            Some((rev, None)) => format!("revision {rev}"),
+            None => "a deletion of the desired state".into(),
+        };
+        Err(ControlError::new(
+            ErrorCode::Conflict,
+            format!("not applied: another change reached the fleet first ({what}); nothing was changed. Check `proxyctl status --fleet` and run the command again if it still makes sense"),
+        ))
+    }
+
+    /// Instances of `upstream`'s `pool` that other live proxies do not see healthy: address ->
+    /// "state from proxy" for each.
+    pub(crate) fn down_elsewhere(
+        &self,
+        upstream: &str,
+        pool: &str,
+    ) -> BTreeMap<String, Vec<String>> {
+        let view = lock(&self.view);
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for ((proxy, u), (a, _)) in &view.applied {
+            if u != upstream || proxy == &self.cfg.name {
+                continue;
+            }
+            for (d, state) in &a.down {
+                if let Some(addr) = d.strip_prefix(pool).and_then(|r| r.strip_prefix('/')) {
+                    out.entry(addr.to_string())
+                        .or_default()
+                        .push(format!("{state} from {proxy}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// The other live proxies' cumulative counts for `upstream`'s `pool`, summed into `local`
+    /// (the fleet-wide canary analysis).
+    pub(crate) fn add_remote_counts(&self, upstream: &str, pool: &str, local: &mut Sample) {
+        let view = lock(&self.view);
+        for ((proxy, u), (a, _)) in &view.applied {
+            if u != upstream || proxy == &self.cfg.name {
+                continue;
+            }
+            if let Some(c) = a.counts.get(pool) {
+                c.add_to(local);
+            }
+        }
+    }
+
+    /// Wait until every live proxy reports `generation` (or a later one) of `upstream`, at
+    /// most `timeout`. `Err(timeout)` names the proxies that did not; the change stands.
+    pub(crate) async fn wait_applied(
+        &self,
+        upstream: &str,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<Vec<FleetAck>, ControlError> {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+        loop {
+            let changed = self.view_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let acks: Vec<FleetAck> = {
+                let view = lock(&self.view);
+                view.applied
+                    .iter()
+                    .filter(|((_, u), _)| u == upstream)
+                    .map(|((proxy, _), (a, _))| {
+                        let applied = a.generation >= generation;
+                        if applied {
+                            seen.entry(proxy.clone())
+                                .or_insert_with(|| start.elapsed().as_millis() as u64);
+                        }
+                        FleetAck {
+                            name: proxy.clone(),
+                            generation: a.generation,
+                            applied,
+                            after_ms: seen.get(proxy).copied(),
+                        }
+                    })
+                    .collect()
+            };
+            let me_listed = acks.iter().any(|a| a.name == self.cfg.name);
+            if me_listed && acks.iter().all(|a| a.applied) {
+                return Ok(acks);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let mut lagging: Vec<String> = acks
+                    .iter()
+                    .filter(|a| !a.applied)
+                    .map(|a| {
+                        let why = lock(&self.view)
+                            .applied
+                            .get(&(a.name.clone(), upstream.to_string()))
+                            .and_then(|(r, _)| r.error.clone())
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default();
+                        format!("{} (at generation {}{why})", a.name, a.generation)
+                    })
+                    .collect();
+                if !me_listed {
+                    lagging.push(format!("{} (this proxy: not published yet)", self.cfg.name));
+                }
+                return Err(ControlError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "{upstream} generation {generation} is the fleet's desired state and applied here, but not reported within {} by: {}",
+                        humantime::format_duration(timeout),
+                        lagging.join(", ")
+                    ),
+                )
+                .with_details(serde_json::to_value(&acks).unwrap_or_default()));
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// The fleet as this proxy sees it.
+    pub(crate) fn status(&self) -> FleetStatus {
+        let view = lock(&self.view).clone();
+        let now = Instant::now();
+        let mut names: BTreeSet<String> = view.members.clone();
+        names.extend(view.applied.keys().map(|(p, _)| p.clone()));
+        let proxies = names
+            .into_iter()
+            .map(|name| {
+                let upstreams: Vec<FleetApplied> = view
+                    .applied
+                    .iter()
+                    .filter(|((p, _), _)| *p == name)
+                    .map(|((_, u), (a, at))| FleetApplied {
+                        upstream: u.clone(),
+                        generation: a.generation,
+                        in_sync: view
+                            .desired
+                            .get(u)
+                            .is_some_and(|(_, d)| d.generation == a.generation),
+                        weights: a.weights.clone(),
+                        unhealthy: a.down.iter().map(|(i, s)| format!("{i} ({s})")).collect(),
+                        error: a.error.clone(),
+                        age_ms: now.duration_since(*at).as_millis() as u64,
+                    })
+                    .collect();
+                FleetProxy {
+                    live: !upstreams.is_empty(),
+                    name,
+                    upstreams,
+                }
+            })
+            .collect();
+        FleetStatus {
+            name: self.cfg.name.clone(),
+            prefix: self.cfg.prefix.clone(),
+            connected: self.is_up(),
+            down_since: lock(&self.down_since)
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            leader: view.leader.clone(),
+            desired: view
+                .desired
+                .iter()
+                .map(|(u, (_, d))| FleetDesired {
+                    upstream: u.clone(),
+                    generation: d.generation,
+                    weights: d.weights.clone(),
+                })
+                .collect(),
+            proxies,
+        }
+    }
+
+    /// Take in one key's new value (`None`: deleted). Returns a desired state to apply.
+    fn observe(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        rev: i64,
+    ) -> Option<(String, i64, Desired)> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(&self.cfg.prefix)?;
+        let mut view = lock(&self.view);
+        let mut apply = None;
+        if let Some(u) = rest.strip_prefix("desired/") {
+            match value.map(serde_json::from_slice::<Desired>) {
+                Some(Ok(d)) => {
+                    view.desired.insert(u.to_string(), (rev, d.clone()));
+                    apply = Some((u.to_string(), rev, d));
+                }
+                Some(Err(e)) => {
+                    tracing::error!(key, error = %e, "the fleet's desired state is not readable; ignored (this proxy keeps its state)");
+                }
+                None => {
+                    view.desired.remove(u);
+                }
+            }
+        } else if let Some(pu) = rest.strip_prefix("applied/") {
+            let (proxy, u) = pu.split_once('/')?;
+            let k = (proxy.to_string(), u.to_string());
+            match value.map(serde_json::from_slice::<Applied>) {
+                Some(Ok(a)) => {
+                    view.applied.insert(k, (a, Instant::now()));
+                }
+                Some(Err(_)) | None => {
+                    view.applied.remove(&k);
+                }
+            }
+        } else if let Some(m) = rest.strip_prefix("members/") {
+            if value.is_some() {
+                view.members.insert(m.to_string());
+            } else {
+                view.members.remove(m);
+            }
+        } else if rest == "leader" {
+            view.leader = value
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_string);
+        }
+        drop(view);
+        self.view_changed.notify_waiters();
+        apply
+    }
+}
+
+/// Run the fleet link: sessions, one after the other, until the proxy shuts down (then the
+/// lease is revoked, so the fleet stops counting this proxy at once, and this returns... never:
+/// it waits for the runtime to stop).
+pub(crate) async fn run(
+    ctl: Arc<Controller>,
+    fleet: Arc<Fleet>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let _ = fleet.rt.set(tokio::runtime::Handle::current());
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let started = Instant::now();
+        let why = tokio::select! {
+            r = session(&ctl, &fleet) => match r {
+                Ok(()) => "session ended".to_string(),
+                Err(e) => e,
+            },
+            _ = stop.wait_for(|s| *s) => {
+                leave(&fleet).await;
+                return std::future::pending().await;
+            }
+        };
+        fleet.set_down(&why);
+        if started.elapsed() > MAX_RETRY * 2 {
+            pause = Duration::from_millis(200);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_RETRY);
+    }
+}
+
+/// Revoke the lease (what this proxy published and its leadership go with it) and stop
+/// accepting changes.
+async fn leave(fleet: &Fleet) {
+    let client = lock(&fleet.client).clone();
+    fleet.set_down("this proxy is shutting down");
+    if let Some(Session(mut c)) = client {
+        let lease = fleet.lease.load(Ordering::Acquire);
+        let _ = op("leave", c.lease_revoke(lease)).await;
+    }
+}
+
+async fn op<T, E: std::fmt::Display>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: no answer within {}s",
+            OP_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// One session: connect, lease, read, watch, publish — until something fails.
+async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String> {
+    let cfg = &fleet.cfg;
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(OP_TIMEOUT)
+        // HTTP/2 pings: a watch on a dead connection is noticed within ~2 s, not at the
+        // kernel's TCP timeout.
+        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true);
+    let mut client = op("connect", Client::connect(&cfg.etcd, Some(opts))).await?;
+    let ttl = i64::try_from(cfg.lease_ttl.as_secs()).unwrap_or(10).max(2);
+    let lease = op("lease", client.lease_grant(ttl, None)).await?.id();
+    fleet.lease.store(lease, Ordering::Release);
+    let (mut keeper, mut kept) = op("lease keep-alive", client.lease_keep_alive(lease)).await?;
+    op(
+        "join",
+        client.put(
+            fleet.key(&format!("members/{}", cfg.name)),
+            cfg.name.clone(),
+            None,
+        ),
+    )
+    .await?;
+    // Everything under the prefix, then a watch from the next revision: nothing falls between.
+    let all = op(
+        "read",
+        client.get(cfg.prefix.clone(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    let rev = all.header().map(|h| h.revision()).unwrap_or(0);
+    *lock(&fleet.view) = View::default();
+    let mut to_apply = Vec::new();
+    for kv in all.kvs() {
+        if let Some(a) = fleet.observe(kv.key(), Some(kv.value()), kv.mod_revision()) {
+            to_apply.push(a);
+        }
+    }
+    let (_watcher, mut stream) = op(
+        "watch",
+        client.watch(
+            cfg.prefix.clone(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
+        ),
+    )
+    .await?;
+    // Upstreams without a desired state yet: this proxy's state becomes the fleet's (the
+    // first proxy of a new fleet), unless another proxy is faster.
+    let have: BTreeSet<String> = to_apply.iter().map(|(u, _, _)| u.clone()).collect();
+    for u in ctl.shared.load().upstreams.iter() {
+        if have.contains(u.name()) {
+            continue;
+        }
+        let d = Desired::from_state(u, &cfg.name);
+        let key = fleet.desired_key(u.name());
+        let value = serde_json::to_vec(&d).map_err(|e| e.to_string())?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let r = op("seed", client.txn(txn)).await?;
+        if r.succeeded() {
+            let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+            fleet.mark_served(u.name(), rev);
+            tracing::info!(upstream = %u.name(), generation = u.generation, "the fleet had no desired state for this upstream: seeded it with this proxy's");
+        }
+        // Else another proxy seeded it: the watch brings it.
+    }
+    for (u, rev, d) in to_apply {
+        apply(ctl, fleet, &u, rev, d).await;
+    }
+    fleet.set_up(client.clone());
+    campaign(fleet, &mut client, lease).await?;
+    publish(ctl, fleet, &mut client, lease).await?;
+
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut keep = tokio::time::interval(Duration::from_secs(u64::try_from(ttl).unwrap_or(10)) / 3);
+    keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Desired states that could not be applied yet (an upgrade holds the state): retried.
+    let mut pending: BTreeMap<String, (i64, Desired)> = BTreeMap::new();
+    // Registered once and renewed only when they fire: a change or a health transition while
+    // this loop is busy publishing is not lost.
+    let mut changed = Box::pin(ctl.shared.changed());
+    changed.as_mut().enable();
+    let mut health = Box::pin(ctl.shared.health_changed());
+    health.as_mut().enable();
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let resp = match msg {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err("the watch ended".into()),
+                    Err(e) => return Err(format!("watch: {e}")),
+                };
+                if resp.canceled() {
+                    return Err(format!("watch canceled: {}", resp.cancel_reason()));
+                }
+                let mut leader_gone = false;
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                    if value.is_none() && kv.key() == fleet.key("leader").as_bytes() {
+                        leader_gone = true;
+                    }
+                    if let Some((u, rev, d)) = fleet.observe(kv.key(), value, kv.mod_revision()) {
+                        pending.insert(u, (rev, d));
+                    }
+                }
+                let mut applied_any = false;
+                for (u, (rev, d)) in std::mem::take(&mut pending) {
+                    if !apply(ctl, fleet, &u, rev, d.clone()).await {
+                        pending.insert(u, (rev, d));
+                    } else {
+                        applied_any = true;
+                    }
+                }
+                if applied_any {
+                    publish(ctl, fleet, &mut client, lease).await?;
+                }
+                if leader_gone {
+                    campaign(fleet, &mut client, lease).await?;
+                }
+            }
+            _ = keep.tick() => {
+                op("lease keep-alive", keeper.keep_alive()).await?;
+            }
+            answer = kept.message() => match answer {
+                Ok(Some(r)) if r.ttl() > 0 => {}
+                Ok(Some(_)) => return Err("the lease expired (this proxy was silent longer than lease_ttl)".into()),
+                Ok(None) => return Err("the lease keep-alive stream ended".into()),
+                Err(e) => return Err(format!("lease keep-alive: {e}")),
+            },
+            _ = tick.tick() => {
+                for (u, (rev, d)) in std::mem::take(&mut pending) {
+                    if !apply(ctl, fleet, &u, rev, d.clone()).await {
+                        pending.insert(u, (rev, d));
+                    }
+                }
+                publish(ctl, fleet, &mut client, lease).await?;
+            }
+            _ = &mut changed => {
+                changed = Box::pin(ctl.shared.changed());
+                changed.as_mut().enable();
+                publish(ctl, fleet, &mut client, lease).await?;
+            }
+            _ = &mut health => {
+                health = Box::pin(ctl.shared.health_changed());
+                health.as_mut().enable();
+                publish(ctl, fleet, &mut client, lease).await?;
+            }
+        }
+    }
+}
+
+/// Apply a desired state through the controller (writer lock, state file). `false`: not now
+/// (an upgrade holds the state, or the state file cannot be written), try again later. A
+/// desired state that does not fit this proxy's config is recorded as this proxy's error and
+/// not retried until it changes.
+async fn apply(
+    ctl: &Arc<Controller>,
+    fleet: &Arc<Fleet>,
+    upstream: &str,
+    rev: i64,
+    d: Desired,
+) -> bool {
+    if rev <= fleet.served_revision(upstream) {
+        return true;
+    }
+    let u = upstream.to_string();
+    match ctl.off_runtime(move |c| c.apply_desired(&u, rev, &d)).await {
+        Ok(()) => true,
+        Err(e) if e.code == ErrorCode::Busy || e.code == ErrorCode::Internal => {
+            tracing::debug!(upstream, error = %e.message, "the fleet's desired state waits");
+            false
+        }
+        Err(e) => {
+            tracing::error!(upstream, revision = rev, error = %e.message, "CANNOT APPLY THE FLEET'S DESIRED STATE: this proxy keeps its state and reports the error");
+            fleet.mark_error(upstream, e.message);
+            // Not retried: the next desired revision is tried instead.
+            let mut revs = lock(&fleet.revs);
+            let r = revs.entry(upstream.to_string()).or_insert(0);
+            *r = (*r).max(rev);
+            true
+        }
+    }
+}
+
+/// Become the leader if there is none: create the `leader` key on this proxy's lease.
+async fn campaign(fleet: &Fleet, client: &mut Client, lease: i64) -> Result<(), String> {
+    let key = fleet.key("leader");
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.clone(),
+            fleet.cfg.name.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(key, None)]);
+    let r = op("election", client.txn(txn)).await?;
+    let mine = if r.succeeded() {
+        true
+    } else {
+        r.op_responses().into_iter().any(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().is_some_and(|kv| kv.lease() == lease),
+            _ => false,
+        })
+    };
+    if mine && !fleet.leader.swap(true, Ordering::AcqRel) {
+        tracing::info!(name = %fleet.cfg.name, "this proxy is the fleet's leader: it runs rollouts and automatic rollbacks");
+    }
+    fleet.leader.store(mine, Ordering::Release);
+    fleet.leader_gauge.set(i64::from(mine));
+    Ok(())
+}
+
+/// Publish what this proxy serves, per upstream, on its lease.
+async fn publish(
+    ctl: &Controller,
+    fleet: &Fleet,
+    client: &mut Client,
+    lease: i64,
+) -> Result<(), String> {
+    let snap = ctl.shared.load();
+    let errors = lock(&fleet.errors).clone();
+    for u in &snap.upstreams {
+        let a = Applied::of(u, errors.get(u.name()).cloned());
+        let value = serde_json::to_vec(&a).map_err(|e| e.to_string())?;
+        op(
+            "publish",
+            client.put(
+                fleet.applied_key(u.name()),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
