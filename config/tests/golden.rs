@@ -60,6 +60,10 @@ fn spec_example_has_the_documented_values() {
     assert!(c.listen[1].http2 && c.listen[1].tls.is_some());
     assert!(!c.listen[0].http2);
     assert_eq!(c.control.mode, 0o600);
+    let fleet = c.fleet.as_ref().unwrap();
+    assert_eq!(fleet.prefix, "/switchyard/prod/");
+    assert_eq!(fleet.name, "host-a");
+    assert_eq!(fleet.lease_ttl, std::time::Duration::from_secs(10));
     let app = c.upstream("app").unwrap();
     assert_eq!(app.active, "blue");
     assert_eq!(app.pool("blue").unwrap().instances.len(), 2);

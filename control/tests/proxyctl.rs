@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use switchyard_control::protocol::{
-    CanaryResult, DrainResult, LiveStats, RollbackInfo, RolloutStatus, Status,
+    CanaryResult, DrainResult, FleetAck, FleetApplied, FleetDesired, FleetProxy, FleetStatus,
+    LiveStats, RollbackInfo, RolloutStatus, Status,
 };
 use switchyard_control::{
     Change, ControlError, ControlHandler, ControlServer, ErrorCode, Event, EventSender, Peer,
@@ -438,6 +439,76 @@ impl ControlHandler for Recorder {
                 warnings: vec![],
             }),
             Request::Events { .. } => Reply::ok(Vec::<()>::new()),
+            Request::Fleet { request, .. } if *request == Request::Status => {
+                Reply::ok(FleetStatus {
+                    name: "host-a".into(),
+                    prefix: "/switchyard/prod/".into(),
+                    connected: true,
+                    down_since: None,
+                    leader: Some("host-b".into()),
+                    desired: vec![FleetDesired {
+                        upstream: "app".into(),
+                        generation: 8,
+                        weights: weights(0, 100),
+                    }],
+                    proxies: vec![
+                        FleetProxy {
+                            name: "host-a".into(),
+                            live: true,
+                            upstreams: vec![FleetApplied {
+                                upstream: "app".into(),
+                                generation: 8,
+                                in_sync: true,
+                                weights: weights(0, 100),
+                                unhealthy: vec![],
+                                error: None,
+                                age_ms: 200,
+                            }],
+                        },
+                        FleetProxy {
+                            name: "host-c".into(),
+                            live: true,
+                            upstreams: vec![FleetApplied {
+                                upstream: "app".into(),
+                                generation: 7,
+                                in_sync: false,
+                                weights: weights(100, 0),
+                                unhealthy: vec!["green/10.0.0.3:8082 (unhealthy)".into()],
+                                error: None,
+                                age_ms: 4000,
+                            }],
+                        },
+                        FleetProxy {
+                            name: "host-d".into(),
+                            live: false,
+                            upstreams: vec![],
+                        },
+                    ],
+                })
+            }
+            Request::Fleet { .. } => {
+                let mut v = serde_json::to_value(change).unwrap();
+                v["fleet"] = serde_json::to_value(vec![
+                    FleetAck {
+                        name: "host-a".into(),
+                        generation: 8,
+                        applied: true,
+                        after_ms: Some(3),
+                    },
+                    FleetAck {
+                        name: "host-b".into(),
+                        generation: 8,
+                        applied: true,
+                        after_ms: Some(9),
+                    },
+                ])
+                .unwrap();
+                Reply {
+                    ok: true,
+                    result: Some(v),
+                    error: None,
+                }
+            }
             _ => Reply::ok(change),
         }
     }
@@ -602,6 +673,25 @@ async fn every_subcommand_sends_its_request_line() {
             },
         ),
     ];
+    let cases: Vec<(Vec<&str>, Request)> = cases
+        .into_iter()
+        .chain([
+            (
+                vec!["status", "--fleet"],
+                Request::Fleet {
+                    timeout_ms: None,
+                    request: Box::new(Request::Status),
+                },
+            ),
+            (
+                vec!["--fleet", "rollback", "--timeout", "2s"],
+                Request::Fleet {
+                    timeout_ms: Some(2000),
+                    request: Box::new(Request::Rollback { upstream: None }),
+                },
+            ),
+        ])
+        .collect();
     for (args, expected) in &cases {
         let (code, out, err) = run(&sock, args).await;
         assert_eq!(code, 0, "{args:?}: {out}{err}");
@@ -617,6 +707,39 @@ async fn every_subcommand_sends_its_request_line() {
     );
     let (_, out, _) = run(&sock, &["drain", "blue"]).await;
     assert_eq!(out.trim(), "app: blue drained after 1.2s");
+    // Fleet: every proxy's answer; the fleet's state with the lagging and the gone proxy.
+    let (_, out, _) = run(&sock, &["weight", "green", "20", "--fleet"]).await;
+    assert_eq!(
+        out.trim(),
+        "app: generation 8: blue 90 -> 80, green 10 -> 20\n  host-a: generation 8, applied after 3 ms\n  host-b: generation 8, applied after 9 ms"
+    );
+    let (_, out, _) = run(&sock, &["status", "--fleet"]).await;
+    assert!(
+        out.contains("fleet /switchyard/prod/  seen from host-a  link up"),
+        "{out}"
+    );
+    assert!(out.contains("leader: host-b"), "{out}");
+    assert!(
+        out.contains("desired app: generation 8  weights blue=0 green=100"),
+        "{out}"
+    );
+    let lagging = out.lines().find(|l| l.contains("host-c")).unwrap();
+    assert!(
+        lagging.contains("LAGGING") && lagging.contains("green/10.0.0.3:8082 (unhealthy)"),
+        "{out}"
+    );
+    let gone = out.lines().find(|l| l.contains("host-d")).unwrap();
+    assert!(gone.contains("gone"), "{out}");
+    // Usage errors: --timeout without drain or --fleet; --fleet with a per-proxy command.
+    for args in [
+        &["switch", "green", "--timeout", "2s"][..],
+        &["drain", "blue", "--fleet"],
+        &["events", "--fleet"],
+        &["canary", "status", "--fleet"],
+    ] {
+        let (code, _, err) = run(&sock, args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+    }
     let (_, out, _) = run(&sock, &["reload"]).await;
     assert!(out.contains("reloaded: configuration is valid"), "{out}");
     assert!(

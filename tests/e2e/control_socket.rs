@@ -491,3 +491,38 @@ async fn a_full_or_refusing_disk_refuses_the_change_and_traffic_goes_on() {
     assert_eq!(px.get("/").await.json()["color"], "green");
     px.shutdown().await;
 }
+
+/// `--fleet` against a proxy without a fleet is refused and says why; a change inside it is
+/// not carried out.
+#[tokio::test]
+async fn a_fleet_command_on_a_standalone_proxy_is_refused_and_changes_nothing() {
+    trace_init();
+    let (_blue, _green, px) = blue_green(false, "").await;
+    for inner in [Request::Status, switch_req("green", None)] {
+        let r = px
+            .ctl_call(Request::Fleet {
+                timeout_ms: Some(1000),
+                request: Box::new(inner),
+            })
+            .await;
+        let e = r.error.expect("refused");
+        assert_eq!(e.code, ErrorCode::Invalid, "{e:?}");
+        assert!(e.message.contains("not in a fleet"), "{}", e.message);
+    }
+    assert_eq!(px.get("/").await.json()["color"], "blue");
+    // Nested and malformed fleet lines are errors, not crashes.
+    let replies = raw_lines(
+        &px,
+        b"{\"cmd\":\"fleet\"}\n{\"cmd\":\"fleet\",\"request\":{\"cmd\":\"nope\"}}\n{\"cmd\":\"fleet\",\"timeout_ms\":-1,\"request\":{\"cmd\":\"status\"}}\n",
+        3,
+    )
+    .await;
+    for r in &replies {
+        assert_eq!(
+            r.error.as_ref().unwrap().code,
+            ErrorCode::BadRequest,
+            "{r:?}"
+        );
+    }
+    px.shutdown().await;
+}

@@ -758,7 +758,7 @@ fn print_result(cmd: &Cmd, reply: &Reply, fleet: bool) {
         }
         return;
     }
-    print_acks(&v);
+    let acks = v.clone();
     match cmd {
         Cmd::Status => match serde_json::from_value::<Status>(v) {
             Ok(s) => print_status(&s),
@@ -828,6 +828,7 @@ fn print_result(cmd: &Cmd, reply: &Reply, fleet: bool) {
             }
         }
     }
+    print_acks(&acks);
 }
 
 fn main() -> ExitCode {
