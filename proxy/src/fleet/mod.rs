@@ -599,7 +599,13 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
     let mut client = op("connect", Client::connect(&cfg.etcd, Some(opts))).await?;
     let ttl = i64::try_from(cfg.lease_ttl.as_secs()).unwrap_or(10).max(2);
     let lease = op("lease", client.lease_grant(ttl, None)).await?.id();
-    fleet.lease.store(lease, Ordering::Release);
+    let previous = fleet.lease.swap(lease, Ordering::AcqRel);
+    if previous != 0 {
+        // The last session's lease may still be alive (a short blip): revoke it, so its
+        // leadership passes on now rather than after lease_ttl (its keys are re-published on
+        // this lease below).
+        let _ = op("revoke the previous lease", client.lease_revoke(previous)).await;
+    }
     let (mut keeper, mut kept) = op("lease keep-alive", client.lease_keep_alive(lease)).await?;
     op(
         "join",
@@ -658,6 +664,12 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
         // Else another proxy seeded it: the watch brings it.
     }
     for (u, rev, d) in to_apply {
+        if rev < fleet.served_revision(&u) {
+            // Revisions never go back in one etcd cluster: this is another (restored or
+            // recreated) one. Its desired state is the fleet's now.
+            tracing::warn!(upstream = %u, revision = rev, served = fleet.served_revision(&u), "the fleet's desired state has an older revision than the one served: etcd was restored or recreated; following it");
+            lock(&fleet.revs).insert(u.clone(), 0);
+        }
         apply(ctl, fleet, &u, rev, d).await;
     }
     fleet.set_up(client.clone());
