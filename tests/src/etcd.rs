@@ -106,6 +106,15 @@ impl Etcd {
         self.wait_healthy(i).await;
     }
 
+    /// A single-node cluster lost for good: member `i` killed, its data deleted, started
+    /// again empty on the same port (revisions start over).
+    pub async fn wipe_and_restart(&mut self, i: usize) {
+        self.kill(i);
+        let _ = std::fs::remove_dir_all(&self.members[i].data_dir);
+        self.spawn(i);
+        self.wait_healthy(i).await;
+    }
+
     /// Wait until member `i` reports itself healthy (bounded: 30 s). A member that exited
     /// (its ports not free yet right after a kill) is started again.
     pub async fn wait_healthy(&mut self, i: usize) {

@@ -29,7 +29,7 @@
 
 mod records;
 
-pub(crate) use records::{Applied, Desired};
+pub(crate) use records::{Applied, Counts, Desired};
 
 use crate::ops::Controller;
 use crate::upstream::stats::Sample;
@@ -54,6 +54,9 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 /// Default wait for every proxy to report a change.
 pub(crate) const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A proxy's boot and its last published counts per pool.
+type Baseline = (u64, BTreeMap<String, Counts>);
 
 /// What this proxy knows of the fleet, from its watch.
 #[derive(Debug, Default, Clone)]
@@ -95,8 +98,18 @@ pub(crate) struct Fleet {
     revs: Mutex<HashMap<String, i64>>,
     /// Upstream -> why the desired state cannot be applied here.
     errors: Mutex<HashMap<String, String>>,
+    /// Other proxies' last published counts: (proxy, upstream) -> (boot, pool -> counts).
+    baselines: Mutex<HashMap<(String, String), Baseline>>,
+    /// What other proxies' counts grew by since first seen here: (upstream, pool) -> sum.
+    /// Only growth within one boot of one proxy is added, so a proxy that restarts, leaves or
+    /// joins does not make the fleet's window jump.
+    grown: Mutex<HashMap<(String, String), Counts>>,
+    /// Random per process (see [`Applied::boot`]).
+    boot: u64,
     /// This proxy holds the `leader` key.
     leader: AtomicBool,
+    /// A reload happened: serve the desired state again on the new config.
+    resync: AtomicBool,
     /// The session's lease.
     lease: AtomicI64,
     /// Metric: the link is up (1) or down (0).
@@ -145,7 +158,11 @@ impl Fleet {
             view_changed: tokio::sync::Notify::new(),
             revs: Mutex::new(HashMap::new()),
             errors: Mutex::new(HashMap::new()),
+            baselines: Mutex::new(HashMap::new()),
+            grown: Mutex::new(HashMap::new()),
+            boot: fastrand::u64(..),
             leader: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
             lease: AtomicI64::new(0),
             connected_gauge,
             leader_gauge,
@@ -208,6 +225,19 @@ impl Fleet {
         self.view_changed.notify_waiters();
     }
 
+    /// The fleet's desired state of `upstream`, as last seen.
+    pub(crate) fn desired(&self, upstream: &str) -> Option<Desired> {
+        lock(&self.view)
+            .desired
+            .get(upstream)
+            .map(|(_, d)| d.clone())
+    }
+
+    /// Serve the desired state again at the next tick (after a config reload).
+    pub(crate) fn resync(&self) {
+        self.resync.store(true, Ordering::Release);
+    }
+
     /// The revision of the desired state this proxy serves for `upstream` (0: none yet).
     pub(crate) fn served_revision(&self, upstream: &str) -> i64 {
         lock(&self.revs).get(upstream).copied().unwrap_or(0)
@@ -222,9 +252,10 @@ impl Fleet {
     }
 
     /// Record why the desired state of `upstream` cannot be applied here (published, shown by
-    /// `status --fleet`).
-    pub(crate) fn mark_error(&self, upstream: &str, why: String) {
-        lock(&self.errors).insert(upstream.to_string(), why);
+    /// `status --fleet`, and every local change of it refused until it applies). Whether the
+    /// reason is new.
+    pub(crate) fn mark_error(&self, upstream: &str, why: String) -> bool {
+        lock(&self.errors).insert(upstream.to_string(), why.clone()) != Some(why)
     }
 
     /// Write `desired` as the new desired state of `upstream`, if etcd still holds the
@@ -243,6 +274,12 @@ impl Fleet {
         else {
             return Err(unavailable("no session"));
         };
+        if let Some(why) = lock(&self.errors).get(upstream) {
+            return Err(ControlError::new(
+                ErrorCode::Invalid,
+                format!("not applied: this proxy cannot serve the fleet's desired state of {upstream} ({why}); fix its config (then `proxyctl reload`) or change the fleet from a proxy that can"),
+            ));
+        }
         let expected = self.served_revision(upstream);
         let key = self.desired_key(upstream);
         let value = serde_json::to_vec(desired).map_err(|e| {
@@ -272,16 +309,22 @@ impl Fleet {
             let r = tokio::time::timeout(OP_TIMEOUT, client.txn(txn)).await;
             let _ = tx.send(r);
         });
+        // No answer in time: the write may have landed or not. Not "not applied" (it may
+        // be) but a wait that ran out (exit 4): whatever etcd holds, every proxy follows.
+        let unknown = || {
+            ControlError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "outcome unknown: etcd did not answer within {}s, so this change may or may not have reached the fleet; every proxy follows whatever etcd holds (`proxyctl status --fleet` shows it)",
+                    OP_TIMEOUT.as_secs()
+                ),
+            )
+        };
         let answer = rx
             .recv_timeout(OP_TIMEOUT + delay + Duration::from_secs(1))
-            .map_err(|_| unavailable("no answer in time: the change may or may not have been written; `proxyctl status --fleet` shows the desired state, which every proxy follows"))?;
+            .map_err(|_| unknown())?;
         let resp = match answer {
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "etcd did not answer within {}s: the change may or may not have been written; `proxyctl status --fleet` shows the desired state, which every proxy follows",
-                    OP_TIMEOUT.as_secs()
-                )))
-            }
+            Err(_) => return Err(unknown()),
             Ok(Err(e)) => return Err(unavailable(e)),
             Ok(Ok(r)) => r,
         };
@@ -342,15 +385,35 @@ impl Fleet {
     /// The other live proxies' cumulative counts for `upstream`'s `pool`, summed into `local`
     /// (the fleet-wide canary analysis).
     pub(crate) fn add_remote_counts(&self, upstream: &str, pool: &str, local: &mut Sample) {
-        let view = lock(&self.view);
-        for ((proxy, u), (a, _)) in &view.applied {
-            if u != upstream || proxy == &self.cfg.name {
-                continue;
-            }
-            if let Some(c) = a.counts.get(pool) {
-                c.add_to(local);
+        if let Some(c) = lock(&self.grown).get(&(upstream.to_string(), pool.to_string())) {
+            c.add_to(local);
+        }
+    }
+
+    /// Take in another proxy's published counts: add what grew since its last publication
+    /// (same boot) to the fleet's sums; anything else only sets the baseline.
+    fn take_counts(&self, proxy: &str, upstream: &str, a: Option<&Applied>) {
+        let key = (proxy.to_string(), upstream.to_string());
+        let mut baselines = lock(&self.baselines);
+        let Some(a) = a.filter(|a| !a.counts.is_empty()) else {
+            // Gone, or not publishing counts (no canary): the next counts start over.
+            baselines.remove(&key);
+            return;
+        };
+        if let Some((boot, old)) = baselines.get(&key) {
+            if *boot == a.boot {
+                let mut grown = lock(&self.grown);
+                for (pool, now) in &a.counts {
+                    if let Some(g) = old.get(pool).and_then(|o| now.growth(o)) {
+                        grown
+                            .entry((upstream.to_string(), pool.clone()))
+                            .or_default()
+                            .accumulate(&g);
+                    }
+                }
             }
         }
+        baselines.insert(key, (a.boot, a.counts.clone()));
     }
 
     /// Wait until every live proxy reports `generation` (or a later one) of `upstream`, at
@@ -359,6 +422,7 @@ impl Fleet {
         &self,
         upstream: &str,
         generation: u64,
+        revision: i64,
         timeout: Duration,
     ) -> Result<Vec<FleetAck>, ControlError> {
         let start = Instant::now();
@@ -374,7 +438,7 @@ impl Fleet {
                     .iter()
                     .filter(|((_, u), _)| u == upstream)
                     .map(|((proxy, _), (a, _))| {
-                        let applied = a.generation >= generation;
+                        let applied = a.revision >= revision && a.error.is_none();
                         if applied {
                             seen.entry(proxy.clone())
                                 .or_insert_with(|| start.elapsed().as_millis() as u64);
@@ -442,10 +506,11 @@ impl Fleet {
                     .map(|((_, u), (a, at))| FleetApplied {
                         upstream: u.clone(),
                         generation: a.generation,
-                        in_sync: view
-                            .desired
-                            .get(u)
-                            .is_some_and(|(_, d)| d.generation == a.generation),
+                        in_sync: a.error.is_none()
+                            && view
+                                .desired
+                                .get(u)
+                                .is_some_and(|(rev, _)| *rev == a.revision),
                         weights: a.weights.clone(),
                         unhealthy: a.down.iter().map(|(i, s)| format!("{i} ({s})")).collect(),
                         error: a.error.clone(),
@@ -498,6 +563,7 @@ impl Fleet {
                 }
                 Some(Err(e)) => {
                     tracing::error!(key, error = %e, "the fleet's desired state is not readable; ignored (this proxy keeps its state)");
+                    view.desired.remove(u);
                 }
                 None => {
                     view.desired.remove(u);
@@ -508,9 +574,13 @@ impl Fleet {
             let k = (proxy.to_string(), u.to_string());
             match value.map(serde_json::from_slice::<Applied>) {
                 Some(Ok(a)) => {
+                    if proxy != self.cfg.name {
+                        self.take_counts(proxy, u, Some(&a));
+                    }
                     view.applied.insert(k, (a, Instant::now()));
                 }
                 Some(Err(_)) | None => {
+                    self.take_counts(proxy, u, None);
                     view.applied.remove(&k);
                 }
             }
@@ -595,7 +665,9 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
         // HTTP/2 pings: a watch on a dead connection is noticed within ~2 s, not at the
         // kernel's TCP timeout.
         .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the majority answers nothing instead of stale data.
+        .with_require_leader(true);
     let mut client = op("connect", Client::connect(&cfg.etcd, Some(opts))).await?;
     let ttl = i64::try_from(cfg.lease_ttl.as_secs()).unwrap_or(10).max(2);
     let lease = op("lease", client.lease_grant(ttl, None)).await?.id();
@@ -606,7 +678,11 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
         // this lease below).
         let _ = op("revoke the previous lease", client.lease_revoke(previous)).await;
     }
-    let (mut keeper, mut kept) = op("lease keep-alive", client.lease_keep_alive(lease)).await?;
+    // The lease is kept alive by its own task: a session busy applying a change (waiting for
+    // the writer lock, an fsync) must not let it expire.
+    let (keeper, kept) = op("lease keep-alive", client.lease_keep_alive(lease)).await?;
+    let keepalive = tokio::spawn(keep_alive(keeper, kept, cfg.lease_ttl));
+    let _stop_keepalive = AbortOnDrop(keepalive.abort_handle());
     op(
         "join",
         client.put(
@@ -623,11 +699,21 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
     )
     .await?;
     let rev = all.header().map(|h| h.revision()).unwrap_or(0);
+    {
+        // Revisions never go back in one etcd cluster: a lower one is another (restored or
+        // recreated) cluster, whose state is the fleet's now.
+        let mut revs = lock(&fleet.revs);
+        if revs.values().any(|served| *served > rev) {
+            tracing::warn!(revision = rev, "etcd's revision is below the one this proxy serves: etcd was restored or recreated; following it");
+            revs.clear();
+        }
+    }
     *lock(&fleet.view) = View::default();
-    let mut to_apply = Vec::new();
+    lock(&fleet.baselines).clear();
+    let mut pending: BTreeMap<String, (i64, Desired)> = BTreeMap::new();
     for kv in all.kvs() {
-        if let Some(a) = fleet.observe(kv.key(), Some(kv.value()), kv.mod_revision()) {
-            to_apply.push(a);
+        if let Some((u, rev, d)) = fleet.observe(kv.key(), Some(kv.value()), kv.mod_revision()) {
+            pending.insert(u, (rev, d));
         }
     }
     let (_watcher, mut stream) = op(
@@ -642,52 +728,35 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
         ),
     )
     .await?;
-    // Upstreams without a desired state yet: this proxy's state becomes the fleet's (the
-    // first proxy of a new fleet), unless another proxy is faster.
-    let have: BTreeSet<String> = to_apply.iter().map(|(u, _, _)| u.clone()).collect();
-    for u in ctl.shared.load().upstreams.iter() {
-        if have.contains(u.name()) {
-            continue;
+    // Upstreams without a desired state: this proxy's state becomes the fleet's (the first
+    // proxy of a new fleet), unless another proxy is faster.
+    let known: Vec<String> = ctl
+        .shared
+        .load()
+        .upstreams
+        .iter()
+        .map(|u| u.name().to_string())
+        .collect();
+    for u in &known {
+        if !pending.contains_key(u) {
+            seed(ctl, fleet, &mut client, u).await?;
         }
-        let d = Desired::from_state(u, &cfg.name);
-        let key = fleet.desired_key(u.name());
-        let value = serde_json::to_vec(&d).map_err(|e| e.to_string())?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, None)]);
-        let r = op("seed", client.txn(txn)).await?;
-        if r.succeeded() {
-            let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-            fleet.mark_served(u.name(), rev);
-            tracing::info!(upstream = %u.name(), generation = u.generation, "the fleet had no desired state for this upstream: seeded it with this proxy's");
-        }
-        // Else another proxy seeded it: the watch brings it.
     }
-    for (u, rev, d) in to_apply {
-        if rev < fleet.served_revision(&u) {
-            // Revisions never go back in one etcd cluster: this is another (restored or
-            // recreated) one. Its desired state is the fleet's now.
-            tracing::warn!(upstream = %u, revision = rev, served = fleet.served_revision(&u), "the fleet's desired state has an older revision than the one served: etcd was restored or recreated; following it");
-            lock(&fleet.revs).insert(u.clone(), 0);
-        }
-        apply(ctl, fleet, &u, rev, d).await;
-    }
-    fleet.set_up(client.clone());
-    campaign(fleet, &mut client, lease).await?;
-    publish(ctl, fleet, &mut client, lease).await?;
-
-    let mut tick = tokio::time::interval(PUBLISH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut keep = tokio::time::interval(Duration::from_secs(u64::try_from(ttl).unwrap_or(10)) / 3);
-    keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Desired states that could not be applied yet (an upgrade holds the state): retried.
-    let mut pending: BTreeMap<String, (i64, Desired)> = BTreeMap::new();
-    // Registered once and renewed only when they fire: a change or a health transition while
-    // this loop is busy publishing is not lost.
+    // Registered before the first publication: nothing that happens from here is missed, and
+    // renewed only when they fire.
     let mut changed = Box::pin(ctl.shared.changed());
     changed.as_mut().enable();
     let mut health = Box::pin(ctl.shared.health_changed());
     health.as_mut().enable();
+    retry(ctl, fleet, &mut pending).await;
+    fleet.set_up(client.clone());
+    campaign(fleet, &mut client, lease).await?;
+    let mut published: BTreeMap<String, Applied> = BTreeMap::new();
+    publish(ctl, fleet, &mut client, lease, &mut published, true).await?;
+
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut keepalive = keepalive;
     loop {
         tokio::select! {
             msg = stream.message() => {
@@ -699,67 +768,164 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
                 if resp.canceled() {
                     return Err(format!("watch canceled: {}", resp.cancel_reason()));
                 }
-                let mut leader_gone = false;
+                let (mut leader_gone, mut reseed) = (false, Vec::new());
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                    if value.is_none() && kv.key() == fleet.key("leader").as_bytes() {
-                        leader_gone = true;
+                    if value.is_none() {
+                        let key = kv.key_str().unwrap_or_default();
+                        if key == fleet.key("leader") {
+                            leader_gone = true;
+                        } else if let Some(u) = key.strip_prefix(&fleet.key("desired/")) {
+                            reseed.push(u.to_string());
+                        } else if let Some(u) = key.strip_prefix(&fleet.key(&format!("applied/{}/", cfg.name))) {
+                            // Gone with another lease (the previous process of an upgrade
+                            // revoking its own): publish again.
+                            published.remove(u);
+                        }
                     }
                     if let Some((u, rev, d)) = fleet.observe(kv.key(), value, kv.mod_revision()) {
                         pending.insert(u, (rev, d));
                     }
                 }
-                let mut applied_any = false;
-                for (u, (rev, d)) in std::mem::take(&mut pending) {
-                    if !apply(ctl, fleet, &u, rev, d.clone()).await {
-                        pending.insert(u, (rev, d));
-                    } else {
-                        applied_any = true;
-                    }
+                for u in reseed.iter().filter(|u| known.contains(u)) {
+                    tracing::warn!(upstream = %u, "the fleet's desired state was deleted; seeding it again with this proxy's");
+                    seed(ctl, fleet, &mut client, u).await?;
                 }
-                if applied_any {
-                    publish(ctl, fleet, &mut client, lease).await?;
-                }
+                retry(ctl, fleet, &mut pending).await;
+                publish(ctl, fleet, &mut client, lease, &mut published, false).await?;
                 if leader_gone {
                     campaign(fleet, &mut client, lease).await?;
                 }
             }
-            _ = keep.tick() => {
-                op("lease keep-alive", keeper.keep_alive()).await?;
+            ended = &mut keepalive => {
+                return Err(match ended {
+                    Ok(why) => why,
+                    Err(e) => format!("lease keep-alive: {e}"),
+                });
             }
-            answer = kept.message() => match answer {
-                Ok(Some(r)) if r.ttl() > 0 => {}
-                Ok(Some(_)) => return Err("the lease expired (this proxy was silent longer than lease_ttl)".into()),
-                Ok(None) => return Err("the lease keep-alive stream ended".into()),
-                Err(e) => return Err(format!("lease keep-alive: {e}")),
-            },
             _ = tick.tick() => {
-                for (u, (rev, d)) in std::mem::take(&mut pending) {
-                    if !apply(ctl, fleet, &u, rev, d.clone()).await {
-                        pending.insert(u, (rev, d));
+                if fleet.resync.swap(false, Ordering::AcqRel) {
+                    let desired = lock(&fleet.view).desired.clone();
+                    for (u, (rev, d)) in desired {
+                        if pending.contains_key(&u) {
+                            continue;
+                        }
+                        let u2 = u.clone();
+                        let d2 = d.clone();
+                        match ctl.off_runtime(move |c| c.apply_desired(&u2, rev, &d2, true)).await {
+                            Ok(()) => {}
+                            Err(_) => {
+                                pending.insert(u, (rev, d));
+                            }
+                        }
                     }
                 }
-                publish(ctl, fleet, &mut client, lease).await?;
+                // Desired states not applied yet (an upgrade holds the state, the state file
+                // cannot be written, the config does not fit) are tried again.
+                retry(ctl, fleet, &mut pending).await;
+                publish(ctl, fleet, &mut client, lease, &mut published, false).await?;
             }
             _ = &mut changed => {
                 changed = Box::pin(ctl.shared.changed());
                 changed.as_mut().enable();
-                publish(ctl, fleet, &mut client, lease).await?;
+                publish(ctl, fleet, &mut client, lease, &mut published, false).await?;
             }
             _ = &mut health => {
                 health = Box::pin(ctl.shared.health_changed());
                 health.as_mut().enable();
-                publish(ctl, fleet, &mut client, lease).await?;
+                publish(ctl, fleet, &mut client, lease, &mut published, false).await?;
             }
         }
     }
 }
 
-/// Apply a desired state through the controller (writer lock, state file). `false`: not now
-/// (an upgrade holds the state, or the state file cannot be written), try again later. A
-/// desired state that does not fit this proxy's config is recorded as this proxy's error and
-/// not retried until it changes.
+/// Aborts a task when dropped (the session's keep-alive ends with the session).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keep the lease alive every third of its TTL; returns why it could not (the session ends).
+async fn keep_alive(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut kept: etcd_client::LeaseKeepAliveStream,
+    ttl: Duration,
+) -> String {
+    let mut every = tokio::time::interval(ttl / 3);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_answer = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if last_answer.elapsed() >= ttl {
+                    return format!("no lease keep-alive answer for {}: the lease has expired", humantime::format_duration(ttl));
+                }
+                if let Err(e) = op("lease keep-alive", keeper.keep_alive()).await {
+                    return e;
+                }
+            }
+            answer = kept.message() => match answer {
+                Ok(Some(r)) if r.ttl() > 0 => last_answer = tokio::time::Instant::now(),
+                Ok(Some(_)) => return "the lease expired (this proxy was silent longer than lease_ttl)".into(),
+                Ok(None) => return "the lease keep-alive stream ended".into(),
+                Err(e) => return format!("lease keep-alive: {e}"),
+            },
+        }
+    }
+}
+
+/// Make this proxy's state of `upstream` the fleet's desired state if there is none (a
+/// create-only transaction: another proxy may be first; its state then comes by the watch).
+async fn seed(
+    ctl: &Controller,
+    fleet: &Fleet,
+    client: &mut Client,
+    upstream: &str,
+) -> Result<(), String> {
+    let snap = ctl.shared.load();
+    let Some(u) = snap.upstream(upstream) else {
+        return Ok(());
+    };
+    let d = Desired::from_state(u, &fleet.cfg.name);
+    let key = fleet.desired_key(upstream);
+    let value = serde_json::to_vec(&d).map_err(|e| e.to_string())?;
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key, value, None)]);
+    let r = op("seed", client.txn(txn)).await?;
+    if r.succeeded() {
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        lock(&fleet.revs).insert(upstream.to_string(), rev);
+        tracing::info!(
+            upstream,
+            generation = u.generation,
+            "the fleet had no desired state for this upstream: seeded it with this proxy's"
+        );
+    }
+    Ok(())
+}
+
+/// Apply what is pending; what cannot be applied now stays pending.
+async fn retry(
+    ctl: &Arc<Controller>,
+    fleet: &Arc<Fleet>,
+    pending: &mut BTreeMap<String, (i64, Desired)>,
+) {
+    for (u, (rev, d)) in std::mem::take(pending) {
+        if !apply(ctl, fleet, &u, rev, d.clone()).await {
+            pending.insert(u, (rev, d));
+        }
+    }
+}
+
+/// Apply a desired state through the controller (writer lock, state file). `false`: not
+/// applied (an upgrade holds the state, the state file cannot be written, or it does not fit
+/// this proxy's config — then the reason is published and local changes are refused); try
+/// again later.
 async fn apply(
     ctl: &Arc<Controller>,
     fleet: &Arc<Fleet>,
@@ -771,20 +937,20 @@ async fn apply(
         return true;
     }
     let u = upstream.to_string();
-    match ctl.off_runtime(move |c| c.apply_desired(&u, rev, &d)).await {
+    match ctl
+        .off_runtime(move |c| c.apply_desired(&u, rev, &d, false))
+        .await
+    {
         Ok(()) => true,
         Err(e) if e.code == ErrorCode::Busy || e.code == ErrorCode::Internal => {
             tracing::debug!(upstream, error = %e.message, "the fleet's desired state waits");
             false
         }
         Err(e) => {
-            tracing::error!(upstream, revision = rev, error = %e.message, "CANNOT APPLY THE FLEET'S DESIRED STATE: this proxy keeps its state and reports the error");
-            fleet.mark_error(upstream, e.message);
-            // Not retried: the next desired revision is tried instead.
-            let mut revs = lock(&fleet.revs);
-            let r = revs.entry(upstream.to_string()).or_insert(0);
-            *r = (*r).max(rev);
-            true
+            if fleet.mark_error(upstream, e.message.clone()) {
+                tracing::error!(upstream, revision = rev, error = %e.message, "CANNOT APPLY THE FLEET'S DESIRED STATE: this proxy keeps its state, reports the error and refuses changes of this upstream until it can");
+            }
+            false
         }
     }
 }
@@ -817,17 +983,39 @@ async fn campaign(fleet: &Fleet, client: &mut Client, lease: i64) -> Result<(), 
     Ok(())
 }
 
-/// Publish what this proxy serves, per upstream, on its lease.
+/// Publish what this proxy serves, per upstream, on its lease — when it changed (generation,
+/// revision, health, error), and every second with the counts while the upstream has a canary
+/// (the fleet's analysis needs them); otherwise the lease alone says this proxy is alive, and
+/// etcd's history does not grow by a write per proxy per second.
 async fn publish(
     ctl: &Controller,
     fleet: &Fleet,
     client: &mut Client,
     lease: i64,
+    published: &mut BTreeMap<String, Applied>,
+    all: bool,
 ) -> Result<(), String> {
     let snap = ctl.shared.load();
     let errors = lock(&fleet.errors).clone();
     for u in &snap.upstreams {
-        let a = Applied::of(u, errors.get(u.name()).cloned());
+        let canary = u.canary_active() || u.rollout.as_ref().is_some_and(|r| r.is_live());
+        let a = Applied::of(
+            u,
+            fleet.served_revision(u.name()),
+            fleet.boot,
+            errors.get(u.name()).cloned(),
+            canary,
+        );
+        let same = published.get(u.name()).is_some_and(|p| {
+            p.generation == a.generation
+                && p.revision == a.revision
+                && p.down == a.down
+                && p.error == a.error
+                && p.weights == a.weights
+        });
+        if same && !canary && !all {
+            continue;
+        }
         let value = serde_json::to_vec(&a).map_err(|e| e.to_string())?;
         op(
             "publish",
@@ -838,6 +1026,7 @@ async fn publish(
             ),
         )
         .await?;
+        published.insert(u.name().to_string(), a);
     }
     Ok(())
 }

@@ -57,9 +57,28 @@ impl Desired {
         }
     }
 
-    /// The run-time state to build this proxy's upstream from. Every pool with weight must be
-    /// one of this proxy's pools, and every address must parse.
+    /// Keep the instance lists of pools this proxy does not know from `current` (the fleet's
+    /// desired state), so a write from a proxy whose config lacks a pool does not drop it.
+    pub(crate) fn carry_unknown(&mut self, current: &Desired) {
+        for (pool, list) in &current.instances {
+            self.instances
+                .entry(pool.clone())
+                .or_insert_with(|| list.clone());
+        }
+    }
+
+    /// The run-time state to build this proxy's upstream from, checked as strictly as the
+    /// state file: weights by the rules (each 0..=100, summing to 100), every pool with weight
+    /// one of this proxy's pools, every pool with instances too, every address parseable, a
+    /// rollout this version could have written.
     pub(crate) fn runtime(&self, u: &UpstreamState) -> Result<Runtime, String> {
+        use crate::routing::weights;
+        weights::check(&self.weights)
+            .map_err(|e| format!("the fleet's weights for {}: {e}", u.name()))?;
+        if let Some(p) = &self.previous {
+            weights::check(p)
+                .map_err(|e| format!("the fleet's previous weights for {}: {e}", u.name()))?;
+        }
         for (pool, w) in &self.weights {
             if *w > 0 && u.pool(pool).is_none() {
                 return Err(format!(
@@ -68,15 +87,11 @@ impl Desired {
                 ));
             }
         }
-        if self.weights.values().sum::<u32>() != 100 {
-            return Err(format!(
-                "the fleet's weights for {} do not sum to 100",
-                u.name()
-            ));
-        }
         let mut instances = BTreeMap::new();
         for (pool, list) in &self.instances {
             if u.pool(pool).is_none() {
+                // A pool other proxies have (a config rolled out to them first): not served
+                // here, and carried through this proxy's writes (`carry_unknown`).
                 continue;
             }
             let addrs = list
@@ -88,12 +103,26 @@ impl Desired {
                 .collect::<Result<Vec<_>, _>>()?;
             instances.insert(pool.clone(), addrs);
         }
+        let names: Vec<&str> = u.pools.iter().map(|p| p.pool.name.as_str()).collect();
+        if let Some(r) = &self.rollout {
+            let pool_weight = Some(self.weights.get(&r.pool).copied().unwrap_or(0));
+            if !r.is_valid_for(&names, pool_weight, crate::canary::rollout::unix_ms()) {
+                return Err(format!(
+                    "the fleet's rollout of {} does not fit (pool, steps, interval, times or weight)",
+                    u.name()
+                ));
+            }
+        }
+        let previous = self
+            .previous
+            .as_ref()
+            .and_then(|p| weights::carry_over(p, names.iter().copied()));
         Ok(Runtime {
             weights: self.weights.clone(),
             instances,
             generation: self.generation,
-            previous: self.previous.clone(),
-            base: self.base.clone(),
+            previous,
+            base: self.base.clone().filter(|b| names.contains(&b.as_str())),
             buckets: self.buckets.clone(),
             rollout: self.rollout.clone(),
             last_rollback: self.last_rollback.clone(),
@@ -105,6 +134,13 @@ impl Desired {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Applied {
     pub(crate) generation: u64,
+    /// The revision of the desired state this proxy serves: what a fleet change waits for
+    /// (generations are per proxy: a local reload bumps them).
+    #[serde(default)]
+    pub(crate) revision: i64,
+    /// Random per process: counts from another boot are not continued but started over.
+    #[serde(default)]
+    pub(crate) boot: u64,
     pub(crate) weights: Weights,
     /// Instances this proxy does not see healthy: `pool/host:port` -> what it sees.
     #[serde(default)]
@@ -121,10 +157,18 @@ pub(crate) struct Applied {
 }
 
 impl Applied {
-    pub(crate) fn of(u: &UpstreamState, error: Option<String>) -> Self {
+    pub(crate) fn of(
+        u: &UpstreamState,
+        revision: i64,
+        boot: u64,
+        error: Option<String>,
+        with_counts: bool,
+    ) -> Self {
         let now = now_ms();
         Applied {
             generation: u.generation,
+            revision,
+            boot,
             weights: u.weights(),
             down: u
                 .pools
@@ -138,11 +182,14 @@ impl Applied {
                 })
                 .collect(),
             error,
-            counts: u
-                .pools
-                .iter()
-                .map(|p| (p.pool.name.clone(), Counts::from(p.pool.stats.sample())))
-                .collect(),
+            counts: if with_counts {
+                u.pools
+                    .iter()
+                    .map(|p| (p.pool.name.clone(), Counts::from(p.pool.stats.sample())))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
             at_ms: crate::canary::rollout::unix_ms(),
         }
     }
@@ -169,6 +216,40 @@ impl From<Sample> for Counts {
 }
 
 impl Counts {
+    /// What grew from `older` to `self`; `None` if anything went back (another process, or a
+    /// pool recreated by a reload: start over from here).
+    pub(crate) fn growth(&self, older: &Counts) -> Option<Counts> {
+        if self.requests < older.requests
+            || self.errors < older.errors
+            || self.latency.len() != older.latency.len()
+            || self.latency.iter().zip(&older.latency).any(|(a, b)| a < b)
+        {
+            return None;
+        }
+        Some(Counts {
+            requests: self.requests - older.requests,
+            errors: self.errors - older.errors,
+            latency: self
+                .latency
+                .iter()
+                .zip(&older.latency)
+                .map(|(a, b)| a - b)
+                .collect(),
+        })
+    }
+
+    /// Add `other` into these counts (bucket by bucket).
+    pub(crate) fn accumulate(&mut self, other: &Counts) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
+        if self.latency.len() < other.latency.len() {
+            self.latency.resize(other.latency.len(), 0);
+        }
+        for (a, b) in self.latency.iter_mut().zip(&other.latency) {
+            *a = a.saturating_add(*b);
+        }
+    }
+
     /// Add these counts into `s` (bucket by bucket; extra buckets are ignored).
     pub(crate) fn add_to(&self, s: &mut Sample) {
         s.requests = s.requests.saturating_add(self.requests);
@@ -224,11 +305,55 @@ mod tests {
         let e = d.runtime(&u).unwrap_err();
         assert!(e.contains("\"purple\""), "{e}");
         d.weights = [("blue".to_string(), 50)].into();
-        assert!(d.runtime(&u).unwrap_err().contains("sum to 100"));
+        assert!(
+            d.runtime(&u).unwrap_err().contains("sum"),
+            "{:?}",
+            d.runtime(&u)
+        );
+        // Wrapping sums are not 100.
+        d.weights = [("blue".to_string(), u32::MAX), ("green".to_string(), 101)].into();
+        assert!(d.runtime(&u).is_err());
+        // Instances of a pool this proxy does not have are not served here, and a write of
+        // this proxy carries them through.
+        d.weights = [("blue".to_string(), 100)].into();
+        d.instances
+            .insert("purple".into(), vec!["127.0.0.1:9".into()]);
+        assert!(d.runtime(&u).is_ok());
+        let mut mine = Desired::from_state(&u, "host-b");
+        mine.carry_unknown(&d);
+        assert_eq!(mine.instances["purple"], vec!["127.0.0.1:9".to_string()]);
+        d.instances.remove("purple");
         d.weights = [("blue".to_string(), 100)].into();
         d.instances
             .insert("green".into(), vec!["not an address".into()]);
         assert!(d.runtime(&u).unwrap_err().contains("pool green"));
+    }
+
+    #[test]
+    fn counts_grow_only_forward() {
+        let a = Counts {
+            requests: 10,
+            errors: 2,
+            latency: vec![5, 5],
+        };
+        let b = Counts {
+            requests: 15,
+            errors: 2,
+            latency: vec![7, 8],
+        };
+        assert_eq!(
+            b.growth(&a),
+            Some(Counts {
+                requests: 5,
+                errors: 0,
+                latency: vec![2, 3]
+            })
+        );
+        assert_eq!(a.growth(&b), None, "a restart: start over");
+        let mut total = Counts::default();
+        total.accumulate(&b);
+        total.accumulate(&a);
+        assert_eq!((total.requests, total.latency.clone()), (25, vec![12, 13]));
     }
 
     #[test]

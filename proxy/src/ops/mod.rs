@@ -223,18 +223,22 @@ impl Controller {
     }
 
     /// Serve the fleet's desired state `d` (revision `rev`) for `upstream`: the same writer
-    /// lock, state file and audit trail as a local change. Already served: nothing to do.
+    /// lock, state file and audit trail as a local change. Already served: nothing to do,
+    /// unless `again`.
     pub(crate) fn apply_desired(
         &self,
         upstream: &str,
         rev: i64,
         d: &crate::fleet::Desired,
+        again: bool,
     ) -> Result<(), ControlError> {
         let Some(fleet) = &self.fleet else {
             return Ok(());
         };
         let guard = self.shared.lock();
-        if rev <= fleet.served_revision(upstream) {
+        let served = fleet.served_revision(upstream);
+        // `again` (after a reload): the revision served, on top of the new config.
+        if rev < served || (rev == served && !again) {
             return Ok(());
         }
         let snap = self.shared.load();
@@ -320,7 +324,10 @@ impl Controller {
                 if self.shared.is_frozen() {
                     return Err(self.commit_error(CommitError::Frozen));
                 }
-                let d = crate::fleet::Desired::from_state(&next, f.name());
+                let mut d = crate::fleet::Desired::from_state(&next, f.name());
+                if let Some(current) = f.desired(next.name()) {
+                    d.carry_unknown(&current);
+                }
                 Some((f, f.write(next.name(), &d)?))
             }
             None => None,

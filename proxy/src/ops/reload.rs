@@ -49,6 +49,11 @@ impl Controller {
         let config = self.off_runtime(move |_| load_checked(&file)).await?;
         let summary = config.summary();
         let (needs_restart, warnings) = self.off_runtime(move |c| c.install_config(config)).await?;
+        if let Some(f) = &self.fleet {
+            // The config is this host's own; the routing state is the fleet's: serve the
+            // desired state again on top of the new config (and try one that did not fit).
+            f.resync();
+        }
         dns::refresh_all(&self.shared, &*self.resolver).await;
         let mut r = events::record(
             "reload",
@@ -102,6 +107,8 @@ impl Controller {
             ("control", o.control != config.control),
             ("admin", o.admin != config.admin),
             ("state_file", o.state_file != config.state_file),
+            // The etcd session is built at start (a binary upgrade applies a new one).
+            ("fleet", o.fleet != config.fleet),
         ]
         .into_iter()
         .filter(|(_, changed)| *changed)

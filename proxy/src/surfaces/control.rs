@@ -80,7 +80,11 @@ pub(crate) async fn execute(
                 return reply;
             };
             let timeout = timeout.unwrap_or(crate::fleet::DEFAULT_ACK_TIMEOUT);
-            match fleet.wait_applied(u.name(), u.generation, timeout).await {
+            let revision = fleet.served_revision(u.name());
+            match fleet
+                .wait_applied(u.name(), u.generation, revision, timeout)
+                .await
+            {
                 Ok(acks) => {
                     let mut reply = reply;
                     if let Some(serde_json::Value::Object(m)) = reply.result.as_mut() {
