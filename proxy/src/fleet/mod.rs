@@ -225,6 +225,16 @@ impl Fleet {
         self.view_changed.notify_waiters();
     }
 
+    /// The fleet's desired state of `upstream` if it is newer than the one served here.
+    pub(crate) fn newer_desired(&self, upstream: &str) -> Option<(i64, Desired)> {
+        let served = self.served_revision(upstream);
+        lock(&self.view)
+            .desired
+            .get(upstream)
+            .filter(|(rev, _)| *rev > served)
+            .cloned()
+    }
+
     /// The fleet's desired state of `upstream`, as last seen.
     pub(crate) fn desired(&self, upstream: &str) -> Option<Desired> {
         lock(&self.view)
@@ -608,6 +618,7 @@ pub(crate) async fn run(
     ctl: Arc<Controller>,
     fleet: Arc<Fleet>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    mut handed_over: tokio::sync::watch::Receiver<Option<u32>>,
 ) {
     let _ = fleet.rt.set(tokio::runtime::Handle::current());
     let mut pause = Duration::from_millis(200);
@@ -618,7 +629,14 @@ pub(crate) async fn run(
                 Ok(()) => "session ended".to_string(),
                 Err(e) => e,
             },
-            _ = stop.wait_for(|s| *s) => {
+            // Shutting down, or a new process took over (binary upgrade): it is this proxy in
+            // the fleet from now on; this one only drains.
+            _ = async {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = handed_over.wait_for(|p| p.is_some()) => {}
+                }
+            } => {
                 leave(&fleet).await;
                 return std::future::pending().await;
             }
@@ -829,6 +847,8 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
             _ = &mut changed => {
                 changed = Box::pin(ctl.shared.changed());
                 changed.as_mut().enable();
+                // Also wakes when an upgrade's hold ends: what waited is applied now.
+                retry(ctl, fleet, &mut pending).await;
                 publish(ctl, fleet, &mut client, lease, &mut published, false).await?;
             }
             _ = &mut health => {

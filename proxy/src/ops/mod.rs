@@ -232,10 +232,22 @@ impl Controller {
         d: &crate::fleet::Desired,
         again: bool,
     ) -> Result<(), ControlError> {
+        let guard = self.shared.lock();
+        self.apply_desired_locked(&guard, upstream, rev, d, again)
+    }
+
+    /// [`Self::apply_desired`] with the writer lock held.
+    fn apply_desired_locked(
+        &self,
+        guard: &std::sync::MutexGuard<'_, ()>,
+        upstream: &str,
+        rev: i64,
+        d: &crate::fleet::Desired,
+        again: bool,
+    ) -> Result<(), ControlError> {
         let Some(fleet) = &self.fleet else {
             return Ok(());
         };
-        let guard = self.shared.lock();
         let served = fleet.served_revision(upstream);
         // `again` (after a reload): the revision served, on top of the new config.
         if rev < served || (rev == served && !again) {
@@ -246,12 +258,11 @@ impl Controller {
         let rt = d.runtime(&cur).map_err(|e| err(ErrorCode::Invalid, e))?;
         let next = Arc::new(UpstreamState::build(cur.config.clone(), &rt, Some(&cur)));
         let old_weights = cur.weights();
-        let new_snap = self.shared.with_upstream(&guard, next.clone());
+        let new_snap = self.shared.with_upstream(guard, next.clone());
         self.shared
-            .commit(&guard, new_snap, &self.state_file)
+            .commit(guard, new_snap, &self.state_file)
             .map_err(|e| self.commit_error(e))?;
         fleet.mark_served(upstream, rev);
-        drop(guard);
         let new_weights = next.weights();
         if cur.generation == next.generation && old_weights == new_weights {
             return Ok(());
@@ -300,7 +311,24 @@ impl Controller {
     ) -> Result<Change, ControlError> {
         let mut forced = false;
         let guard = self.shared.lock();
-        let snap = self.shared.load();
+        let mut snap = self.shared.load();
+        if let Some(f) = &self.fleet {
+            // A fleet proxy that has not applied the fleet's latest state yet (its watch is a
+            // moment behind, or it just took over from an older process) catches up first:
+            // the change is decided on the state the fleet serves, not refused as a conflict.
+            let name = Self::upstream(&snap, upstream)?.name().to_string();
+            if let Some((rev, d)) = f.newer_desired(&name) {
+                self.apply_desired_locked(&guard, &name, rev, &d, false)
+                    .map_err(|e| match e.code {
+                        ErrorCode::Invalid => err(
+                            ErrorCode::Invalid,
+                            format!("not applied: this proxy cannot serve the fleet's desired state of {name} ({}); fix its config (then `proxyctl reload`) or change the fleet from a proxy that can", e.message),
+                        ),
+                        _ => e,
+                    })?;
+                snap = self.shared.load();
+            }
+        }
         let cur = Self::upstream(&snap, upstream)?;
         let old_weights = cur.weights();
         let Some(next) = build(&cur, &mut forced)? else {

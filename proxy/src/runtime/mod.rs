@@ -440,6 +440,7 @@ fn start_on(
         let autopilot = controller.clone();
         let fleet_ctl = controller.clone();
         let fleet_stop = shutdown_rx.clone();
+        let fleet_handed_over = handed_over_rx.clone();
         let shutdown = shutdown_rx.clone();
         let events = events.clone();
         let admin = surfaces::admin::Admin {
@@ -475,7 +476,9 @@ fn start_on(
                     _ = crate::ops::autopilot::run(autopilot) => {}
                     _ = async move {
                         match fleet {
-                            Some(f) => crate::fleet::run(fleet_ctl, f, fleet_stop).await,
+                            Some(f) => {
+                                crate::fleet::run(fleet_ctl, f, fleet_stop, fleet_handed_over).await
+                            }
                             None => std::future::pending().await,
                         }
                     } => {}

@@ -124,10 +124,12 @@ impl Shared {
         self.frozen.store(true, Ordering::Release);
     }
 
-    /// Accept changes again (the upgrade failed; this process goes on).
+    /// Accept changes again (the upgrade failed and this process goes on, or the new process
+    /// has its answer). Wakes whoever waits for changes: what waited for the hold applies now.
     pub(crate) fn thaw(&self) {
         let _guard = self.lock();
         self.frozen.store(false, Ordering::Release);
+        self.changes.notify_waiters();
     }
 
     /// Make `snapshot` current without persisting it. Caller holds `lock()`.
