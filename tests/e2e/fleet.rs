@@ -459,7 +459,8 @@ async fn a_cut_link_is_named_and_converges_and_etcd_down_refuses_changes_not_tra
     while !a
         .handle()
         .metrics_text()
-        .contains("switchyard_fleet_connected 0")
+        .lines()
+        .any(|l| l == "switchyard_fleet_connected 0")
     {
         assert!(Instant::now() < deadline, "the link metric never said down");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -771,6 +772,37 @@ async fn a_proxy_whose_config_does_not_fit_is_named_refuses_changes_and_converge
     let r = b.ctl_call(fleet(switch_req("green", None), 10_000)).await;
     assert!(r.ok, "{r:?}");
     assert_eq!(color(&a.get("/").await), "green");
+    // A reload that makes b unfit (purple has weight, b's config drops it): b says so and is
+    // named, it does not pass for in sync.
+    let r = a
+        .ctl_call(fleet(weights_req(&[("green", 80), ("purple", 20)]), 10_000))
+        .await;
+    assert!(r.ok, "{r:?}");
+    b.write_config(&without);
+    assert!(b.ctl_call(Request::Reload).await.ok);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = fleet_status(&a).await;
+        let bs = f.proxies.iter().find(|p| p.name == "b").unwrap();
+        if bs
+            .upstreams
+            .first()
+            .is_some_and(|u| u.error.is_some() && !u.in_sync)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never said it does not fit: {f:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = a
+        .ctl_call(fleet(weights_req(&[("green", 70), ("purple", 30)]), 1_500))
+        .await;
+    let e = r.error.expect("b cannot apply it");
+    assert_eq!(e.code, ErrorCode::Timeout, "{e:?}");
+    assert!(e.message.contains("b (at generation"), "{}", e.message);
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -832,11 +864,22 @@ async fn a_fleet_proxy_upgraded_in_place_rejoins_and_changes_keep_working() {
     let etcd = Etcd::start(1).await;
     let blue = quiet_upstream("blue").await;
     let green = quiet_upstream("green").await;
-    let yaml =
-        |name: &str| fleet_yaml(blue.addr(), green.addr(), name, &etcd.endpoints(), "3s", "");
-    let a = TestProxy::start(&yaml("a")).await;
+    // A long lease: leadership must pass at the handover, not when the lease runs out.
+    let yaml = |name: &str| {
+        fleet_yaml(
+            blue.addr(),
+            green.addr(),
+            name,
+            &etcd.endpoints(),
+            "10s",
+            "",
+        )
+    };
+    // b starts first: it is the leader, and it is the one upgraded.
     let mut b = TestProxy::start(&yaml("b")).await;
+    let a = TestProxy::start(&yaml("a")).await;
     wait_in_sync(&[&a, &b], 2).await;
+    assert_eq!(fleet_status(&a).await.leader.as_deref(), Some("b"));
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (stop, addr) = (stop.clone(), b.addr);
@@ -858,6 +901,24 @@ async fn a_fleet_proxy_upgraded_in_place_rejoins_and_changes_keep_working() {
             Err((_, e)) => panic!("round {round}: upgrade failed: {e}"),
         };
         b = new;
+        let handed = Instant::now();
+        // The old process left the fleet at the handover: a leader again well within the
+        // 10 s lease (the new process or a).
+        loop {
+            let leader = fleet_status(&a).await.leader;
+            let live_leaders = [a.handle().metrics_text(), b.handle().metrics_text()]
+                .iter()
+                .filter(|m| m.lines().any(|l| l == "switchyard_fleet_leader 1"))
+                .count();
+            if leader.is_some() && live_leaders == 1 {
+                break;
+            }
+            assert!(
+                handed.elapsed() < Duration::from_secs(5),
+                "round {round}: no leader 5 s after the handover ({leader:?}, {live_leaders} live)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         old.shutdown().await;
         wait_in_sync(&[&a, &b], 2).await;
         for (px, target) in [(&b, "green"), (&a, "blue")] {

@@ -212,10 +212,11 @@ impl Relay {
                     let Ok((mut client, _)) = listener.accept().await else {
                         return;
                     };
+                    // Subscribed before looking at `cut`: a cut right after this is seen.
+                    let mut cuts = generation.subscribe();
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: closed at once
                     }
-                    let mut cuts = generation.subscribe();
                     tokio::spawn(async move {
                         let Ok(mut server) = TcpStream::connect(to).await else {
                             return;

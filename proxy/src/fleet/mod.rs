@@ -253,6 +253,12 @@ impl Fleet {
         lock(&self.revs).get(upstream).copied().unwrap_or(0)
     }
 
+    /// Record that `rev` is served here whatever was before (a seed: a new history).
+    fn set_served(&self, upstream: &str, rev: i64) {
+        lock(&self.revs).insert(upstream.to_string(), rev);
+        lock(&self.errors).remove(upstream);
+    }
+
     /// Record that the desired revision `rev` of `upstream` is served here.
     pub(crate) fn mark_served(&self, upstream: &str, rev: i64) {
         let mut revs = lock(&self.revs);
@@ -335,7 +341,15 @@ impl Fleet {
             .map_err(|_| unknown())?;
         let resp = match answer {
             Err(_) => return Err(unknown()),
-            Ok(Err(e)) => return Err(unavailable(e)),
+            // Sent, and failed on the way ("leader changed", a reset): the proposal may still
+            // be committed. Only a link known down before sending is "not applied".
+            Ok(Err(e)) => {
+                let mut e2 = unknown();
+                e2.message = format!(
+                    "outcome unknown: etcd answered with an error ({e}) after the change was sent, so it may or may not have reached the fleet; every proxy follows whatever etcd holds (`proxyctl status --fleet` shows it)"
+                );
+                return Err(e2);
+            }
             Ok(Ok(r)) => r,
         };
         if resp.succeeded() {
@@ -444,11 +458,16 @@ impl Fleet {
             changed.as_mut().enable();
             let acks: Vec<FleetAck> = {
                 let view = lock(&self.view);
+                // A revision above the desired one is from another etcd history (a restored
+                // cluster): it proves nothing.
+                let desired_rev = view.desired.get(upstream).map_or(i64::MAX, |(r, _)| *r);
                 view.applied
                     .iter()
                     .filter(|((_, u), _)| u == upstream)
                     .map(|((proxy, _), (a, _))| {
-                        let applied = a.revision >= revision && a.error.is_none();
+                        let applied = a.revision >= revision
+                            && a.revision <= desired_rev
+                            && a.error.is_none();
                         if applied {
                             seen.entry(proxy.clone())
                                 .or_insert_with(|| start.elapsed().as_millis() as u64);
@@ -652,7 +671,7 @@ pub(crate) async fn run(
 
 /// Revoke the lease (what this proxy published and its leadership go with it) and stop
 /// accepting changes.
-async fn leave(fleet: &Fleet) {
+pub(crate) async fn leave(fleet: &Fleet) {
     let client = lock(&fleet.client).clone();
     fleet.set_down("this proxy is shutting down");
     if let Some(Session(mut c)) = client {
@@ -734,6 +753,12 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
             pending.insert(u, (rev, d));
         }
     }
+    for (u, (rev, _)) in &pending {
+        if *rev < fleet.served_revision(u) {
+            tracing::warn!(upstream = %u, revision = rev, served = fleet.served_revision(u), "the fleet's desired state has an older revision than the one served: etcd was restored; following it");
+            lock(&fleet.revs).insert(u.clone(), 0);
+        }
+    }
     let (_watcher, mut stream) = op(
         "watch",
         client.watch(
@@ -748,16 +773,9 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
     .await?;
     // Upstreams without a desired state: this proxy's state becomes the fleet's (the first
     // proxy of a new fleet), unless another proxy is faster.
-    let known: Vec<String> = ctl
-        .shared
-        .load()
-        .upstreams
-        .iter()
-        .map(|u| u.name().to_string())
-        .collect();
-    for u in &known {
-        if !pending.contains_key(u) {
-            seed(ctl, fleet, &mut client, u).await?;
+    for u in local_upstreams(ctl) {
+        if !pending.contains_key(&u) {
+            seed(ctl, fleet, &mut client, &u).await?;
         }
     }
     // Registered before the first publication: nothing that happens from here is missed, and
@@ -806,7 +824,9 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
                         pending.insert(u, (rev, d));
                     }
                 }
+                let known = local_upstreams(ctl);
                 for u in reseed.iter().filter(|u| known.contains(u)) {
+                    pending.remove(u);
                     tracing::warn!(upstream = %u, "the fleet's desired state was deleted; seeding it again with this proxy's");
                     seed(ctl, fleet, &mut client, u).await?;
                 }
@@ -824,18 +844,22 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
             }
             _ = tick.tick() => {
                 if fleet.resync.swap(false, Ordering::AcqRel) {
+                    // After a reload: serve the desired state again on the new config. What
+                    // does not fit now is an error like any (published, retried, blocking
+                    // local changes): the served revision is lowered so it is retried.
                     let desired = lock(&fleet.view).desired.clone();
+                    let known = local_upstreams(ctl);
                     for (u, (rev, d)) in desired {
-                        if pending.contains_key(&u) {
+                        if !known.contains(&u) {
                             continue;
                         }
-                        let u2 = u.clone();
-                        let d2 = d.clone();
-                        match ctl.off_runtime(move |c| c.apply_desired(&u2, rev, &d2, true)).await {
-                            Ok(()) => {}
-                            Err(_) => {
-                                pending.insert(u, (rev, d));
+                        let (u2, d2) = (u.clone(), d.clone());
+                        if let Err(e) = ctl.off_runtime(move |c| c.apply_desired(&u2, rev, &d2, true)).await {
+                            if e.code != ErrorCode::Busy && e.code != ErrorCode::Internal {
+                                fleet.mark_error(&u, e.message);
                             }
+                            lock(&fleet.revs).insert(u.clone(), rev - 1);
+                            pending.insert(u, (rev, d));
                         }
                     }
                 }
@@ -860,6 +884,16 @@ async fn session(ctl: &Arc<Controller>, fleet: &Arc<Fleet>) -> Result<(), String
     }
 }
 
+/// The upstreams of this proxy's config now.
+fn local_upstreams(ctl: &Controller) -> Vec<String> {
+    ctl.shared
+        .load()
+        .upstreams
+        .iter()
+        .map(|u| u.name().to_string())
+        .collect()
+}
+
 /// Aborts a task when dropped (the session's keep-alive ends with the session).
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -875,13 +909,15 @@ async fn keep_alive(
     mut kept: etcd_client::LeaseKeepAliveStream,
     ttl: Duration,
 ) -> String {
-    let mut every = tokio::time::interval(ttl / 3);
+    // Every sixth of the TTL; two thirds of it without an answer ends the session (and the
+    // leadership) well before etcd lets the lease go, so two leaders do not overlap.
+    let mut every = tokio::time::interval(ttl / 6);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_answer = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = every.tick() => {
-                if last_answer.elapsed() >= ttl {
+                if last_answer.elapsed() >= ttl * 2 / 3 {
                     return format!("no lease keep-alive answer for {}: the lease has expired", humantime::format_duration(ttl));
                 }
                 if let Err(e) = op("lease keep-alive", keeper.keep_alive()).await {
@@ -919,7 +955,7 @@ async fn seed(
     let r = op("seed", client.txn(txn)).await?;
     if r.succeeded() {
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-        lock(&fleet.revs).insert(upstream.to_string(), rev);
+        fleet.set_served(upstream, rev);
         tracing::info!(
             upstream,
             generation = u.generation,
@@ -954,6 +990,11 @@ async fn apply(
     d: Desired,
 ) -> bool {
     if rev <= fleet.served_revision(upstream) {
+        return true;
+    }
+    if !local_upstreams(ctl).iter().any(|u| u == upstream) {
+        // An upstream only other proxies have (a config rolled out to them first): not
+        // this proxy's business until a reload adds it.
         return true;
     }
     let u = upstream.to_string();
@@ -1015,13 +1056,16 @@ async fn publish(
     published: &mut BTreeMap<String, Applied>,
     all: bool,
 ) -> Result<(), String> {
-    let snap = ctl.shared.load();
+    // Revisions before the snapshot: a change committed in between is published with its old
+    // revision (acks wait for the next publication), never a new revision with old weights.
+    let revs = lock(&fleet.revs).clone();
     let errors = lock(&fleet.errors).clone();
+    let snap = ctl.shared.load();
     for u in &snap.upstreams {
         let canary = u.canary_active() || u.rollout.as_ref().is_some_and(|r| r.is_live());
         let a = Applied::of(
             u,
-            fleet.served_revision(u.name()),
+            revs.get(u.name()).copied().unwrap_or(0),
             fleet.boot,
             errors.get(u.name()).cloned(),
             canary,

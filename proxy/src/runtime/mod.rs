@@ -441,6 +441,9 @@ fn start_on(
         let fleet_ctl = controller.clone();
         let fleet_stop = shutdown_rx.clone();
         let fleet_handed_over = handed_over_rx.clone();
+        // Leaving the fleet (revoking the lease: its keys and leadership go at once) is
+        // awaited where this runtime's work ends, so it is not cut short.
+        let (fleet_on_handover, fleet_on_stop) = (fleet.clone(), fleet.clone());
         let shutdown = shutdown_rx.clone();
         let events = events.clone();
         let admin = surfaces::admin::Admin {
@@ -501,10 +504,16 @@ fn start_on(
                         if handed_over.borrow().is_none() {
                             std::future::pending::<()>().await;
                         }
+                        if let Some(f) = fleet_on_handover {
+                            let _ = tokio::time::timeout(Duration::from_secs(2), crate::fleet::leave(&f)).await;
+                        }
                     } => {}
                     _ = async move {
                         let _ = stop.wait_for(|s| *s).await;
                         let _ = data_stopped_rx.await;
+                        if let Some(f) = fleet_on_stop {
+                            let _ = tokio::time::timeout(Duration::from_secs(2), crate::fleet::leave(&f)).await;
+                        }
                     } => {}
                 }
             });

@@ -556,8 +556,11 @@ impl HandoverServer {
                     tracing::warn!(reason = %why, "upgrade failed; this process keeps serving");
                 }
                 Err(e) => {
-                    // A panic: as after any failure, this process goes on, unfrozen.
-                    me.release(&ctx, false);
+                    // A panic: as after any failure, this process goes on, unfrozen. Off this
+                    // runtime: thawing takes the writer lock, which a change may hold while it
+                    // waits for this runtime (a fleet write).
+                    let (me3, ctx3) = (me.clone(), ctx.clone());
+                    let _ = tokio::task::spawn_blocking(move || me3.release(&ctx3, false)).await;
                     tracing::error!(error = %e, "upgrade task failed; this process keeps serving");
                 }
             }
