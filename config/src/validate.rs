@@ -255,7 +255,12 @@ fn fleet(raw: &raw::Fleet, path: &FieldPath, errs: &mut Errors) -> FleetConfig {
                     .rsplit_once(':')
                     .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
         });
-        if !ok {
+        if ok && e.starts_with("https://") {
+            errs.push(
+                path.key("etcd").index(i),
+                format!("{e:?}: TLS to etcd is not supported yet; use http:// on a private network or a local etcd proxy"),
+            );
+        } else if !ok {
             errs.push(
                 path.key("etcd").index(i),
                 format!("{e:?} is not an etcd endpoint such as \"http://127.0.0.1:2379\""),
