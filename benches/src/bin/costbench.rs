@@ -5,7 +5,7 @@
 //!
 //! ```sh
 //! apt-get install -y valgrind nginx-light
-//! cargo build --release --workspace --examples && target/release/costbench   # ~2 min
+//! cargo build --release --workspace --bins --examples && target/release/costbench   # ~2 min
 //! target/release/costbench --requests 1000,3000 --out docs/BENCHMARKS-cost.md
 //! ```
 //!
@@ -197,6 +197,7 @@ fn run_one(
 fn main() -> Result<()> {
     let mut requests = (1000usize, 3000usize);
     let mut out_path: Option<PathBuf> = Some(PathBuf::from("docs/BENCHMARKS-cost.md"));
+    let mut keep: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -210,9 +211,11 @@ fn main() -> Result<()> {
             }
             "--out" => out_path = Some(PathBuf::from(args.next().context("--out FILE")?)),
             "--no-out" => out_path = None,
+            // Keep the callgrind files (for `callgrind_annotate`).
+            "--keep" => keep = Some(PathBuf::from(args.next().context("--keep DIR")?)),
             "-h" | "--help" => {
                 println!(
-                    "costbench [--requests 1000,3000] [--out docs/BENCHMARKS-cost.md | --no-out]"
+                    "costbench [--requests 1000,3000] [--out docs/BENCHMARKS-cost.md | --no-out] [--keep DIR]"
                 );
                 return Ok(());
             }
@@ -229,12 +232,20 @@ fn main() -> Result<()> {
     for b in [&switchyard, &minimal] {
         if !b.is_file() {
             bail!(
-                "{} not found: cargo build --release --workspace --examples",
+                "{} not found: cargo build --release --workspace --bins --examples",
                 b.display()
             );
         }
     }
-    let dir = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = match &keep {
+        Some(k) => {
+            std::fs::create_dir_all(k)?;
+            k.clone()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let dir = dir.as_path();
     let up_port = free_port();
     let mut upstream = Command::new(&switchyard)
         .args(["fake-upstream", "--listen", &format!("127.0.0.1:{up_port}")])
@@ -247,7 +258,7 @@ fn main() -> Result<()> {
     // switchyard
     {
         let port = free_port();
-        let d = dir.path().join("sy");
+        let d = dir.join("sy");
         std::fs::create_dir_all(&d)?;
         let yaml = format!(
             "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nthreads: 1\ngrace_period: 1s\ncontrol: {{socket: \"{d}/control.sock\"}}\nadmin: {{listen: \"off\"}}\nstate_file: \"{d}/state.json\"\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n      blue: [\"127.0.0.1:{up_port}\"]\n    health: {{interval: 10s}}\nroutes: [{{path_prefix: /, upstream: app}}]\n",
@@ -261,8 +272,8 @@ fn main() -> Result<()> {
             "--log-level".into(),
             "error".into(),
         ];
-        let a = run_one("switchyard", &cmd, port, "-INT", requests.0, dir.path())?;
-        let b = run_one("switchyard", &cmd, port, "-INT", requests.1, dir.path())?;
+        let a = run_one("switchyard", &cmd, port, "-INT", requests.0, dir)?;
+        let b = run_one("switchyard", &cmd, port, "-INT", requests.1, dir)?;
         rows.push(("switchyard".into(), a, b));
     }
     // the smallest Pingora proxy
@@ -273,29 +284,15 @@ fn main() -> Result<()> {
             format!("127.0.0.1:{port}"),
             format!("127.0.0.1:{up_port}"),
         ];
-        let a = run_one(
-            "minimal-pingora",
-            &cmd,
-            port,
-            "-INT",
-            requests.0,
-            dir.path(),
-        )?;
-        let b = run_one(
-            "minimal-pingora",
-            &cmd,
-            port,
-            "-INT",
-            requests.1,
-            dir.path(),
-        )?;
+        let a = run_one("minimal-pingora", &cmd, port, "-INT", requests.0, dir)?;
+        let b = run_one("minimal-pingora", &cmd, port, "-INT", requests.1, dir)?;
         rows.push(("minimal Pingora proxy".into(), a, b));
     }
     // nginx, one process (no master), the same forwarding headers as switchyard sends
     let nginx = which("nginx");
     if let Some(nginx) = &nginx {
         let port = free_port();
-        let d = dir.path().join("ng");
+        let d = dir.join("ng");
         std::fs::create_dir_all(&d)?;
         let conf = format!(
             "master_process off;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log error;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  upstream app {{ server 127.0.0.1:{up_port}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n    location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n      proxy_set_header X-Real-IP $remote_addr;\n      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      proxy_set_header X-Forwarded-Proto $scheme;\n      proxy_set_header X-Forwarded-Host $host;\n    }}\n  }}\n}}\n",
@@ -309,8 +306,8 @@ fn main() -> Result<()> {
             "-c".into(),
             d.join("nginx.conf").display().to_string(),
         ];
-        let a = run_one("nginx", &cmd, port, "-QUIT", requests.0, dir.path())?;
-        let b = run_one("nginx", &cmd, port, "-QUIT", requests.1, dir.path())?;
+        let a = run_one("nginx", &cmd, port, "-QUIT", requests.0, dir)?;
+        let b = run_one("nginx", &cmd, port, "-QUIT", requests.1, dir)?;
         rows.push(("nginx".into(), a, b));
     }
     let _ = upstream.kill();
