@@ -198,6 +198,7 @@ fn main() -> Result<()> {
     let mut requests = (1000usize, 3000usize);
     let mut out_path: Option<PathBuf> = Some(PathBuf::from("docs/BENCHMARKS-cost.md"));
     let mut keep: Option<PathBuf> = None;
+    let mut switchyard_bin: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -213,9 +214,13 @@ fn main() -> Result<()> {
             "--no-out" => out_path = None,
             // Keep the callgrind files (for `callgrind_annotate`).
             "--keep" => keep = Some(PathBuf::from(args.next().context("--keep DIR")?)),
+            // Another switchyard build to count (e.g. one built with other profile settings).
+            "--switchyard" => {
+                switchyard_bin = Some(PathBuf::from(args.next().context("--switchyard PATH")?))
+            }
             "-h" | "--help" => {
                 println!(
-                    "costbench [--requests 1000,3000] [--out docs/BENCHMARKS-cost.md | --no-out] [--keep DIR]"
+                    "costbench [--requests 1000,3000] [--out docs/BENCHMARKS-cost.md | --no-out] [--keep DIR] [--switchyard PATH]"
                 );
                 return Ok(());
             }
@@ -227,7 +232,7 @@ fn main() -> Result<()> {
     }
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("binary dir")?;
-    let switchyard = bin.join("switchyard");
+    let switchyard = switchyard_bin.unwrap_or_else(|| bin.join("switchyard"));
     let minimal = bin.join("examples/minimal_pingora");
     for b in [&switchyard, &minimal] {
         if !b.is_file() {
