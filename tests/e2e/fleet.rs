@@ -26,6 +26,26 @@ fn fleet_yaml(
     y
 }
 
+/// A fleet proxy named `name` in front of `blue` and `green` (settled).
+async fn fleet_proxy(
+    blue: &FakeUpstream,
+    green: &FakeUpstream,
+    name: &str,
+    endpoints: &[String],
+    ttl: &str,
+    extra: &str,
+) -> TestProxy {
+    TestProxy::start(&fleet_yaml(
+        blue.addr(),
+        green.addr(),
+        name,
+        endpoints,
+        ttl,
+        extra,
+    ))
+    .await
+}
+
 fn fleet(req: Request, timeout_ms: u64) -> Request {
     Request::Fleet {
         timeout_ms: Some(timeout_ms),
@@ -112,17 +132,7 @@ async fn fifty_fleet_switches_under_load_on_three_proxies_fail_nothing_and_agree
     let green = quiet_upstream("green").await;
     let mut pxs = Vec::new();
     for name in ["a", "b", "c"] {
-        pxs.push(
-            TestProxy::start(&fleet_yaml(
-                blue.addr(),
-                green.addr(),
-                name,
-                &etcd.endpoints(),
-                "3s",
-                "",
-            ))
-            .await,
-        );
+        pxs.push(fleet_proxy(&blue, &green, name, &etcd.endpoints(), "3s", "").await);
     }
     let all: Vec<&TestProxy> = pxs.iter().collect();
     wait_in_sync(&all, 3).await;
@@ -233,24 +243,8 @@ async fn concurrent_switches_on_two_proxies_exactly_one_wins() {
     let etcd = Etcd::start(1).await;
     let blue = quiet_upstream("blue").await;
     let green = quiet_upstream("green").await;
-    let a = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "a",
-        &etcd.endpoints(),
-        "3s",
-        "",
-    ))
-    .await;
-    let b = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "b",
-        &etcd.endpoints(),
-        "3s",
-        "",
-    ))
-    .await;
+    let a = fleet_proxy(&blue, &green, "a", &etcd.endpoints(), "3s", "").await;
+    let b = fleet_proxy(&blue, &green, "b", &etcd.endpoints(), "3s", "").await;
     wait_in_sync(&[&a, &b], 2).await;
     for round in 0..5 {
         // A split, so that both switches are changes.
@@ -308,17 +302,7 @@ async fn the_etcd_leader_killed_mid_switch_leaves_no_proxy_diverged() {
     let green = quiet_upstream("green").await;
     let mut pxs = Vec::new();
     for name in ["a", "b", "c"] {
-        pxs.push(
-            TestProxy::start(&fleet_yaml(
-                blue.addr(),
-                green.addr(),
-                name,
-                &etcd.endpoints(),
-                "3s",
-                "",
-            ))
-            .await,
-        );
+        pxs.push(fleet_proxy(&blue, &green, name, &etcd.endpoints(), "3s", "").await);
     }
     let all: Vec<&TestProxy> = pxs.iter().collect();
     wait_in_sync(&all, 3).await;
@@ -402,33 +386,9 @@ async fn a_cut_link_is_named_and_converges_and_etcd_down_refuses_changes_not_tra
     let relay = Relay::start(member).await;
     let blue = quiet_upstream("blue").await;
     let green = quiet_upstream("green").await;
-    let a = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "a",
-        &etcd.endpoints(),
-        "5s",
-        "",
-    ))
-    .await;
-    let b = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "b",
-        &etcd.endpoints(),
-        "5s",
-        "",
-    ))
-    .await;
-    let c = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "c",
-        &[relay.url()],
-        "5s",
-        "",
-    ))
-    .await;
+    let a = fleet_proxy(&blue, &green, "a", &etcd.endpoints(), "5s", "").await;
+    let b = fleet_proxy(&blue, &green, "b", &etcd.endpoints(), "5s", "").await;
+    let c = fleet_proxy(&blue, &green, "c", &[relay.url()], "5s", "").await;
     wait_in_sync(&[&a, &b, &c], 3).await;
 
     relay.cut();
@@ -503,24 +463,8 @@ async fn a_fleet_canary_failing_behind_one_proxy_is_rolled_back_by_the_leader() 
     let green = quiet_upstream("green").await;
     green.set_mode(Mode::Status(500));
     let extra = "    canary:\n      sticky: none\n      auto_rollback: {error_rate: 0.05, for: 1s, window: 3s, min_requests: 20}\n";
-    let a = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "a",
-        &etcd.endpoints(),
-        "3s",
-        extra,
-    ))
-    .await;
-    let b = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "b",
-        &etcd.endpoints(),
-        "3s",
-        extra,
-    ))
-    .await;
+    let a = fleet_proxy(&blue, &green, "a", &etcd.endpoints(), "3s", extra).await;
+    let b = fleet_proxy(&blue, &green, "b", &etcd.endpoints(), "3s", extra).await;
     wait_in_sync(&[&a, &b], 2).await;
     let leader = fleet_status(&a).await.leader.expect("a leader is elected");
     let (lead, follow) = if leader == "a" { (&a, &b) } else { (&b, &a) };
@@ -816,24 +760,8 @@ async fn a_recreated_empty_etcd_is_seeded_again_and_changes_work() {
     let mut etcd = Etcd::start(1).await;
     let blue = quiet_upstream("blue").await;
     let green = quiet_upstream("green").await;
-    let a = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "a",
-        &etcd.endpoints(),
-        "3s",
-        "",
-    ))
-    .await;
-    let b = TestProxy::start(&fleet_yaml(
-        blue.addr(),
-        green.addr(),
-        "b",
-        &etcd.endpoints(),
-        "3s",
-        "",
-    ))
-    .await;
+    let a = fleet_proxy(&blue, &green, "a", &etcd.endpoints(), "3s", "").await;
+    let b = fleet_proxy(&blue, &green, "b", &etcd.endpoints(), "3s", "").await;
     wait_in_sync(&[&a, &b], 2).await;
     // Push the old cluster's revisions well above what the new one will start with.
     for i in 0..10 {
