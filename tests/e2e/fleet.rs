@@ -26,6 +26,15 @@ fn fleet_yaml(
     y
 }
 
+/// etcd with `members` members, and the blue and green fake upstreams.
+async fn etcd_and_colors(members: usize) -> (Etcd, FakeUpstream, FakeUpstream) {
+    (
+        Etcd::start(members).await,
+        quiet_upstream("blue").await,
+        quiet_upstream("green").await,
+    )
+}
+
 /// A fleet proxy named `name` in front of `blue` and `green` (settled).
 async fn fleet_proxy(
     blue: &FakeUpstream,
@@ -127,9 +136,7 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_fleet_switches_under_load_on_three_proxies_fail_nothing_and_agree() {
     trace_init();
-    let etcd = Etcd::start(1).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (etcd, blue, green) = etcd_and_colors(1).await;
     let mut pxs = Vec::new();
     for name in ["a", "b", "c"] {
         pxs.push(fleet_proxy(&blue, &green, name, &etcd.endpoints(), "3s", "").await);
@@ -240,9 +247,7 @@ async fn fifty_fleet_switches_under_load_on_three_proxies_fail_nothing_and_agree
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_switches_on_two_proxies_exactly_one_wins() {
     trace_init();
-    let etcd = Etcd::start(1).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (etcd, blue, green) = etcd_and_colors(1).await;
     let a = fleet_proxy(&blue, &green, "a", &etcd.endpoints(), "3s", "").await;
     let b = fleet_proxy(&blue, &green, "b", &etcd.endpoints(), "3s", "").await;
     wait_in_sync(&[&a, &b], 2).await;
@@ -297,9 +302,7 @@ async fn concurrent_switches_on_two_proxies_exactly_one_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_etcd_leader_killed_mid_switch_leaves_no_proxy_diverged() {
     trace_init();
-    let mut etcd = Etcd::start(3).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (mut etcd, blue, green) = etcd_and_colors(3).await;
     let mut pxs = Vec::new();
     for name in ["a", "b", "c"] {
         pxs.push(fleet_proxy(&blue, &green, name, &etcd.endpoints(), "3s", "").await);
@@ -458,9 +461,7 @@ async fn a_cut_link_is_named_and_converges_and_etcd_down_refuses_changes_not_tra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_canary_failing_behind_one_proxy_is_rolled_back_by_the_leader() {
     trace_init();
-    let etcd = Etcd::start(1).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (etcd, blue, green) = etcd_and_colors(1).await;
     green.set_mode(Mode::Status(500));
     let extra = "    canary:\n      sticky: none\n      auto_rollback: {error_rate: 0.05, for: 1s, window: 3s, min_requests: 20}\n";
     let a = fleet_proxy(&blue, &green, "a", &etcd.endpoints(), "3s", extra).await;
@@ -541,9 +542,7 @@ async fn a_fleet_canary_failing_behind_one_proxy_is_rolled_back_by_the_leader() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_needs_the_pool_healthy_from_every_proxy() {
     trace_init();
-    let etcd = Etcd::start(1).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (etcd, blue, green) = etcd_and_colors(1).await;
     // The same instance name, resolved differently by each proxy: b cannot reach green.
     let yaml = |name: &str| {
         let mut y = app_yaml_pools(
@@ -642,9 +641,7 @@ async fn a_switch_needs_the_pool_healthy_from_every_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_whose_config_does_not_fit_is_named_refuses_changes_and_converges_after_reload() {
     trace_init();
-    let etcd = Etcd::start(1).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (etcd, blue, green) = etcd_and_colors(1).await;
     let purple = quiet_upstream("purple").await;
     let fleet_part = |name: &str| {
         format!(
@@ -757,9 +754,7 @@ async fn a_proxy_whose_config_does_not_fit_is_named_refuses_changes_and_converge
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_empty_etcd_is_seeded_again_and_changes_work() {
     trace_init();
-    let mut etcd = Etcd::start(1).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (mut etcd, blue, green) = etcd_and_colors(1).await;
     let a = fleet_proxy(&blue, &green, "a", &etcd.endpoints(), "3s", "").await;
     let b = fleet_proxy(&blue, &green, "b", &etcd.endpoints(), "3s", "").await;
     wait_in_sync(&[&a, &b], 2).await;
@@ -789,9 +784,7 @@ async fn a_recreated_empty_etcd_is_seeded_again_and_changes_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_proxy_upgraded_in_place_rejoins_and_changes_keep_working() {
     trace_init();
-    let etcd = Etcd::start(1).await;
-    let blue = quiet_upstream("blue").await;
-    let green = quiet_upstream("green").await;
+    let (etcd, blue, green) = etcd_and_colors(1).await;
     // A long lease: leadership must pass at the handover, not when the lease runs out.
     let yaml = |name: &str| {
         fleet_yaml(
