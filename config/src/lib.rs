@@ -13,11 +13,13 @@
 //! - `model`: the validated [`Config`] and its parts.
 //! - `validate`: raw -> typed, with defaults.
 //! - `error`: [`FieldPath`], [`FieldError`], [`ConfigError`].
+//! - [`nginx`]: `switchyard import-nginx`, nginx.conf to this schema.
 
 #![deny(missing_docs)]
 
 mod error;
 mod model;
+pub mod nginx;
 pub mod raw;
 mod validate;
 

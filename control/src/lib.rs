@@ -12,10 +12,12 @@
 //! - [`protocol`]: the wire format: requests, replies, events, status, error codes, [`PROTOCOL_VERSION`].
 //! - [`server`]: the server, [`ControlServer`] (socket set-up, per-connection loop) and [`ControlHandler`].
 //! - [`client`]: the client, [`ControlClient`].
+//! - [`docs`]: shell completions and man pages of both binaries, from their clap definitions.
 
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod docs;
 pub mod protocol;
 pub mod server;
 

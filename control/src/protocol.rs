@@ -513,6 +513,10 @@ pub enum Request {
         /// Health gate of each step (default all instances).
         #[serde(default)]
         min_healthy: MinHealthy,
+        /// First wait up to this long for the pool to pass the health gate (a container just
+        /// started), with `health` progress events, as `switch --wait-healthy`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_healthy_ms: Option<u64>,
     },
     /// The upstream's rollout, canary and live numbers (an [`UpstreamStatus`]).
     CanaryStatus {
@@ -584,7 +588,11 @@ impl Request {
             } => *drain || drain_ms.is_some() || wait_healthy_ms.is_some(),
             Request::Drain { .. } => true,
             Request::Events { follow, .. } => *follow,
-            Request::Canary { wait, .. } => *wait,
+            Request::Canary {
+                wait,
+                wait_healthy_ms,
+                ..
+            } => *wait || wait_healthy_ms.is_some(),
             Request::Fleet { request, .. } => !matches!(**request, Request::Status),
             _ => false,
         }

@@ -624,6 +624,7 @@ async fn every_subcommand_sends_its_request_line() {
                 interval_ms: None,
                 wait: false,
                 min_healthy: MinHealthy::All,
+                wait_healthy_ms: None,
             },
         ),
         (
@@ -639,6 +640,8 @@ async fn every_subcommand_sends_its_request_line() {
                 "--wait",
                 "--min-healthy",
                 "50%",
+                "--wait-healthy",
+                "2m",
             ],
             Request::Canary {
                 upstream: Some(s("api")),
@@ -647,6 +650,7 @@ async fn every_subcommand_sends_its_request_line() {
                 interval_ms: Some(90_000),
                 wait: true,
                 min_healthy: MinHealthy::Percent(50),
+                wait_healthy_ms: Some(120_000),
             },
         ),
         (

@@ -8,13 +8,19 @@ use anyhow::Context;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// switchyard: a reverse proxy for blue/green and canary deploys.
 #[derive(Debug, Parser)]
-#[command(version, about, args_conflicts_with_subcommands = false)]
+#[command(
+    name = "switchyard",
+    version,
+    about,
+    args_conflicts_with_subcommands = false
+)]
 struct Cli {
     /// Config file.
     #[arg(short, long, global = true, default_value = "switchyard.yaml")]
@@ -38,10 +44,16 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
+    /// Human-readable lines; colored only when stderr is a terminal. Under systemd (stderr
+    /// connected to the journal, `$JOURNAL_STREAM`) the journald style below.
     Text,
+    /// One JSON object per line.
     Json,
+    /// For journald: no time stamp (the journal adds its own), no color, and each line starts
+    /// with its syslog priority (`<3>` error ... `<7>` debug), so `journalctl -p warning` works.
+    Journald,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +74,27 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
     },
+    /// Convert an nginx configuration (upstreams, servers, locations with proxy_pass, the
+    /// deny rules, timeouts, body size) into a switchyard config: the YAML on stdout (or -o),
+    /// every directive that was not converted on stderr with its file and line. Exit 0 when
+    /// the result passes `check`, 1 when it does not (its problems are printed).
+    ImportNginx {
+        /// The nginx.conf (includes are read relative to its directory).
+        file: PathBuf,
+        /// Write the YAML here instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Exit 0 if the proxy of this config answers `GET /healthz` on its admin listener with
+    /// 200 within 2 s, else 1 (the container image's HEALTHCHECK; no curl needed).
+    Healthcheck,
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
     /// Run only the built-in fake upstream (the benchmarks' origin server).
     #[command(hide = true)]
     FakeUpstream {
@@ -78,6 +111,9 @@ enum Command {
         /// booting Spring app.
         #[arg(long, value_name = "DURATION")]
         boot: Option<humantime::Duration>,
+        /// Answer this share of requests (percent) with 500: a bad release, for canary tests.
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+        fail_percent: Option<u8>,
     },
 }
 
@@ -110,26 +146,109 @@ fn init_logging(
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
+    let format = match format {
+        LogFormat::Text if stderr_is_journal() => LogFormat::Journald,
+        f => f,
+    };
     match format {
-        LogFormat::Text => b.init(),
+        LogFormat::Text => b.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => b.json().init(),
+        LogFormat::Journald => b
+            .with_ansi(false)
+            .event_format(Journald(tracing_subscriber::fmt::format().without_time()))
+            .init(),
     }
     (guard, dropped)
 }
 
+/// Whether stderr is the journal: systemd sets `$JOURNAL_STREAM` to `DEVICE:INODE` of the
+/// stream it connected, and a process whose stderr was redirected since no longer matches
+/// (systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(expected) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    expected.to_str() == Some(&format!("{}:{}", meta.dev(), meta.ino()))
+}
+
+/// A line format for journald: the syslog priority prefix journald reads
+/// (`SyslogLevelPrefix=`, on by default), then the wrapped format's line.
+struct Journald<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for Journald<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that print something and exit: no log set-up, no file-limit line on stderr.
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            switchyard_control::docs::completions(*shell, Cli::command(), &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man) => {
+            use clap::CommandFactory;
+            return match switchyard_control::docs::man(Cli::command(), &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::ImportNginx { file, output }) => {
+            return import_nginx(file, output.as_deref())
+        }
+        Some(Command::Healthcheck) => return healthcheck(&cli.config),
+        _ => {}
+    }
     let (_log_guard, log_dropped) = init_logging(&cli.log_level, cli.log_format);
     raise_open_file_limit();
     let result = match cli.command {
         Some(Command::Check) => return check(&cli.config),
+        Some(
+            Command::Completions { .. }
+            | Command::Man
+            | Command::ImportNginx { .. }
+            | Command::Healthcheck,
+        ) => Ok(()), // answered above
         Some(Command::Demo { listen }) => demo(listen),
         Some(Command::FakeUpstream {
             listen,
             name,
             threads,
             boot,
-        }) => fake_upstream(listen, &name, threads, boot.map(Into::into)),
+            fail_percent,
+        }) => fake_upstream(listen, &name, threads, boot.map(Into::into), fail_percent),
         Some(Command::Upgrade { detach }) if detach || cli.detach => detached_upgrade(&cli),
         Some(Command::Upgrade { .. }) => run(&cli.config, log_dropped, true),
         Some(Command::Run) | None if cli.detach && cli.upgrade => detached_upgrade(&cli),
@@ -167,6 +286,113 @@ fn check(path: &std::path::Path) -> ExitCode {
             for fe in e.field_errors() {
                 println!("{}: {fe}", path.display());
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `switchyard import-nginx`: the YAML to stdout or a file, the notes to stderr, and the same
+/// verdict as `check` on the result.
+fn import_nginx(file: &std::path::Path, output: Option<&std::path::Path>) -> ExitCode {
+    let import = match switchyard_config::nginx::import_file(file) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let yaml = switchyard_config::nginx::to_yaml(&import, file);
+    for n in &import.notes {
+        eprintln!("{n}");
+    }
+    let written = match output {
+        Some(path) => std::fs::write(path, &yaml)
+            .map(|()| path.display().to_string())
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        None => {
+            print!("{yaml}");
+            Ok("stdout".to_string())
+        }
+    };
+    if let Err(e) = written {
+        eprintln!("switchyard: {e}");
+        return ExitCode::FAILURE;
+    }
+    // The same verdict as `switchyard check` on the file written: certificates are read
+    // relative to the current directory, like the proxy will.
+    let problems: Vec<String> = match switchyard_config::parse(&yaml) {
+        Ok(cfg) => switchyard_proxy::preflight(&cfg)
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
+        Err(e) => e.field_errors().iter().map(|p| p.to_string()).collect(),
+    };
+    let skipped = import.notes.len();
+    if problems.is_empty() {
+        eprintln!(
+            "switchyard: converted {} ({skipped} note(s) above); the result passes `check`",
+            file.display()
+        );
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("switchyard: the converted config: {p}");
+        }
+        eprintln!("switchyard: converted {} ({skipped} note(s) above), but the result does not pass `check`: fix the lines above", file.display());
+        ExitCode::FAILURE
+    }
+}
+
+/// `switchyard healthcheck`: `GET /healthz` on this config's admin listener, 200 within 2 s.
+fn healthcheck(path: &std::path::Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let addr = match switchyard_config::load(path) {
+        Ok(cfg) => cfg.admin.listen,
+        Err(e) => {
+            eprintln!("switchyard: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(mut addr) = addr else {
+        eprintln!(
+            "switchyard: admin.listen is off in {}: nothing to check",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    };
+    // A wildcard admin address is reached on loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = std::time::Duration::from_secs(2);
+    let result = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    })();
+    match result {
+        Ok(line) if line.starts_with("HTTP/1.1 200") || line.starts_with("HTTP/1.0 200") => {
+            println!("healthy: {addr} answered {line}");
+            ExitCode::SUCCESS
+        }
+        Ok(line) => {
+            eprintln!("unhealthy: {addr} answered {line:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {addr}: {e}");
             ExitCode::FAILURE
         }
     }
@@ -356,6 +582,7 @@ fn detached_upgrade(cli: &Cli) -> anyhow::Result<()> {
         .arg(match cli.log_format {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
         })
         .env(READY_ON_STDIN, "1")
         .stdin(writer)
@@ -418,6 +645,7 @@ fn fake_upstream(
     name: &str,
     threads: usize,
     boot: Option<std::time::Duration>,
+    fail_percent: Option<u8>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -432,6 +660,9 @@ fn fake_upstream(
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         println!("fake upstream {name} listening on {}", up.addr());
+        if let Some(p) = fail_percent {
+            up.set_mode(switchyard_proxy::demo::upstream::Mode::FailShare(p));
+        }
         let up = std::sync::Arc::new(up);
         if let Some(boot) = boot {
             use switchyard_proxy::demo::upstream::HealthReply;

@@ -1031,3 +1031,428 @@ async fn slowloris_under_a_low_open_file_limit_does_not_keep_real_clients_out() 
         "a silent connection outlived client_header_timeout by 30 s"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The deploy workflows of examples/compose, run for real: deploy.sh and canary.sh with START and
+// STOP commands that start and stop `switchyard fake-upstream` processes (the stand-in for
+// `docker compose up -d app_$COLOR` / `stop`), under keep-alive load.
+
+/// `proxyctl`, built next to this binary (`cargo test --workspace` builds it; a test of this
+/// package alone builds it here).
+fn proxyctl_bin() -> PathBuf {
+    let p = Path::new(BIN).with_file_name("proxyctl");
+    if !p.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-p", "switchyard-control", "--bin", "proxyctl"])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "cannot build proxyctl");
+    }
+    p
+}
+
+/// The test's "docker compose": `app.sh start|stop COLOR` starts a fake upstream for COLOR on
+/// its port (booting 1 s, like a Spring app; failing FAIL percent of requests when
+/// `COLOR.fail` holds FAIL; never healthy when `COLOR.down` exists) or stops it, and logs
+/// each call.
+const APP_SH: &str = r#"#!/usr/bin/env bash
+set -eu
+dir=$(dirname "$0"); cmd=$1; color=$2
+case $cmd in
+start)
+    boot=1s; [ -e "$dir/$color.down" ] && boot=1h
+    fail=(); [ -e "$dir/$color.fail" ] && fail=(--fail-percent "$(cat "$dir/$color.fail")")
+    "$SWITCHYARD" fake-upstream --listen "127.0.0.1:$(cat "$dir/$color.port")" --name "$color" \
+        --boot "$boot" "${fail[@]}" >/dev/null 2>&1 &
+    echo $! > "$dir/$color.pid" ;;
+stop)
+    kill "$(cat "$dir/$color.pid")" ;;
+esac
+echo "$cmd $color" >> "$dir/calls"
+"#;
+
+struct Workflow {
+    proxy: ProxyProcess,
+    apps: tempfile::TempDir,
+}
+
+impl Workflow {
+    /// Blue running and serving through a proxy with blue and green pools; `extra` are YAML
+    /// lines under `upstreams.app`.
+    async fn start(extra: &str) -> Workflow {
+        let apps = tempfile::tempdir().unwrap();
+        let app_sh = apps.path().join("app.sh");
+        std::fs::write(&app_sh, APP_SH).unwrap();
+        Command::new("chmod")
+            .arg("+x")
+            .arg(&app_sh)
+            .status()
+            .unwrap();
+        let mut pools = String::new();
+        for color in ["blue", "green"] {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            std::fs::write(apps.path().join(format!("{color}.port")), port.to_string()).unwrap();
+            pools.push_str(&format!("      {color}: [\"127.0.0.1:{port}\"]\n"));
+        }
+        let w = Workflow {
+            proxy: ProxyProcess::start_yaml(&format!(
+                "listen: [{{addr: \"127.0.0.1:{{port}}\"}}]\nthreads: 2\ncontrol: {{socket: \"{{dir}}/c.sock\"}}\nstate_file: \"{{dir}}/s.json\"\nadmin: {{listen: \"127.0.0.1:{{admin}}\"}}\naccess_log: \"off\"\nupstreams:\n  app:\n    pools:\n{pools}    active: blue\n    health: {{interval: 100ms, timeout: 100ms}}\n{extra}routes: [{{path_prefix: /, upstream: app}}]\n"
+            )),
+            apps,
+        };
+        w.app("start", "blue");
+        w.wait_for(|status, body| status == 200 && body == "blue")
+            .await;
+        w
+    }
+
+    fn app(&self, cmd: &str, color: &str) {
+        let ok = Command::new(self.apps.path().join("app.sh"))
+            .args([cmd, color])
+            .env("SWITCHYARD", BIN)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Poll GET / until `done(status, body)`, for at most 20 s.
+    async fn wait_for(&self, done: impl Fn(u16, &str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = match tokio::net::TcpStream::connect(self.proxy.addr).await {
+                Ok(_) => {
+                    let (s, b) = get(self.proxy.addr, "/").await;
+                    done(s, &color_of(&b))
+                }
+                Err(_) => false,
+            };
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy never answered as expected"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Run examples/compose/SCRIPT against this proxy and the test's apps.
+    async fn run(&self, script: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/compose")
+            .join(script);
+        let app_sh = self.apps.path().join("app.sh").display().to_string();
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(script)
+            .env(
+                "PROXYCTL",
+                format!(
+                    "{} --socket {}",
+                    proxyctl_bin().display(),
+                    self.proxy.dir.path().join("c.sock").display()
+                ),
+            )
+            .env("START", format!("{app_sh} start $COLOR"))
+            .env("STOP", format!("{app_sh} stop $COLOR"))
+            .env("SWITCHYARD", BIN)
+            .envs(env.iter().copied());
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("the script did not finish within 120 s")
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.apps.path().join("calls")).unwrap_or_default()
+    }
+
+    async fn main_pool(&self) -> String {
+        let r = self.proxy.ctl(switchyard_control::Request::Status).await;
+        let s: switchyard_control::Status = serde_json::from_value(r.result.unwrap()).unwrap();
+        s.upstreams[0].main.clone()
+    }
+
+    /// Wait until the app process COLOR has exited (its pid file's process is gone).
+    async fn wait_stopped(&self, color: &str) {
+        let pid = std::fs::read_to_string(self.apps.path().join(format!("{color}.pid"))).unwrap();
+        let proc = PathBuf::from(format!("/proc/{}", pid.trim()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // A killed child of the exited app.sh is reaped by init; until then it is a zombie.
+        while proc.exists()
+            && !std::fs::read_to_string(proc.join("stat")).is_ok_and(|s| s.contains(") Z "))
+        {
+            assert!(Instant::now() < deadline, "{color} was not stopped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Workflow {
+    fn drop(&mut self) {
+        for color in ["blue", "green"] {
+            if let Ok(pid) = std::fs::read_to_string(self.apps.path().join(format!("{color}.pid")))
+            {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+}
+
+/// The color a fake upstream's body names (`{"color":"blue",...}`), or "".
+fn color_of(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    text.split_once("\"color\":\"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(c, _)| c.to_string())
+        .unwrap_or_default()
+}
+
+/// What the clients saw: answers by status and color, and transport failures.
+#[derive(Debug, Default)]
+struct Seen {
+    by_answer: std::collections::BTreeMap<(u16, String), u64>,
+    transport_errors: u64,
+}
+
+impl Seen {
+    fn total(&self) -> u64 {
+        self.by_answer.values().sum::<u64>() + self.transport_errors
+    }
+    /// Requests that failed because of the proxy or a deploy step: transport errors and the
+    /// proxy's own 502/503/504 (a 500 is the app's answer).
+    fn failed(&self) -> u64 {
+        self.transport_errors
+            + self
+                .by_answer
+                .iter()
+                .filter(|((s, _), _)| matches!(s, 502..=504))
+                .map(|(_, n)| n)
+                .sum::<u64>()
+    }
+}
+
+/// `clients` keep-alive clients sending GET / until `stop`.
+fn load(
+    addr: SocketAddr,
+    clients: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Seen> {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Seen::default();
+                let mut conn: Option<
+                    hyper::client::conn::http1::SendRequest<
+                        http_body_util::combinators::BoxBody<Bytes, std::io::Error>,
+                    >,
+                > = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.is_none() {
+                        match tokio::net::TcpStream::connect(addr).await {
+                            Ok(s) => {
+                                match hyper::client::conn::http1::handshake(TokioIo::new(s)).await {
+                                    Ok((sender, c)) => {
+                                        tokio::spawn(c);
+                                        conn = Some(sender);
+                                    }
+                                    Err(_) => seen.transport_errors += 1,
+                                }
+                            }
+                            Err(_) => seen.transport_errors += 1,
+                        }
+                    }
+                    let Some(sender) = conn.as_mut() else {
+                        continue;
+                    };
+                    let req = http::Request::get("/")
+                        .header("host", "test")
+                        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+                        .unwrap();
+                    let answer = match sender.send_request(req).await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            match resp.into_body().collect().await {
+                                Ok(b) => Some((status, color_of(&b.to_bytes()))),
+                                Err(_) => None,
+                            }
+                        }
+                        Err(_) => None,
+                    };
+                    match answer {
+                        Some((s, body)) => {
+                            let color = if s == 200 { body } else { String::new() };
+                            *seen.by_answer.entry((s, color)).or_default() += 1;
+                        }
+                        None => {
+                            seen.transport_errors += 1;
+                            conn = None;
+                        }
+                    }
+                }
+                seen
+            }));
+        }
+        let mut all = Seen::default();
+        for t in tasks {
+            let s = t.await.unwrap();
+            all.transport_errors += s.transport_errors;
+            for (k, v) in s.by_answer {
+                *all.by_answer.entry(k).or_default() += v;
+            }
+        }
+        all
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_sh_alternates_colors_under_load_and_fails_nothing() {
+    let w = Workflow::start("").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(w.proxy.addr, 16, stop.clone());
+    let env = [("HEALTHY_TIMEOUT", "20s"), ("DRAIN_TIMEOUT", "10s")];
+
+    let started = Instant::now();
+    let (code, out) = w.run("deploy.sh", &env).await;
+    eprintln!(
+        "deploy.sh blue -> green: exit {code:?} in {:?}\n{out}",
+        started.elapsed()
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(w.main_pool().await, "green");
+    assert_eq!(w.calls(), "start blue\nstart green\nstop blue\n");
+    w.wait_stopped("blue").await;
+
+    let (code, out) = w.run("deploy.sh", &env).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(w.main_pool().await, "blue");
+    assert!(
+        w.calls().ends_with("start blue\nstop green\n"),
+        "{}",
+        w.calls()
+    );
+    w.wait_stopped("green").await;
+
+    // A release that never becomes healthy: nothing is switched, it is stopped, blue serves.
+    std::fs::write(w.apps.path().join("green.down"), "").unwrap();
+    let (code, out) = w
+        .run(
+            "deploy.sh",
+            &[("HEALTHY_TIMEOUT", "2s"), ("DRAIN_TIMEOUT", "10s")],
+        )
+        .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("green did not become healthy; blue still serves"),
+        "{out}"
+    );
+    assert_eq!(w.main_pool().await, "blue");
+    assert!(
+        w.calls().ends_with("start green\nstop green\n"),
+        "{}",
+        w.calls()
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = clients.await.unwrap();
+    eprintln!(
+        "deploy.sh under 16 keep-alive clients: {} requests, {:?}",
+        seen.total(),
+        seen
+    );
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    assert_eq!(
+        seen.by_answer.keys().filter(|(s, _)| *s != 200).count(),
+        0,
+        "{seen:?}"
+    );
+    for color in ["blue", "green"] {
+        assert!(
+            seen.by_answer
+                .get(&(200, color.to_string()))
+                .is_some_and(|n| *n > 100),
+            "{color}: {seen:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_sh_promotes_a_good_release_and_stops_a_bad_one_with_exit_5() {
+    let w = Workflow::start(
+        "    canary:\n      sticky: none\n      auto_rollback: {error_rate: 0.2, for: 500ms, min_requests: 5, window: 1s}\n",
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(w.proxy.addr, 16, stop.clone());
+    let env = [
+        ("STEPS", "20,100"),
+        ("INTERVAL", "1s"),
+        ("HEALTHY_TIMEOUT", "20s"),
+        ("DRAIN_TIMEOUT", "10s"),
+    ];
+    let started = Instant::now();
+    let (code, out) = w.run("canary.sh", &env).await;
+    eprintln!(
+        "canary.sh green (good): exit {code:?} in {:?}\n{out}",
+        started.elapsed()
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(w.main_pool().await, "green");
+    assert_eq!(w.calls(), "start blue\nstart green\nstop blue\n");
+    w.wait_stopped("blue").await;
+
+    // The next release (blue) answers half its requests with 500: rolled back, exit 5, the
+    // canary stopped, green keeps 100%.
+    std::fs::write(w.apps.path().join("blue.fail"), "50").unwrap();
+    let started = Instant::now();
+    let (code, out) = w.run("canary.sh", &env).await;
+    eprintln!(
+        "canary.sh blue (bad): exit {code:?} in {:?}\n{out}",
+        started.elapsed()
+    );
+    assert_eq!(code, Some(5), "{out}");
+    assert_eq!(w.main_pool().await, "green");
+    assert!(
+        w.calls().ends_with("start blue\nstop blue\n"),
+        "{}",
+        w.calls()
+    );
+    w.wait_stopped("blue").await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = clients.await.unwrap();
+    eprintln!(
+        "canary.sh under 16 keep-alive clients: {} requests, {:?}",
+        seen.total(),
+        seen
+    );
+    assert_eq!(seen.failed(), 0, "{seen:?}");
+    // Only the bad canary answered 500, and only while it had weight.
+    let errors: u64 = seen
+        .by_answer
+        .iter()
+        .filter(|((s, _), _)| *s == 500)
+        .map(|(_, n)| n)
+        .sum();
+    assert!(errors > 0, "the bad release never got traffic: {seen:?}");
+    assert!(
+        seen.by_answer
+            .get(&(200, "green".to_string()))
+            .is_some_and(|n| *n > 100),
+        "{seen:?}"
+    );
+}

@@ -488,6 +488,7 @@ fn canary_req(pool: &str, steps: &[u32], interval_ms: u64, wait: bool) -> Reques
         interval_ms: Some(interval_ms),
         wait,
         min_healthy: Default::default(),
+        wait_healthy_ms: None,
     }
 }
 
@@ -806,6 +807,7 @@ async fn the_demo_canary_walkthrough_rolls_green_back() {
             interval_ms: None,
             wait: true,
             min_healthy: Default::default(),
+            wait_healthy_ms: None,
         }),
     )
     .await

@@ -22,6 +22,7 @@ use switchyard_control::{ClientError, ControlClient, MinHealthy, Weights};
 /// Control a running switchyard proxy through its control socket.
 #[derive(Debug, Parser)]
 #[command(
+    name = "proxyctl",
     version,
     about,
     after_help = "Exit codes: 0 done, 1 refused (or a rollout stopped by a human), 2 usage, 3 cannot reach the socket, 4 timed out waiting, 5 the canary was rolled back automatically."
@@ -139,6 +140,10 @@ enum Cmd {
         /// `promote` even if the canary is not healthy (recorded as forced).
         #[arg(long)]
         force: bool,
+        /// First wait up to DURATION for POOL to pass the health gate (a container just
+        /// started), showing each instance; then start the rollout.
+        #[arg(long, value_name = "DURATION")]
+        wait_healthy: Option<humantime::Duration>,
     },
     /// The audit trail: switches, rollbacks (who, why), weight and pool changes, reloads,
     /// health changes, ejections.
@@ -150,6 +155,14 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell), e.g.
+    /// `proxyctl completions bash > /etc/bash_completion.d/proxyctl`.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `proxyctl man > /usr/share/man/man1/proxyctl.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,15 +242,16 @@ fn command(cli: &Cli) -> Result<Request, String> {
         wait,
         min_healthy,
         force,
+        wait_healthy,
     } = &cli.cmd
     {
         let verb = matches!(
             target.as_str(),
             "status" | "pause" | "resume" | "abort" | "promote"
         );
-        if verb && (steps.is_some() || interval.is_some() || *wait) {
+        if verb && (steps.is_some() || interval.is_some() || *wait || wait_healthy.is_some()) {
             return Err(format!(
-                "--steps, --interval and --wait start a rollout: `proxyctl canary POOL ...`, not `canary {target}`"
+                "--steps, --interval, --wait and --wait-healthy start a rollout: `proxyctl canary POOL ...`, not `canary {target}`"
             ));
         }
         if *force && target != "promote" {
@@ -259,10 +273,14 @@ fn command(cli: &Cli) -> Result<Request, String> {
                 interval_ms: interval.map(ms),
                 wait: *wait,
                 min_healthy: *min_healthy,
+                wait_healthy_ms: wait_healthy.map(ms),
             },
         });
     }
     Ok(match &cli.cmd {
+        Cmd::Completions { .. } | Cmd::Man => {
+            return Err("completions and man are answered without a proxy".into())
+        }
         Cmd::Status => Request::Status,
         Cmd::Switch {
             pool,
@@ -833,6 +851,24 @@ fn print_result(cmd: &Cmd, reply: &Reply, fleet: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            switchyard_control::docs::completions(shell, Cli::command(), &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            return match switchyard_control::docs::man(Cli::command(), &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("proxyctl: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -135,11 +135,44 @@ impl Controller {
     ) -> Result<(), ControlError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut last: Option<Vec<InstanceHealth>> = None;
+        // Checks each instance had when the wait began. The container at an address may have
+        // been replaced a moment ago (deploy.sh stops blue, a later deploy starts blue again):
+        // its state is still the old process's until the thresholds catch up, so an instance
+        // counts only once a check made after this point passed (and none failed since).
+        let baseline: std::collections::HashMap<String, u64> = {
+            let u = Self::upstream(&self.shared.load(), upstream)?;
+            Self::check_pool(&u, pool)?;
+            u.pool(pool)
+                .map(|p| {
+                    p.instances
+                        .iter()
+                        .map(|i| (i.label.clone(), i.health.detail().checks))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         loop {
             let health_changed = self.shared.health_changed();
             let u = Self::upstream(&self.shared.load(), upstream)?;
             Self::check_pool(&u, pool)?;
-            let (healthy, list) = self.pool_health(&u, pool);
+            let (mut healthy, mut list) = self.pool_health(&u, pool);
+            if let Some(p) = u.pool(pool) {
+                for (i, shown) in p.instances.iter().zip(list.iter_mut()) {
+                    let d = i.health.detail();
+                    let since = baseline.get(&i.label).copied().unwrap_or(0);
+                    let fresh = d.checks > since && d.passes > 0;
+                    let counted =
+                        shown.health == HealthState::Healthy && i.current_addr().is_some();
+                    if counted && !fresh {
+                        healthy = healthy.saturating_sub(1);
+                        shown.health = HealthState::Unknown;
+                        shown.last_check = Some(format!(
+                            "healthy before the wait; waiting for a new check ({})",
+                            d.last_check.as_deref().unwrap_or("none yet")
+                        ));
+                    }
+                }
+            }
             let needed = min.needed(list.len());
             if last.as_ref() != Some(&list) {
                 events

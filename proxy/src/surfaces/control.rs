@@ -272,7 +272,22 @@ async fn execute_one(
             interval_ms,
             wait,
             min_healthy,
+            wait_healthy_ms,
         } => {
+            if let Some(ms) = wait_healthy_ms {
+                if let Err(e) = this
+                    .wait_healthy(
+                        upstream.as_deref(),
+                        &pool,
+                        min_healthy,
+                        Duration::from_millis(ms),
+                        events,
+                    )
+                    .await
+                {
+                    return Reply::err(e);
+                }
+            }
             let started = this
                 .off_runtime(move |c| {
                     c.canary_start(

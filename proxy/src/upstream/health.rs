@@ -38,6 +38,8 @@ pub(crate) struct CheckDetail {
     pub(crate) passes: u32,
     /// Failures in a row.
     pub(crate) fails: u32,
+    /// Checks recorded since start: `--wait-healthy` counts only checks made after it began.
+    pub(crate) checks: u64,
 }
 
 /// A state transition, for logs and the audit trail.
@@ -66,6 +68,7 @@ impl Default for Health {
                 since: Instant::now(),
                 passes: 0,
                 fails: 0,
+                checks: 0,
             }),
         }
     }
@@ -124,6 +127,7 @@ impl Health {
     ) -> Option<Transition> {
         let mut d = self.detail.lock().unwrap_or_else(|p| p.into_inner());
         d.last_check = Some(outcome);
+        d.checks = d.checks.saturating_add(1);
         if ok {
             d.passes = d.passes.saturating_add(1);
             d.fails = 0;
