@@ -1322,6 +1322,17 @@ fn load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_sh_alternates_colors_under_load_and_fails_nothing() {
     let w = Workflow::start("").await;
+    let hc = Command::new(BIN)
+        .arg("healthcheck")
+        .arg("-c")
+        .arg(w.proxy.dir.path().join("switchyard.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        hc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hc.stderr)
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients = load(w.proxy.addr, 16, stop.clone());
     let env = [("HEALTHY_TIMEOUT", "20s"), ("DRAIN_TIMEOUT", "10s")];
@@ -1455,4 +1466,234 @@ async fn canary_sh_promotes_a_good_release_and_stops_a_bad_one_with_exit_5() {
             .is_some_and(|n| *n > 100),
         "{seen:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs, completions, man page, import-nginx and healthcheck of the binary.
+
+/// The application log's first line (`open-file limit`, written by every command that runs
+/// the proxy's set-up, `check` included) with stderr redirected to a file, optionally with
+/// `JOURNAL_STREAM` set to that file's device:inode (what systemd does for the journal).
+fn first_log_line(journal: bool) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let err = dir.path().join("stderr");
+    let file = std::fs::File::create(&err).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "-c"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/compose/switchyard.yaml"))
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(file);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    }
+    assert!(cmd.status().unwrap().success());
+    let text = std::fs::read_to_string(&err).unwrap();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn logs_are_plain_in_a_file_and_journald_style_under_systemd() {
+    let plain = first_log_line(false);
+    assert!(plain.contains("open-file limit"), "{plain:?}");
+    assert!(!plain.contains('\x1b'), "color codes in a file: {plain:?}");
+    assert!(plain.starts_with("20"), "a time stamp first: {plain:?}");
+    let journal = first_log_line(true);
+    assert!(
+        journal.starts_with("<6>"),
+        "syslog priority for journald: {journal:?}"
+    );
+    assert!(
+        !journal.contains('\x1b') && !journal.contains("Z "),
+        "{journal:?}"
+    );
+    assert!(journal.contains("open-file limit"), "{journal:?}");
+    // On a terminal (script(1) gives it one), color.
+    let Ok(out) = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{BIN} check -c {}/../examples/compose/switchyard.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg("/dev/null")
+        .env_remove("JOURNAL_STREAM")
+        .output()
+    else {
+        eprintln!("no script(1) here: the terminal case is not checked");
+        return;
+    };
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.contains("\x1b["), "no color on a terminal: {tty:?}");
+}
+
+#[test]
+fn completions_and_man_pages_of_both_binaries() {
+    let proxyctl = proxyctl_bin();
+    for (bin, name, sub) in [
+        (Path::new(BIN), "switchyard", "import-nginx"),
+        (proxyctl.as_path(), "proxyctl", "switch"),
+    ] {
+        // bash loads the script and registers the completion function.
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source <({} completions bash) && complete -p {name}",
+                bin.display()
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(&format!("_{name} {name}")),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for shell in ["zsh", "fish"] {
+            let out = Command::new(bin)
+                .args(["completions", shell])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains(sub),
+                "{shell}: {text}"
+            );
+        }
+        let out = Command::new(bin).arg("man").output().unwrap();
+        let man = String::from_utf8_lossy(&out.stdout);
+        assert!(man.contains(&format!(".TH {name} 1")), "{man}");
+        let section = format!(".SH \"{} {}\"", name.to_uppercase(), sub.to_uppercase());
+        assert!(man.contains(&section), "{section} missing");
+        let bad = Command::new(bin)
+            .args(["completions", "tcsh"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            bad.status.code(),
+            Some(2),
+            "an unknown shell is a usage error"
+        );
+    }
+}
+
+#[test]
+fn import_nginx_writes_a_config_that_passes_check_and_names_what_it_left_out() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/tests/fixtures/nginx/bluegreen/nginx.conf");
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("switchyard.yaml");
+    let out = Command::new(BIN)
+        .arg("import-nginx")
+        .arg(&src)
+        .arg("-o")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("nginx.conf:21: `location /static/`: not converted"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the result passes `check`"), "{stderr}");
+    let check = check(&out_file);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let yaml = std::fs::read_to_string(&out_file).unwrap();
+    assert!(yaml.contains("active: green"), "{yaml}");
+    // Certificates that are not there: the YAML is written, the verdict is check's.
+    let tls =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tests/fixtures/nginx/tls/nginx.conf");
+    let out = Command::new(BIN)
+        .arg("import-nginx")
+        .arg(&tls)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot load TLS certificate") && stderr.contains("certs/api.pem"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("redirect_https: true"));
+    // Not nginx syntax: exit 1 with file and line, nothing on stdout.
+    let bad = dir.path().join("bad.conf");
+    std::fs::write(&bad, "http {\n  server {\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("import-nginx")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("bad.conf:2: the block opened here is never closed"));
+}
+
+/// `switchyard healthcheck` against a fake admin listener answering `status`, or nothing.
+fn healthcheck_against(answer: Option<&'static str>) -> (Option<i32>, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("s.yaml");
+    std::fs::write(&cfg, format!("listen: [{{addr: \"127.0.0.1:0\"}}]\nadmin: {{listen: \"0.0.0.0:{port}\"}}\nupstreams: {{app: {{pools: {{blue: [\"127.0.0.1:1\"]}}}}}}\nroutes: [{{path_prefix: /, upstream: app}}]\n")).unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let Some(answer) = answer else {
+            drop(listener); // nothing listens
+            return;
+        };
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"GET /healthz HTTP/1.1\r\n"));
+        s.write_all(answer.as_bytes()).unwrap();
+    });
+    // In the no-listener case the socket is closed before the check runs.
+    let server = if answer.is_none() {
+        server.join().unwrap();
+        None
+    } else {
+        Some(server)
+    };
+    let out = Command::new(BIN)
+        .arg("healthcheck")
+        .arg("-c")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    if let Some(server) = server {
+        server.join().unwrap();
+    }
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn healthcheck_exits_0_only_on_200_from_healthz() {
+    let (code, out) = healthcheck_against(Some("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("healthy: 127.0.0.1:"),
+        "a wildcard admin address is checked on loopback: {out}"
+    );
+    let (code, out) = healthcheck_against(Some(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+    ));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("503"), "{out}");
+    let (code, out) = healthcheck_against(None);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("unhealthy"), "{out}");
 }
