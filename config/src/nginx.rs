@@ -537,6 +537,9 @@ enum Target {
     Direct(String),
 }
 
+/// A location's effective `proxy_connect_timeout` and `proxy_read_timeout`, and its `proxy_pass`.
+type LocationTimeouts = (Option<String>, Option<String>, Directive);
+
 #[derive(Default)]
 struct Converter {
     notes: Vec<Note>,
@@ -551,7 +554,7 @@ struct Converter {
     deny_status: Option<u16>,
     deny_paths: Vec<String>,
     /// Per target: (connect, read) timeouts of the locations proxying to it.
-    timeouts: BTreeMap<String, Vec<(Option<String>, Option<String>, Directive)>>,
+    timeouts: BTreeMap<String, Vec<LocationTimeouts>>,
 }
 
 impl Converter {
@@ -738,23 +741,22 @@ impl Converter {
         };
         let value = value.unwrap_or("");
         let same = |a: &str| name.eq_ignore_ascii_case(a);
-        if same("Host") && matches!(value, "$host" | "$http_host") {
-        } else if same("X-Real-IP") && value == "$remote_addr" {
-        } else if same("X-Forwarded-For") && value == "$proxy_add_x_forwarded_for" {
+        // What switchyard sends anyway: keep-alive to upstreams and WebSocket upgrades too.
+        let built_in = (same("Host") && matches!(value, "$host" | "$http_host"))
+            || (same("X-Real-IP") && value == "$remote_addr")
+            || (same("X-Forwarded-For") && value == "$proxy_add_x_forwarded_for")
+            || (same("X-Forwarded-Proto") && matches!(value, "$scheme" | "https" | "http"))
+            || (same("X-Forwarded-Host")
+                && matches!(value, "$host" | "$http_host" | "$server_name"))
+            || (same("Connection") && matches!(value, "" | "upgrade" | "$connection_upgrade"))
+            || (same("Upgrade") && value == "$http_upgrade");
+        if built_in {
         } else if same("X-Forwarded-For") && value == "$remote_addr" {
             self.note(
                 d,
                 NoteKind::Changed,
                 "switchyard appends the client's address to the X-Forwarded-For it sent",
             );
-        } else if same("X-Forwarded-Proto") && matches!(value, "$scheme" | "https" | "http") {
-        } else if same("X-Forwarded-Host")
-            && matches!(value, "$host" | "$http_host" | "$server_name")
-        {
-        } else if (same("Connection") && matches!(value, "" | "upgrade" | "$connection_upgrade"))
-            || (same("Upgrade") && value == "$http_upgrade")
-        {
-            // Keep-alive to upstreams and WebSocket upgrades are built in.
         } else if value == "$request_id" {
             self.request_id = Some(name.clone());
         } else {
@@ -1294,7 +1296,7 @@ impl Converter {
         for (i, s) in servers.iter().enumerate() {
             let mut routes: Vec<&(String, Target, bool, Directive)> = s.routes.iter().collect();
             // nginx: the longest matching prefix wins; switchyard: the first match.
-            routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
             let hosts: Vec<Option<String>> = if Some(i) == default || s.names.is_empty() {
                 vec![None]
             } else {
