@@ -108,11 +108,16 @@ pub enum ImportError {
 
 /// Import the nginx configuration at `path`; `include`s are read relative to its directory.
 pub fn import_file(path: &Path) -> Result<Import, ImportError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ImportError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // nginx files are bytes; a Latin-1 comment must not stop the import.
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .map_err(|source| ImportError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // Absolute, so relative certificate paths work from wherever the YAML is used.
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = std::path::absolute(&base).unwrap_or(base);
     import_str(&text, path, &base)
 }
 
@@ -123,6 +128,8 @@ pub fn import_str(text: &str, name: &Path, base: &Path) -> Result<Import, Import
         base: base.to_path_buf(),
         notes: Vec::new(),
         depth: 0,
+        files: 0,
+        blocks: 0,
     };
     let tree = parser.parse(text, name)?;
     let mut c = Converter {
@@ -197,11 +204,17 @@ impl Directive {
 
 /// How deep includes may nest (a file including itself stops here, with a note).
 const MAX_INCLUDE_DEPTH: usize = 16;
+/// How many files includes may read in all (a glob matching itself would otherwise multiply).
+const MAX_INCLUDED_FILES: usize = 256;
+/// How deep blocks may nest (nginx's real files nest 4 or 5 deep).
+const MAX_BLOCK_DEPTH: usize = 64;
 
 struct Parser {
     base: PathBuf,
     notes: Vec<Note>,
     depth: usize,
+    files: usize,
+    blocks: usize,
 }
 
 #[derive(Debug, PartialEq)]
@@ -376,7 +389,13 @@ impl Parser {
                     Some((Token::Open, l)) => {
                         let l = *l;
                         *pos += 1;
-                        break Some(self.block(tokens, pos, file, Some(l))?);
+                        if self.blocks >= MAX_BLOCK_DEPTH {
+                            return Err(syntax(l, "blocks nested too deep".into()));
+                        }
+                        self.blocks += 1;
+                        let inner = self.block(tokens, pos, file, Some(l));
+                        self.blocks -= 1;
+                        break Some(inner?);
                     }
                     Some((Token::Close, _)) => {
                         return Err(syntax(
@@ -444,7 +463,16 @@ impl Parser {
         };
         let mut out = Vec::new();
         for f in files {
-            match std::fs::read_to_string(&f) {
+            if self.files >= MAX_INCLUDED_FILES {
+                self.note(
+                    d,
+                    NoteKind::NotConverted,
+                    "more than 256 included files: the rest is not read",
+                );
+                break;
+            }
+            self.files += 1;
+            match std::fs::read(&f).map(|b| String::from_utf8_lossy(&b).into_owned()) {
                 Ok(text) => {
                     self.depth += 1;
                     let parsed = self.parse(&text, &f);
@@ -510,6 +538,8 @@ struct Server {
 /// Settings inherited from `http` to `server` to `location`.
 #[derive(Debug, Clone, Default)]
 struct Scope {
+    /// A `proxy_set_header Host ...` is in effect (else nginx sends the upstream's name).
+    host_set: bool,
     connect_timeout: Option<String>,
     read_timeout: Option<String>,
     vars: BTreeMap<String, String>,
@@ -690,7 +720,12 @@ impl Converter {
             "http2" if first == "on" => {} // h2 is on by default on TLS listeners
             "proxy_http_version" if first == "1.1" => {}
             "proxy_http_version" => self.skip(d, "switchyard talks HTTP/1.1 with keep-alive to upstreams"),
-            "proxy_set_header" => self.proxy_set_header(d),
+            "proxy_set_header" => {
+                if first.eq_ignore_ascii_case("Host") {
+                    scope.host_set = true;
+                }
+                self.proxy_set_header(d)
+            }
             "proxy_buffering" | "proxy_buffers" | "proxy_buffer_size" | "proxy_busy_buffers_size"
             | "proxy_request_buffering" | "proxy_max_temp_file_size" => self.skip(
                 d,
@@ -929,13 +964,24 @@ impl Converter {
 
     fn location(&mut self, d: &Directive, scope: &Scope, s: &mut VServer) {
         let (modifier, path) = match d.args.as_slice() {
-            [p] => ("", p.as_str()),
+            // nginx also takes the modifier written against the path: `~*\.php$`, `=/x`.
+            [p] => ["^~", "~*", "~", "=", "@"]
+                .iter()
+                .find_map(|m| p.strip_prefix(m).map(|rest| (*m, rest)))
+                .unwrap_or(("", p.as_str())),
             [m, p] => (m.as_str(), p.as_str()),
             _ => {
                 self.skip(d, "location without a path");
                 return;
             }
         };
+        if modifier == "@" {
+            self.skip(
+                d,
+                "named locations (error pages, internal redirects) are not converted",
+            );
+            return;
+        }
         let Some(block) = &d.block else { return };
         let mut scope = scope.clone();
         let mut proxy: Option<&Directive> = None;
@@ -952,7 +998,12 @@ impl Converter {
                         "only `return 4xx/5xx` (the deny list) is converted in a location",
                     ),
                 },
-                ("deny", None) if inner.args.first().map(String::as_str) == Some("all") => {
+                ("deny", None)
+                    if inner.args.first().map(String::as_str) == Some("all")
+                        && !block
+                            .iter()
+                            .any(|b| b.name == "allow" || b.name == "proxy_pass") =>
+                {
                     deny = Some((403, inner))
                 }
                 ("location", Some(_)) => self.skip(
@@ -1048,6 +1099,9 @@ impl Converter {
                 self.skip(r, "only `rewrite ^/p/(.*) /$1 break;` in `location /p/` is converted (as strip_prefix)");
             }
         }
+        if !scope.host_set {
+            self.note(p, NoteKind::Changed, format!("without `proxy_set_header Host`, nginx sent `Host: {hostport}`; switchyard sends the client's Host"));
+        }
         let target = if self.upstreams.contains_key(hostport) {
             Target::Block(hostport.to_string())
         } else {
@@ -1070,7 +1124,15 @@ impl Converter {
         let blocks = std::mem::take(&mut self.upstreams);
         for (name, (up, d)) in &blocks {
             let (base, color) = split_color(name);
-            let base = sanitize(&base);
+            let mut base = sanitize(&base);
+            // Two nginx names that only sanitize alike (`my.app`, `my_app`) stay apart; the
+            // colors of one app (`app_blue`, `app_green`) share theirs on purpose.
+            while names
+                .iter()
+                .any(|(k, v)| *v == base && split_color(k).0 != split_color(name).0)
+            {
+                base.push('_');
+            }
             names.insert(name.clone(), base.clone());
             let entry = pools.entry(base.clone()).or_default();
             match color {
@@ -1107,10 +1169,20 @@ impl Converter {
                 if let Target::Direct(addr) = t {
                     let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
                     let (base, color) = split_color(host);
-                    let base = if host.parse::<std::net::IpAddr>().is_ok() || base.is_empty() {
-                        "app".to_string()
-                    } else {
-                        sanitize(&base)
+                    // A colored host (`app_green:8080`) joins its app's pools; any other
+                    // address is its own upstream, named by host and port, so two backends
+                    // (`localhost:3000`, `localhost:4000`) never share a pool.
+                    let base = match &color {
+                        Some(_) if !base.is_empty() => sanitize(&base),
+                        _ => {
+                            let mut n = sanitize(addr);
+                            while blocks.contains_key(&n)
+                                || names.iter().any(|(k, v)| *v == n && *k != target_key(t))
+                            {
+                                n.push_str("_direct");
+                            }
+                            n
+                        }
                     };
                     names.insert(target_key(t), base.clone());
                     let pool = color.unwrap_or_else(|| "main".to_string());
@@ -1179,7 +1251,9 @@ impl Converter {
                         (c, &mut connect, "proxy_connect_timeout"),
                         (r, &mut read, "proxy_read_timeout"),
                     ] {
-                        let Some(v) = val else { continue };
+                        // Unset is nginx's default, 60s: a location without it differs from
+                        // one with 5s.
+                        let v = val.unwrap_or_else(|| "1m".to_string());
                         match slot {
                             Some((prev, _)) if *prev != v => self.notes.push(Note {
                                 file: d.file.to_path_buf(),
@@ -1194,8 +1268,34 @@ impl Converter {
                     }
                 }
             }
-            u.connect_timeout = connect.map(|(v, _)| v);
-            u.read_timeout = read.map(|(v, _)| v);
+            // Only when some location set one (else switchyard's defaults: connect 2s, read 60s).
+            let set = |pick: fn(&LocationTimeouts) -> bool| {
+                names
+                    .iter()
+                    .filter(|(_, v)| *v == up)
+                    .filter_map(|(k, _)| self.timeouts.get(k))
+                    .flatten()
+                    .any(pick)
+            };
+            if set(|t| t.0.is_some()) {
+                u.connect_timeout = connect.map(|(v, _)| v);
+            }
+            if set(|t| t.1.is_some()) {
+                u.read_timeout = read.map(|(v, _)| v);
+            }
+            let origin = blocks
+                .iter()
+                .find(|(n, _)| names.get(*n) == Some(up))
+                .map(|(_, (_, d))| d.clone())
+                .or_else(|| {
+                    self.timeouts
+                        .iter()
+                        .find(|(k, _)| names.get(*k) == Some(up))
+                        .and_then(|(_, v)| v.first().map(|t| t.2.clone()))
+                });
+            if let Some(d) = origin {
+                self.note(&d, NoteKind::Changed, format!("upstream {up}: switchyard checks every instance with GET /actuator/health expecting {{\"status\":\"UP\"}} (Spring Boot) and gates switches on it; for another app set upstreams.{up}.health.path (and expect_json_status: [])"));
+            }
             config.upstreams.insert(up.clone(), u);
         }
         // Listeners, one per address; TLS certificates of the servers sharing one by SNI.
@@ -1281,15 +1381,47 @@ impl Converter {
         }
         config.listen = listens;
         // Routes: exact names, then wildcards, then the default server without a host.
-        let default = servers
+        // nginx's default server of each listen address: the one marked default_server there,
+        // else the first listening there. Its locations become host-less routes. A default
+        // server that proxies nothing (`return 444`) leaves none: unknown hosts get 404.
+        let mut defaults = std::collections::BTreeSet::new();
+        let norm = |a: &str| a.replacen("[::]:", "0.0.0.0:", 1);
+        let all_addrs: std::collections::BTreeSet<String> = servers
             .iter()
-            .position(|s| !s.routes.is_empty() && s.listens.iter().any(|l| l.2))
-            .or_else(|| {
-                servers
-                    .iter()
-                    .position(|s| !s.routes.is_empty() && s.names.is_empty())
-            })
-            .or_else(|| servers.iter().position(|s| !s.routes.is_empty()));
+            .flat_map(|s| s.listens.iter().map(|l| norm(&l.0)))
+            .collect();
+        for addr in &all_addrs {
+            let on = |s: &VServer| s.listens.iter().any(|l| norm(&l.0) == *addr);
+            let flagged = servers
+                .iter()
+                .position(|s| s.listens.iter().any(|l| norm(&l.0) == *addr && l.2));
+            if let Some(i) = flagged.or_else(|| servers.iter().position(on)) {
+                defaults.insert(i);
+            }
+        }
+        // Routes are not per listener in switchyard: say so when nginx had them on different
+        // addresses.
+        let mut first_addrs: Option<Vec<String>> = None;
+        for s in servers.iter().filter(|s| !s.routes.is_empty()) {
+            // `[::]:80` next to `0.0.0.0:80` is the same port to switchyard.
+            let mut addrs: Vec<String> = s
+                .listens
+                .iter()
+                .map(|l| l.0.replacen("[::]:", "0.0.0.0:", 1))
+                .collect();
+            addrs.sort();
+            addrs.dedup();
+            match &first_addrs {
+                None => first_addrs = Some(addrs),
+                Some(f) if *f != addrs => {
+                    if let Some(l) = s.listens.first() {
+                        let d = l.3.clone();
+                        self.note(&d, NoteKind::Changed, format!("switchyard's routes answer on every listener; nginx served this server's locations on {} only", addrs.join(", ")));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
         let mut exact = Vec::new();
         let mut wild = Vec::new();
         let mut hostless = Vec::new();
@@ -1297,7 +1429,7 @@ impl Converter {
             let mut routes: Vec<&(String, Target, bool, Directive)> = s.routes.iter().collect();
             // nginx: the longest matching prefix wins; switchyard: the first match.
             routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
-            let hosts: Vec<Option<String>> = if Some(i) == default || s.names.is_empty() {
+            let hosts: Vec<Option<String>> = if defaults.contains(&i) || s.names.is_empty() {
                 vec![None]
             } else {
                 s.names.iter().cloned().map(Some).collect()
@@ -1324,6 +1456,13 @@ impl Converter {
                 }
             }
         }
+        // More specific wildcards first (`*.api.example.com` before `*.example.com`), and the
+        // host-less routes of several servers by prefix length; both sorts keep file order
+        // otherwise.
+        wild.sort_by_key(|(r, _)| {
+            std::cmp::Reverse(r.host.as_deref().map_or(0, |h| h.matches('.').count()))
+        });
+        hostless.sort_by_key(|(r, _)| std::cmp::Reverse(r.path_prefix.len()));
         let mut routes: Vec<raw::Route> = Vec::new();
         for (r, d) in exact.into_iter().chain(wild).chain(hostless) {
             match routes
@@ -1352,10 +1491,20 @@ impl Converter {
         }
         config.threads = self.threads;
         config.keepalive_timeout = self.keepalive_timeout.take();
-        match self.body_sizes.iter().max_by_key(|b| b.0) {
+        // nginx's 0 is "no limit": it wins over any number.
+        match self
+            .body_sizes
+            .iter()
+            .max_by_key(|b| if b.0 == 0 { u64::MAX } else { b.0 })
+        {
             Some((_, text, _)) => {
                 let text = text.clone();
-                let largest = self.body_sizes.iter().map(|b| b.0).max();
+                let largest = self
+                    .body_sizes
+                    .iter()
+                    .map(|b| if b.0 == 0 { u64::MAX } else { b.0 })
+                    .max()
+                    .map(|m| if m == u64::MAX { 0 } else { m });
                 let others: Vec<Directive> = self
                     .body_sizes
                     .iter()
@@ -1401,9 +1550,9 @@ impl Converter {
         let weight = |p: &str| {
             pools
                 .get(p)
-                .map_or(0, |s| s.iter().map(|(_, w)| *w).sum::<u32>())
+                .map_or(0, |s| s.iter().map(|(_, w)| u64::from(*w)).sum::<u64>())
         };
-        let total: u32 = pools.keys().map(|p| weight(p)).sum();
+        let total: u64 = pools.keys().map(|p| weight(p)).sum();
         let heaviest = pools
             .keys()
             .max_by_key(|p| weight(p))
@@ -1419,11 +1568,18 @@ impl Converter {
             }
             return heaviest;
         }
-        if pools.contains_key("blue") {
-            "blue".into()
+        let active = if pools.contains_key("blue") {
+            "blue".to_string()
         } else {
             heaviest
+        };
+        if pools.len() > 1 {
+            if let Some(d) = origin {
+                let names: Vec<&str> = pools.keys().map(String::as_str).collect();
+                self.note(d, NoteKind::Changed, format!("no location names one color of {up} ({}): nginx spread requests over them; {active} starts at 100%: check `active`", names.join(", ")));
+            }
         }
+        active
     }
 }
 

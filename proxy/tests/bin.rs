@@ -1337,6 +1337,12 @@ async fn deploy_sh_alternates_colors_under_load_and_fails_nothing() {
     let clients = load(w.proxy.addr, 16, stop.clone());
     let env = [("HEALTHY_TIMEOUT", "20s"), ("DRAIN_TIMEOUT", "10s")];
 
+    // A wrong UPSTREAM: refused before anything is started or stopped (blue keeps serving).
+    let (code, out) = w.run("deploy.sh", &[("UPSTREAM", "shop")]).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("cannot read upstream shop"), "{out}");
+    assert_eq!(w.calls(), "start blue\n");
+
     let started = Instant::now();
     let (code, out) = w.run("deploy.sh", &env).await;
     eprintln!(

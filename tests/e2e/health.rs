@@ -525,3 +525,62 @@ async fn a_hundred_instances_are_checked_spread_over_the_interval() {
     assert_eq!(healthy, 100);
     px.shutdown().await;
 }
+
+/// `--wait-healthy` after a container was replaced at the same address: the instance is still
+/// `healthy` from the old process's checks (3 failures are needed to turn it, 3 s here), but a
+/// check made after the wait began fails, so the wait does not pass on the stale state; once a
+/// new check passes, it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_healthy_does_not_pass_on_the_state_of_a_replaced_container() {
+    trace_init();
+    let blue = FakeUpstream::builder("blue")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let green = FakeUpstream::builder("green")
+        .record(false)
+        .start()
+        .await
+        .unwrap();
+    let yaml = app_yaml(
+        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
+        "blue",
+        "    health: {interval: 1s, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 3}\n",
+    );
+    let px = TestProxy::start(&yaml).await;
+    let h = px.handle();
+    eventually(move || {
+        h.status().upstream("app").is_some_and(|u| {
+            u.pools
+                .iter()
+                .all(|p| p.instances.iter().all(|i| i.health == HealthState::Healthy))
+        })
+    })
+    .await;
+    // "docker compose stop app_green; docker compose up -d app_green": the new one is booting.
+    green.set_health(HealthReply::down());
+    let r = px.ctl_call(switch("green", Some(1500))).await;
+    let e = r
+        .error
+        .expect("the stale healthy state must not pass the wait");
+    assert_eq!(e.code, ErrorCode::Timeout, "{}", e.message);
+    let status = px.handle().status();
+    let app = status.upstream("app").unwrap();
+    assert_eq!(app.weights["blue"], 100);
+    // The plain gate still sees the old state: that is what the wait protects against.
+    let g = app.pools.iter().find(|p| p.name == "green").unwrap();
+    assert_eq!(
+        g.instances[0].health,
+        HealthState::Healthy,
+        "the test needs the stale state"
+    );
+    // Booted: the next check passes and the wait does.
+    green.set_health(HealthReply::up());
+    let r = px.ctl_call(switch("green", Some(5000))).await;
+    assert!(r.ok, "{:?}", r.error);
+    assert_eq!(
+        px.handle().status().upstream("app").unwrap().weights["green"],
+        100
+    );
+}

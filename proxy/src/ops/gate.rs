@@ -138,15 +138,16 @@ impl Controller {
         // Checks each instance had when the wait began. The container at an address may have
         // been replaced a moment ago (deploy.sh stops blue, a later deploy starts blue again):
         // its state is still the old process's until the thresholds catch up, so an instance
-        // counts only once a check made after this point passed (and none failed since).
-        let baseline: std::collections::HashMap<String, u64> = {
+        // counts only once a check recorded after this point passed and the last check passed.
+        // By instance id: an instance removed and added again is a new one with a new count.
+        let baseline: std::collections::HashMap<u64, u64> = {
             let u = Self::upstream(&self.shared.load(), upstream)?;
             Self::check_pool(&u, pool)?;
             u.pool(pool)
                 .map(|p| {
                     p.instances
                         .iter()
-                        .map(|i| (i.label.clone(), i.health.detail().checks))
+                        .map(|i| (i.id, i.health.detail().checks))
                         .collect()
                 })
                 .unwrap_or_default()
@@ -159,7 +160,7 @@ impl Controller {
             if let Some(p) = u.pool(pool) {
                 for (i, shown) in p.instances.iter().zip(list.iter_mut()) {
                     let d = i.health.detail();
-                    let since = baseline.get(&i.label).copied().unwrap_or(0);
+                    let since = baseline.get(&i.id).copied().unwrap_or(0);
                     let fresh = d.checks > since && d.passes > 0;
                     let counted =
                         shown.health == HealthState::Healthy && i.current_addr().is_some();
