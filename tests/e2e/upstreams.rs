@@ -280,3 +280,67 @@ async fn unresolvable_name_is_a_502_not_a_hang() {
         .contains("no such host"));
     px.shutdown().await;
 }
+
+/// The request head as the app receives it, byte for byte (a raw-socket upstream): the
+/// forwarding headers and the request id are set, names outside Pingora's titled set are
+/// lowercase (README, "Behaviour where the spec is silent"), values are the client's; the
+/// response returns the request id spelled as configured.
+#[tokio::test]
+async fn the_request_head_on_the_wire_to_the_app() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    trace_init();
+    let up = RawUpstream::start().await;
+    let yaml = format!(
+        "request_id: X-Correlation-Id\n{}",
+        app_yaml(&[("blue", &[up.addr])], "blue", "")
+    );
+    let px = TestProxy::start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    s.write_all(
+        b"GET /x?q=1 HTTP/1.1\r\nHost: Shop.Example:8080\r\nX-Custom-Tenant: Acme\r\nX-Correlation-Id: abc-123\r\nX-Forwarded-For: 10.9.8.7\r\nX_Forwarded_For: forged\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while !resp.ends_with(b"hello") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => resp.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("an answer");
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\r\nX-Correlation-Id: abc-123\r\n"), "{resp}");
+    let head = up.last_head();
+    assert!(head.starts_with("GET /x?q=1 HTTP/1.1\r\n"), "{head}");
+    for line in [
+        "Host: Shop.Example:8080",
+        "x-custom-tenant: Acme",
+        "x-correlation-id: abc-123",
+        "x-forwarded-for: 10.9.8.7, 127.0.0.1",
+        "x-real-ip: 127.0.0.1",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: Shop.Example:8080",
+    ] {
+        assert!(
+            head.contains(&format!("\r\n{line}\r\n")),
+            "{line:?} missing:\n{head}"
+        );
+    }
+    assert!(
+        !head.to_ascii_lowercase().contains("x_forwarded_for"),
+        "{head}"
+    );
+    assert_eq!(
+        head.matches("\r\n").count(),
+        9,
+        "exactly 7 headers:\n{head}"
+    );
+    px.shutdown().await;
+}

@@ -523,6 +523,8 @@ pub enum Fault {
 pub struct RawUpstream {
     pub addr: SocketAddr,
     fault: Arc<std::sync::Mutex<Fault>>,
+    /// The last request head received (health checks excluded), byte for byte.
+    last_head: Arc<std::sync::Mutex<String>>,
     hits: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -534,13 +536,14 @@ impl RawUpstream {
         let addr = listener.local_addr().unwrap();
         let fault = Arc::new(std::sync::Mutex::new(Fault::None));
         let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (f, h) = (fault.clone(), hits.clone());
+        let last_head: Arc<std::sync::Mutex<String>> = Arc::default();
+        let (f, h, lh) = (fault.clone(), hits.clone(), last_head.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut s, _)) = listener.accept().await else {
                     continue;
                 };
-                let (f, h) = (f.clone(), h.clone());
+                let (f, h, lh) = (f.clone(), h.clone(), lh.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -565,6 +568,7 @@ impl RawUpstream {
                             }
                             continue;
                         }
+                        *lh.lock().unwrap() = head;
                         h.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                         let fault = *f.lock().unwrap();
                         let w = match fault {
@@ -621,6 +625,7 @@ impl RawUpstream {
         RawUpstream {
             addr,
             fault,
+            last_head,
             hits,
             task,
         }
@@ -628,6 +633,11 @@ impl RawUpstream {
 
     pub fn set(&self, f: Fault) {
         *self.fault.lock().unwrap() = f;
+    }
+
+    /// The last request head received (health checks excluded), as sent on the wire.
+    pub fn last_head(&self) -> String {
+        self.last_head.lock().unwrap().clone()
     }
 
     /// Requests received, health checks excluded.

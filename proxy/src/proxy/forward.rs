@@ -24,8 +24,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Rewrite `req` (the copy of the client's request that goes upstream).
 ///
 /// The header map is edited directly, without Pingora's case-preserving name map: header names
-/// go to the app in HTTP's canonical form (`Content-Type`, `Host`; others lowercase, as HTTP/2
-/// always sends them) instead of the client's spelling. Header names are case-insensitive
+/// go to the app as Pingora writes a map without one (`Host`, `Content-Type`, `Content-Length`,
+/// `Connection`, ... — its 12 titled names — and every other name lowercase, as HTTP/2 always
+/// sends them) instead of the client's spelling. Header names are case-insensitive
 /// (RFC 9110 §5.1) and Tomcat, Jetty and Undertow compare them so.
 pub(crate) fn upstream_request(
     session: &Session,
@@ -120,9 +121,10 @@ pub(crate) fn upstream_request(
         if !prior.is_empty() {
             text = format!("{}, {text}", prior.join(", "));
         }
-        if let Ok(xff) = HeaderValue::try_from(text) {
-            headers.insert(X_FORWARDED_FOR, xff);
-        }
+        // Fail closed: never forward the client's own list unchanged.
+        let xff = HeaderValue::try_from(text)
+            .or_err(ErrorType::InvalidHTTPHeader, "cannot build X-Forwarded-For")?;
+        headers.insert(X_FORWARDED_FOR, xff);
         if let Some(v) = real_ip {
             headers.insert(X_REAL_IP, v);
         }
@@ -142,14 +144,10 @@ pub(crate) fn upstream_request(
     }
     // The request id: the client's when well-formed (then this is the same value), else the
     // generated one in place of whatever the client sent.
-    if let Some((spelled, value)) = &ctx.request_id {
-        let name = match &ctx.snapshot {
-            Some(snap) => Some(snap.request_id.clone()),
-            None => HeaderName::from_bytes(spelled).ok(),
-        };
-        if let Some(name) = name {
-            headers.insert(name, value.clone());
-        }
+    // (Lowercase to the app, like every name outside Pingora's titled set; the response keeps
+    // the configured spelling.)
+    if let (Some((_, value)), Some(snap)) = (&ctx.request_id, &ctx.snapshot) {
+        headers.insert(snap.request_id.clone(), value.clone());
     }
     *req = RequestHeader::from(parts);
     if let Some(t) = target {

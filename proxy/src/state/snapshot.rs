@@ -22,7 +22,8 @@ pub(crate) struct Snapshot {
     pub(crate) sticky: Arc<StickyKey>,
     /// The request-id header (`request_id`), parsed once (to find it in requests)...
     pub(crate) request_id: http::HeaderName,
-    /// ... and spelled as configured (to send it).
+    /// ... and spelled as configured (to return it on responses; the app gets the lowercase
+    /// name, see `proxy/forward.rs`).
     pub(crate) request_id_spelled: bytes::Bytes,
     /// Set when the snapshot is stored: 1, 2, 3... (see [`super::Shared::bind`]).
     pub(crate) version: u64,
