@@ -11,7 +11,7 @@ use crate::ops::{drain_timeout_error, Actor, Controller, Gate};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_control::protocol::{ControlError, ErrorCode, Event, Reply, Request};
-use switchyard_control::{EventSender, Peer};
+use switchyard_control::{EventSender, MinHealthy, Peer};
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
     ControlError::new(code, msg)
@@ -128,6 +128,25 @@ fn upstream_of(req: &Request) -> Option<String> {
     }
 }
 
+/// `--wait-healthy` of `switch` and `canary`: first wait up to `ms` for `pool` to pass the
+/// health gate (nothing to wait for without it).
+async fn wait_first(
+    this: &Arc<Controller>,
+    upstream: Option<&str>,
+    pool: &str,
+    min: MinHealthy,
+    ms: Option<u64>,
+    events: &EventSender,
+) -> Result<(), ControlError> {
+    match ms {
+        Some(ms) => {
+            this.wait_healthy(upstream, pool, min, Duration::from_millis(ms), events)
+                .await
+        }
+        None => Ok(()),
+    }
+}
+
 /// Carry out one request on this proxy.
 async fn execute_one(
     this: &Arc<Controller>,
@@ -153,19 +172,11 @@ async fn execute_one(
             wait_healthy_ms,
             force,
         } => {
-            if let (Some(ms), false) = (wait_healthy_ms, force) {
-                if let Err(e) = this
-                    .wait_healthy(
-                        upstream.as_deref(),
-                        &pool,
-                        min_healthy,
-                        Duration::from_millis(ms),
-                        events,
-                    )
-                    .await
-                {
-                    return Reply::err(e);
-                }
+            let wait = wait_healthy_ms.filter(|_| !force);
+            if let Err(e) =
+                wait_first(this, upstream.as_deref(), &pool, min_healthy, wait, events).await
+            {
+                return Reply::err(e);
             }
             let gate = Gate { min_healthy, force };
             let (u, p) = (upstream.clone(), pool.clone());
@@ -274,19 +285,16 @@ async fn execute_one(
             min_healthy,
             wait_healthy_ms,
         } => {
-            if let Some(ms) = wait_healthy_ms {
-                if let Err(e) = this
-                    .wait_healthy(
-                        upstream.as_deref(),
-                        &pool,
-                        min_healthy,
-                        Duration::from_millis(ms),
-                        events,
-                    )
-                    .await
-                {
-                    return Reply::err(e);
-                }
+            let waited = wait_first(
+                this,
+                upstream.as_deref(),
+                &pool,
+                min_healthy,
+                wait_healthy_ms,
+                events,
+            );
+            if let Err(e) = waited.await {
+                return Reply::err(e);
             }
             let started = this
                 .off_runtime(move |c| {
