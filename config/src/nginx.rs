@@ -547,6 +547,16 @@ struct Scope {
     key: Option<String>,
 }
 
+impl Scope {
+    /// `set $name value;` (two arguments).
+    fn set(&mut self, d: &Directive) {
+        if let [name, value] = d.args.as_slice() {
+            self.vars
+                .insert(name.trim_start_matches('$').to_string(), value.clone());
+        }
+    }
+}
+
 /// A `server` block, converted.
 #[derive(Debug, Clone, Default)]
 struct VServer {
@@ -705,10 +715,7 @@ impl Converter {
                 Some(n) => self.body_sizes.push((n, first.to_ascii_lowercase(), d.clone())),
                 None => self.skip(d, "not an nginx size"),
             },
-            "set" if d.args.len() == 2 => {
-                let name = d.args[0].trim_start_matches('$').to_string();
-                scope.vars.insert(name, d.args[1].clone());
-            }
+            "set" if d.args.len() == 2 => scope.set(d),
             "ssl_certificate" => scope.cert = Some(self.path(&first)),
             "ssl_certificate_key" => scope.key = Some(self.path(&first)),
             "ssl_protocols" | "ssl_ciphers" | "ssl_prefer_server_ciphers" | "ssl_session_cache"
@@ -873,10 +880,7 @@ impl Converter {
         // whole server wherever they are written.
         for d in block {
             match d.name.as_str() {
-                "set" if d.args.len() == 2 => {
-                    let name = d.args[0].trim_start_matches('$').to_string();
-                    scope.vars.insert(name, d.args[1].clone());
-                }
+                "set" if d.args.len() == 2 => scope.set(d),
                 "ssl_certificate" => scope.cert = d.args.first().map(|p| self.path(p)),
                 "ssl_certificate_key" => scope.key = d.args.first().map(|p| self.path(p)),
                 _ => {}
@@ -1010,12 +1014,6 @@ impl Converter {
                     inner,
                     "nested locations are not converted: write them as routes",
                 ),
-                ("set", None) if inner.args.len() == 2 => {
-                    scope.vars.insert(
-                        inner.args[0].trim_start_matches('$').to_string(),
-                        inner.args[1].clone(),
-                    );
-                }
                 _ => self.common(inner, &mut scope),
             }
         }

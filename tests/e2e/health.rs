@@ -533,22 +533,11 @@ async fn a_hundred_instances_are_checked_spread_over_the_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_healthy_does_not_pass_on_the_state_of_a_replaced_container() {
     trace_init();
-    let blue = FakeUpstream::builder("blue")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let green = FakeUpstream::builder("green")
-        .record(false)
-        .start()
-        .await
-        .unwrap();
-    let yaml = app_yaml(
-        &[("blue", &[blue.addr()]), ("green", &[green.addr()])],
-        "blue",
+    let (_blue, green, px) = blue_green(
+        false,
         "    health: {interval: 1s, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 3}\n",
-    );
-    let px = TestProxy::start(&yaml).await;
+    )
+    .await;
     let h = px.handle();
     eventually(move || {
         h.status().upstream("app").is_some_and(|u| {
