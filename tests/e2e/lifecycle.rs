@@ -51,6 +51,127 @@ async fn idle_upstream_connections_are_closed_after_idle_timeout() {
     px.shutdown().await;
 }
 
+/// An app that closes a keep-alive connection while it idles in the proxy's pool (its own
+/// keep-alive timeout is shorter than the proxy's `idle_timeout`, as Tomcat's 20 s against 60 s):
+/// the proxy closes its end too, without waiting for a request to find the connection dead
+/// (no sockets left in CLOSE_WAIT: the pool's sweep, third_party/PATCHES.md 2), and the next
+/// request goes over a new connection without an error.
+#[tokio::test]
+async fn a_pooled_connection_the_app_closed_is_closed_and_not_reused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    trace_init();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // (connection number, how long the proxy took to close its end after the app's FIN, or
+    // what went wrong).
+    let (closed_tx, mut closed_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(u32, Result<Duration, &'static str>)>();
+    let server = tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            let (id, closed_tx) = (n, closed_tx.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let health = buf.starts_with(b"GET /actuator/health ");
+                    buf.drain(..end);
+                    if health {
+                        let body = r#"{"status":"UP"}"#;
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    // A keep-alive answer; after its own keep-alive timeout (300 ms: the
+                    // connection idles in the proxy's pool by then) the app closes its end,
+                    // and waits for the proxy to close the other.
+                    let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{id:05}", 5);
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    // The proxy keeps the connection (pooled) until then.
+                    match tokio::time::timeout(Duration::from_millis(300), s.read(&mut chunk)).await
+                    {
+                        Err(_) => {}
+                        Ok(_) => {
+                            let _ = closed_tx.send((id, Err("the proxy did not keep it alive")));
+                            return;
+                        }
+                    }
+                    if s.shutdown().await.is_err() {
+                        return;
+                    }
+                    let fin = std::time::Instant::now();
+                    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+                        loop {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                        }
+                    })
+                    .await;
+                    let _ = closed_tx.send((
+                        id,
+                        closed
+                            .map(|_| fin.elapsed())
+                            .map_err(|_| "the proxy kept its end open for 10 s"),
+                    ));
+                    return;
+                }
+            });
+        }
+    });
+    let px = TestProxy::start(&app_yaml(
+        &[("blue", &[addr])],
+        "blue",
+        "    idle_timeout: 60s\n",
+    ))
+    .await;
+    let mut c = Conn::open(px.addr).await.unwrap();
+    let first = c.get("/").await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    // The proxy closes its end within its sweep interval (1 s), long before idle_timeout.
+    let (conn, after) = tokio::time::timeout(Duration::from_secs(10), closed_rx.recv())
+        .await
+        .expect("the app saw the connection end")
+        .expect("the app is running");
+    let after = after.unwrap_or_else(|e| panic!("connection {conn}: {e}"));
+    assert_eq!(
+        first.text(),
+        format!("{conn:05}"),
+        "the proxied request's connection"
+    );
+    assert!(
+        after < Duration::from_secs(5),
+        "closed {after:?} after the app's FIN"
+    );
+    // The next request opens a new connection, and does not fail on the dead one.
+    let second = c.get("/").await.unwrap();
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_ne!(second.text(), first.text(), "a new upstream connection");
+    px.shutdown().await;
+    server.abort();
+}
+
 #[tokio::test]
 async fn shutdown_finishes_in_flight_requests_then_returns_early() {
     trace_init();
