@@ -6,12 +6,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/a" "$work/b"
-for c in pingora-core; do
-    curl -sSfL "https://static.crates.io/crates/$c/$c-0.9.1.crate" | tar -xz -C "$work"
-    mkdir -p "$work/a/$c" "$work/b/$c"
-    cp -r "$work/$c-0.9.1/src" "$work/$c-0.9.1/Cargo.toml" "$work/a/$c/"
-    cp -r "$here/$c/src" "$here/$c/Cargo.toml" "$work/b/$c/"
-done
+c=pingora-core
+curl -sSfL "https://static.crates.io/crates/$c/$c-0.9.1.crate" | tar -xz -C "$work"
+mkdir -p "$work/a/$c" "$work/b/$c"
+cp -r "$work/$c-0.9.1/src" "$work/$c-0.9.1/Cargo.toml" "$work/a/$c/"
+cp -r "$here/$c/src" "$here/$c/Cargo.toml" "$work/b/$c/"
 if [ "${1:-}" = "--write" ]; then
     (cd "$work" && diff -ruN a b || true) |
         sed -E 's/^(\+\+\+|---) ([^\t]+)\t.*/\1 \2/' >"$here/pingora.patch"
