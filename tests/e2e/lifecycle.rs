@@ -54,9 +54,8 @@ async fn idle_upstream_connections_are_closed_after_idle_timeout() {
 /// An app that closes a keep-alive connection while it idles in the proxy's pool (its own
 /// keep-alive timeout is shorter than the proxy's `idle_timeout`, as Tomcat's 20 s against 60 s):
 /// the proxy closes its end too, without waiting for a request to find the connection dead
-/// (no sockets left in CLOSE_WAIT; a guard for any change to the upstream pool, such as the
-/// one tried in third_party/PATCHES.md), and the next request goes over a new connection
-/// without an error.
+/// (no sockets left in CLOSE_WAIT: the pool's sweep, third_party/PATCHES.md 2), and the next
+/// request goes over a new connection without an error.
 #[tokio::test]
 async fn a_pooled_connection_the_app_closed_is_closed_and_not_reused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -150,7 +149,7 @@ async fn a_pooled_connection_the_app_closed_is_closed_and_not_reused() {
     let mut c = Conn::open(px.addr).await.unwrap();
     let first = c.get("/").await.unwrap();
     assert_eq!(first.status, 200, "{}", first.text());
-    // The proxy closes its end at once (Pingora's idle watcher), long before idle_timeout.
+    // The proxy closes its end within its sweep interval (1 s), long before idle_timeout.
     let (conn, after) = tokio::time::timeout(Duration::from_secs(10), closed_rx.recv())
         .await
         .expect("the app saw the connection end")
