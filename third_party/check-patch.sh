@@ -6,15 +6,36 @@ here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/a" "$work/b"
+# The published crates' checksums (as crates.io's index and Cargo.lock had them).
+sum_pingora_core=a535f47f65fdcb003f9e1df04cd18e614c128dfe9388acce3f211ae38ac14d68
+sum_pingora_pool=ecda093a10bad5e887d73286f052dd0fc78ad0d6c7654235e507ed0f85b64af1
+# The patch only counts while Cargo.lock takes these crates from here, not from crates.io.
 for c in pingora-core pingora-pool; do
-    curl -sSfL "https://static.crates.io/crates/$c/$c-0.9.1.crate" | tar -xz -C "$work"
+    if grep -A3 "^name = \"$c\"\$" "$here/../Cargo.lock" | grep -q '^source = '; then
+        echo "third_party: Cargo.lock takes $c from a registry: the [patch.crates-io] no longer applies" >&2
+        exit 1
+    fi
+done
+for c in pingora-core pingora-pool; do
+    curl -sSfL -o "$work/$c.crate" "https://static.crates.io/crates/$c/$c-0.9.1.crate"
+    case $c in
+    pingora-core) sum=$sum_pingora_core ;;
+    *) sum=$sum_pingora_pool ;;
+    esac
+    echo "$sum  $work/$c.crate" | sha256sum -c --quiet -
+    tar -xzf "$work/$c.crate" -C "$work"
     mkdir -p "$work/a/$c" "$work/b/$c"
     cp -r "$work/$c-0.9.1/src" "$work/$c-0.9.1/Cargo.toml" "$work/a/$c/"
     cp -r "$here/$c/src" "$here/$c/Cargo.toml" "$work/b/$c/"
 done
 if [ "${1:-}" = "--write" ]; then
-    (cd "$work" && diff -ruN a b || true) |
-        sed -E 's/^(\+\+\+|---) ([^\t]+)\t.*/\1 \2/' >"$here/pingora.patch"
+    rc=0
+    (cd "$work" && diff -ruN a b >"$work/patch") || rc=$?
+    if [ "$rc" -gt 1 ]; then
+        echo "third_party: diff failed ($rc)" >&2
+        exit 1
+    fi
+    sed -E 's/^(\+\+\+|---) ([^\t]+)\t.*/\1 \2/' "$work/patch" >"$here/pingora.patch"
     echo "wrote $here/pingora.patch"
     exit 0
 fi

@@ -672,7 +672,7 @@ fn render(
     );
     let _ = writeln!(
         s,
-        "Versions: switchyard {} (Pingora 0.9.1, mimalloc), {}, {}, {}.\n",
+        "Versions: switchyard {} (Pingora 0.9.1 with third_party/PATCHES.md, mimalloc), {}, {}, {}.\n",
         env!("CARGO_PKG_VERSION"),
         version("nginx", "-v"),
         version("haproxy", "-v"),

@@ -312,7 +312,10 @@ impl TransportConnector {
                 // one wake-up at a time); with it, faster than before on every scenario
                 // measured (third_party/PATCHES.md, 2).
                 tokio::task::yield_now().await;
-                return Some(idle.stream);
+                // The poll may have seen the server close it meanwhile.
+                if test_reusable_stream(&mut idle.stream, &self.unexpected_data_conn_count) {
+                    return Some(idle.stream);
+                }
             }
             self.left_unused(&idle);
         }
