@@ -78,18 +78,10 @@ async fn a_pooled_connection_the_app_closed_is_closed_and_not_reused() {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 loop {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
+                    let Some(head) = read_request_head(&mut s, &mut buf).await else {
+                        return;
                     };
-                    let health = buf.starts_with(b"GET /actuator/health ");
-                    buf.drain(..end);
-                    if health {
+                    if head.starts_with("GET /actuator/health ") {
                         let body = r#"{"status":"UP"}"#;
                         let resp = format!(
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",

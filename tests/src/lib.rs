@@ -519,6 +519,25 @@ pub enum Fault {
     CloseAtOnce,
 }
 
+/// The next request head on a raw keep-alive connection, taken out of `buf` (what was read
+/// beyond it stays there); `None` when the peer closed first.
+pub async fn read_request_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    Some(head)
+}
+
 /// An upstream written on raw sockets, for faults no well-behaved HTTP server makes.
 pub struct RawUpstream {
     pub addr: SocketAddr,
@@ -531,7 +550,7 @@ pub struct RawUpstream {
 
 impl RawUpstream {
     pub async fn start() -> RawUpstream {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let fault = Arc::new(std::sync::Mutex::new(Fault::None));
@@ -546,20 +565,11 @@ impl RawUpstream {
                 let (f, h, lh) = (f.clone(), h.clone(), lh.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
                     loop {
                         // One request head at a time (keep-alive).
-                        let end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        let Some(head) = read_request_head(&mut s, &mut buf).await else {
+                            return;
                         };
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
                         if head.starts_with("GET /actuator/health ") {
                             let body = r#"{"status":"UP"}"#;
                             let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
