@@ -332,7 +332,8 @@ impl<S> ConnectionPool<S> {
             .map(|e| (*e.key(), e.value().clone()))
             .collect();
         let mut refused = Vec::new();
-        let mut kept = Vec::new();
+        // Taken out of one group at a time, then judged.
+        let mut taken = Vec::new();
         for (key, node) in nodes {
             {
                 let _queue_lock = node.hot_queue_remove_lock.lock();
@@ -340,12 +341,12 @@ impl<S> ConnectionPool<S> {
                     let Some(item) = node.hot_queue.pop() else {
                         break;
                     };
-                    kept.push(item);
+                    taken.push(item);
                 }
             }
             let overflow = std::mem::take(&mut *node.connections.lock());
-            kept.extend(overflow);
-            for (id, mut conn) in kept.drain(..) {
+            taken.extend(overflow);
+            for (id, mut conn) in taken.drain(..) {
                 if !keep(&mut conn.connection) {
                     refused.push((id, conn));
                     continue;
