@@ -210,7 +210,10 @@ async fn inflight_returns_to_zero_on_every_exit_path() {
         s.write_all(b"GET /slow?ms=400 HTTP/1.1\r\nHost: t\r\n\r\n")
             .await
             .unwrap();
-        eventually(|| px.inflight("blue") == 1).await;
+        // Wait until the app is working on it, not only until the proxy counted it. Otherwise
+        // the request and the proxy's close can reach the app 0.3 ms apart, and the fake app
+        // (hyper) may drop the request before its handler runs: `hits` stays 0 (seen in CI).
+        eventually(|| px.inflight("blue") == 1 && up.hits() == 1).await;
         drop(s);
     }
     eventually(|| px.inflight("blue") == 0).await;
