@@ -211,9 +211,12 @@ fn churn(size: usize, extra: bool) {
             })
         })
         .collect();
-    let reused: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let reused: usize = workers
+        .into_iter()
+        .map(|w| w.join().expect("a worker panicked"))
+        .sum();
     stop.store(true, SeqCst);
-    let (sweeps, refused) = sweep.join().unwrap();
+    let (sweeps, refused) = sweep.join().expect("the sweep panicked");
     assert!(
         sweeps > 0 && refused > 0,
         "the sweep ran and refused some ({sweeps}, {refused})"
