@@ -344,3 +344,124 @@ async fn the_request_head_on_the_wire_to_the_app() {
     );
     px.shutdown().await;
 }
+
+/// The answers of [`the_apps_answer_decides_whether_its_connection_is_reused`]: method, the
+/// app's answer up to its body (`{id}` is the connection's number), its body, whether the proxy
+/// may keep the connection, and the status the client gets.
+const KEEPALIVE_CASES: [(&str, &str, &str, bool, u16); 11] = [
+    ("GET", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
+    ("GET", "HTTP/1.1 200 OK\r\nConnection: close\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", false, 200),
+    ("GET", "HTTP/1.0 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", false, 200),
+    ("GET", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
+    ("GET", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Conn: {id}\r\nTransfer-Encoding: chunked\r\n\r\n", "2\r\nok\r\n0\r\n\r\n", false, 200),
+    ("GET", "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=30, max=100\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
+    ("GET", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nTransfer-Encoding: chunked\r\n\r\n", "2\r\nok\r\n0\r\n\r\n", true, 200),
+    // No body by the request (HEAD) or by the status (204, 304), whatever the headers say.
+    ("HEAD", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "", true, 200),
+    ("GET", "HTTP/1.1 204 No Content\r\nX-Conn: {id}\r\n\r\n", "", true, 204),
+    ("GET", "HTTP/1.1 304 Not Modified\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "", true, 304),
+    // An informational answer first: the final one decides.
+    ("GET", "HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
+];
+
+/// Whether the proxy keeps an upstream connection for the next request is the app's answer's
+/// to decide (RFC 9112 §9.3): HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
+/// `Connection: keep-alive`, never after a `Transfer-Encoding` in HTTP/1.0; and the body's
+/// framing must be read right (HEAD, 204, 304, chunked, a 1xx before the answer), or the next
+/// answer on the connection is misread. The app here keeps every connection open and names
+/// it in `X-Conn`, so a second request on the same connection shows that the proxy kept it.
+/// (Pingora decides this after the response header has been handed on, from facts it keeps of
+/// it: third_party/PATCHES.md 3.)
+#[tokio::test]
+async fn the_apps_answer_decides_whether_its_connection_is_reused() {
+    use tokio::io::AsyncWriteExt;
+    trace_init();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            let id = n;
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(req) = read_request_head(&mut s, &mut buf).await {
+                    // "GET /case/N HTTP/1.1..."
+                    let case = req
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|p| p.strip_prefix("/case/"))
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .and_then(|n| KEEPALIVE_CASES.get(n));
+                    let resp = match case {
+                        Some((_, head, body, _, _)) => {
+                            format!("{}{body}", head.replace("{id}", &id.to_string()))
+                        }
+                        // Health checks.
+                        None => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_string(),
+                    };
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let px = TestProxy::start(&app_yaml(&[("blue", &[addr])], "blue", "")).await;
+    // Each request on a client connection of its own (read to its end), so only the
+    // upstream side can connect the two.
+    let ask = |method: &'static str, path: String| async move {
+        use tokio::io::AsyncReadExt;
+        let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the answer ends within 10 s")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    for (i, (method, head, _, reused, status)) in KEEPALIVE_CASES.iter().enumerate() {
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            let answer = ask(method, format!("/case/{i}")).await;
+            // The final answer, after any informational ones (forwarded as they came).
+            let mut rest = answer.as_str();
+            let (resp_head, body) = loop {
+                let (h, b) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+                if h.get(8..11).is_some_and(|s| s.starts_with(" 1")) {
+                    rest = b;
+                    continue;
+                }
+                break (h, b);
+            };
+            // (The status line carries the app's version: Pingora forwards an HTTP/1.0
+            // answer as HTTP/1.0.)
+            assert!(
+                resp_head.starts_with("HTTP/1.")
+                    && resp_head[8..].starts_with(&format!(" {status} ")),
+                "{head:?}: {answer:?}"
+            );
+            if *method == "GET" && *status == 200 {
+                assert!(body.contains("ok"), "{head:?}: {answer:?}");
+            }
+            let conn = resp_head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-conn: ").or(l.strip_prefix("X-Conn: ")))
+                .map(str::to_string);
+            assert!(conn.is_some(), "{head:?}: no X-Conn in {answer:?}");
+            conns.push(conn);
+        }
+        assert_eq!(
+            conns[0] == conns[1],
+            *reused,
+            "{head:?}: upstream connections {conns:?}"
+        );
+    }
+    px.shutdown().await;
+    server.abort();
+}

@@ -53,6 +53,9 @@ pub struct HttpSession {
     keepalive_timeout: KeepaliveStatus,
     pub(crate) digest: Box<Digest>,
     response_header: Option<Box<ResponseHeader>>,
+    /// What the session still needs of a response header [`Self::read_response_task`] handed
+    /// out by move (switchyard patch 3).
+    moved_response: Option<MovedResponse>,
     request_written: Option<Box<RequestHeader>>,
     bytes_sent: usize,
     /// Total response body payload bytes received from upstream
@@ -67,6 +70,46 @@ pub struct HttpSession {
     // If allowed, does not fail with error on invalid content-length
     // (treats as close-delimited response).
     allow_h1_response_invalid_content_length: bool,
+}
+
+/// The facts about a response header that the session uses after handing the header out:
+/// the status and version, and the connection-management headers `respect_keepalive` reads
+/// (switchyard patch 3, third_party/PATCHES.md). Copying them is cheaper than cloning the
+/// whole header map (eight allocations for a small response).
+#[derive(Debug, Clone, Copy)]
+struct MovedResponse {
+    status: StatusCode,
+    version: Version,
+    /// `Connection`: keep-alive (`Some(true)`), close (`Some(false)`), or neither.
+    connection_keepalive: Option<bool>,
+    /// `Keep-Alive: timeout=…, max=…`
+    keepalive_values: (Option<u64>, Option<usize>),
+    transfer_encoding: bool,
+}
+
+/// Parse `Keep-Alive: timeout=…, max=…`.
+fn keepalive_values(value: Option<&HeaderValue>) -> (Option<u64>, Option<usize>) {
+    let Some(keep_alive_header) = value else {
+        return (None, None);
+    };
+
+    let Ok(header_value) = str::from_utf8(keep_alive_header.as_bytes()) else {
+        return (None, None);
+    };
+
+    let mut timeout = None;
+    let mut max = None;
+
+    for param in header_value.split(',') {
+        let parts = param.split_once('=').map(|(k, v)| (k.trim(), v));
+        match parts {
+            Some(("timeout", timeout_value)) => timeout = timeout_value.trim().parse().ok(),
+            Some(("max", max_value)) => max = max_value.trim().parse().ok(),
+            _ => {}
+        }
+    }
+
+    (timeout, max)
 }
 
 /// HTTP 1.x client session
@@ -90,6 +133,7 @@ impl HttpSession {
             body_writer: BodyWriter::new(),
             keepalive_timeout: KeepaliveStatus::Off,
             response_header: None,
+            moved_response: None,
             request_written: None,
             read_timeout: None,
             write_timeout: None,
@@ -337,6 +381,7 @@ impl HttpSession {
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
                         self.response_header = Some(response_header);
+                        self.moved_response = None;
                         if let Err(e) = self.validate_response() {
                             return self.fail_response_header_read(e);
                         }
@@ -441,7 +486,36 @@ impl HttpSession {
         Ok(Box::new(self.resp_header().unwrap().clone()))
     }
 
+    /// Move the response header just read out of the session, keeping what the session still
+    /// needs of it ([`MovedResponse`]). switchyard patch 3.
+    fn take_resp_header(&mut self) -> Box<ResponseHeader> {
+        let header = self
+            .response_header
+            .take()
+            .expect("the response header was just read");
+        let headers = &header.headers;
+        self.moved_response = Some(MovedResponse {
+            status: header.status,
+            version: header.version,
+            connection_keepalive: is_buf_keepalive(headers.get(header::CONNECTION)),
+            keepalive_values: keepalive_values(headers.get("Keep-Alive")),
+            transfer_encoding: headers.get(header::TRANSFER_ENCODING).is_some(),
+        });
+        header
+    }
+
+    /// The version of the response, if read (also after the header was handed out).
+    fn resp_version(&self) -> Option<Version> {
+        match &self.response_header {
+            Some(h) => Some(h.version),
+            None => self.moved_response.map(|m| m.version),
+        }
+    }
+
     /// Return a reference of the [`ResponseHeader`] if the response is read
+    ///
+    /// `None` once [`Self::read_response_task`] has handed the header out (switchyard patch 3):
+    /// use the [`HttpTask::Header`] it returned.
     pub fn resp_header(&self) -> Option<&ResponseHeader> {
         self.response_header.as_deref()
     }
@@ -461,9 +535,13 @@ impl HttpSession {
         self.get_header(name).map_or(b"", |v| v.as_bytes())
     }
 
-    /// Return the status code of the response if read
+    /// Return the status code of the response if read (also after
+    /// [`Self::read_response_task`] handed the header out)
     pub fn get_status(&self) -> Option<StatusCode> {
-        self.response_header.as_ref().map(|h| h.status)
+        match &self.response_header {
+            Some(h) => Some(h.status),
+            None => self.moved_response.map(|m| m.status),
+        }
     }
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
@@ -573,12 +651,11 @@ impl HttpSession {
 
         // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
         // if Transfer-Encoding is received in HTTP/1.0 response, connection MUST be closed after processing.
-        if self.resp_header().map(|h| h.version) == Some(Version::HTTP_10)
-            && self
-                .resp_header()
-                .and_then(|h| h.headers.get(header::TRANSFER_ENCODING))
-                .is_some()
-        {
+        let transfer_encoding = match &self.response_header {
+            Some(h) => h.headers.get(header::TRANSFER_ENCODING).is_some(),
+            None => self.moved_response.is_some_and(|m| m.transfer_encoding),
+        };
+        if self.resp_version() == Some(Version::HTTP_10) && transfer_encoding {
             self.set_keepalive(None);
             return;
         }
@@ -593,7 +670,7 @@ impl HttpSession {
             } else {
                 self.set_keepalive(None);
             }
-        } else if self.resp_header().map(|h| h.version) == Some(Version::HTTP_11) {
+        } else if self.resp_version() == Some(Version::HTTP_11) {
             self.set_keepalive(Some(0)); // on by default for http 1.1
         } else {
             self.set_keepalive(None); // off by default for http 1.0
@@ -614,7 +691,10 @@ impl HttpSession {
         match request_keepalive {
             // ignore what the server sends if request disables keepalive explicitly
             Some(false) => Some(false),
-            _ => is_buf_keepalive(self.get_header(header::CONNECTION)),
+            _ => match &self.response_header {
+                Some(h) => is_buf_keepalive(h.headers.get(header::CONNECTION)),
+                None => self.moved_response.and_then(|m| m.connection_keepalive),
+            },
         }
     }
 
@@ -623,27 +703,12 @@ impl HttpSession {
     /// it's behavior is different on different platforms.
     /// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
     fn get_keepalive_values(&self) -> (Option<u64>, Option<usize>) {
-        let Some(keep_alive_header) = self.get_header("Keep-Alive") else {
-            return (None, None);
-        };
-
-        let Ok(header_value) = str::from_utf8(keep_alive_header.as_bytes()) else {
-            return (None, None);
-        };
-
-        let mut timeout = None;
-        let mut max = None;
-
-        for param in header_value.split(',') {
-            let parts = param.split_once('=').map(|(k, v)| (k.trim(), v));
-            match parts {
-                Some(("timeout", timeout_value)) => timeout = timeout_value.trim().parse().ok(),
-                Some(("max", max_value)) => max = max_value.trim().parse().ok(),
-                _ => {}
-            }
+        match &self.response_header {
+            Some(h) => keepalive_values(h.headers.get("Keep-Alive")),
+            None => self
+                .moved_response
+                .map_or((None, None), |m| m.keepalive_values),
         }
-
-        (timeout, max)
     }
 
     /// Close the connection abruptly. This allows to signal the server that the connection is closed
@@ -810,8 +875,11 @@ impl HttpSession {
 
     pub async fn read_response_task(&mut self) -> Result<HttpTask> {
         if self.should_read_resp_header() {
-            let resp_header = self.read_resp_header_parts().await?;
+            self.read_response().await?;
+            // The body reader is set up from the header before it is handed out by move
+            // (switchyard patch 3: no clone of the header map).
             let end_of_body = self.is_body_done();
+            let resp_header = self.take_resp_header();
             debug!("Response header: {resp_header:?}");
             trace!(
                 "Raw Response header: {:?}",
