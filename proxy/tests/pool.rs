@@ -8,7 +8,7 @@
 
 use pingora_pool::{ConnectionMeta, ConnectionPool};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
 /// A pooled "connection" that counts how many exist: a connection the pool loses or keeps
@@ -31,6 +31,14 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.alive.fetch_sub(1, SeqCst);
+    }
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, SeqCst);
     }
 }
 
@@ -120,8 +128,32 @@ fn retain_of_an_emptied_group_leaves_the_pool_usable() {
     assert_eq!(ids(&take_all(&pool, 2)), BTreeSet::from([4]));
 }
 
+/// Runs `f` on a thread of its own and fails if it does not finish within 30 s: a test that
+/// calls back into the pool from `retain`'s judge would otherwise hang on a lock for ever.
+fn within_30s(f: impl FnOnce() + Send + 'static) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        f();
+        let _ = done_tx.send(());
+    });
+    match done_rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(()) => t.join().expect("the test thread panicked"),
+        // The thread panicked (its assertion's message is printed): fail here too.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("{:?}", t.join().err())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("not done within 30 s: does `retain` hold a lock while it judges?")
+        }
+    }
+}
+
 #[test]
 fn a_connection_evicted_while_the_sweep_judges_it_is_dropped_not_put_back() {
+    within_30s(evicted_while_judged);
+}
+
+fn evicted_while_judged() {
     let alive = Arc::new(AtomicUsize::new(0));
     let pool = ConnectionPool::new_swept(2);
     put(&pool, 1, Conn::new(1, &alive));
@@ -168,29 +200,41 @@ fn churn(size: usize, extra: bool) {
     let pool: Arc<ConnectionPool<Conn>> = Arc::new(ConnectionPool::new_swept(size));
     let next_id = Arc::new(AtomicI32::new(1));
     let stop = Arc::new(AtomicBool::new(false));
+    // Also set if a worker's panic unwinds through this test: the sweep then ends too.
+    let _stop_on_drop = StopOnDrop(stop.clone());
+    let sweeps = Arc::new(AtomicU64::new(0));
 
     let sweep = {
-        let pool = pool.clone();
-        let stop = stop.clone();
+        let (pool, stop, sweeps) = (pool.clone(), stop.clone(), sweeps.clone());
         std::thread::spawn(move || {
-            let mut sweeps = 0u64;
+            let mut n = 0u64;
             let mut refused = 0usize;
-            // Bounded: the workers finish in well under this many sweeps.
-            while !stop.load(SeqCst) && sweeps < 50_000_000 {
-                // Refuse about one in sixteen: a server that closed, a timeout.
-                refused += pool.retain(|c| c.id % 16 != (sweeps % 16) as i32);
-                sweeps += 1;
+            // Bounded in count, and the workers stop it.
+            while !stop.load(SeqCst) && n < 10_000_000 {
+                // Every fourth sweep refuses one id in sixteen: a server that closed, a
+                // timeout.
+                let refuse = n.is_multiple_of(4).then_some(((n / 4) % 16) as i32);
+                refused += pool.retain(|c| Some(c.id % 16) != refuse);
+                n += 1;
+                sweeps.store(n, SeqCst);
+                std::thread::yield_now();
             }
-            (sweeps, refused)
+            refused
         })
     };
 
     let workers: Vec<_> = (0..4u64)
         .map(|w| {
             let (pool, alive, next_id) = (pool.clone(), alive.clone(), next_id.clone());
+            let sweeps = sweeps.clone();
             std::thread::spawn(move || {
                 let mut reused = 0usize;
-                for round in 0..ROUNDS {
+                // ROUNDS at least, and on until the sweep has run 200 times alongside (a
+                // loaded machine may not have scheduled it yet), at most 20 × ROUNDS.
+                for round in 0..ROUNDS * 20 {
+                    if round >= ROUNDS && sweeps.load(SeqCst) >= 200 {
+                        break;
+                    }
                     let key = (w + round as u64) % 3;
                     let c = match pool.get(&key) {
                         Some(c) => {
@@ -216,10 +260,11 @@ fn churn(size: usize, extra: bool) {
         .map(|w| w.join().expect("a worker panicked"))
         .sum();
     stop.store(true, SeqCst);
-    let (sweeps, refused) = sweep.join().expect("the sweep panicked");
+    let refused = sweep.join().expect("the sweep panicked");
+    let sweeps = sweeps.load(SeqCst);
     assert!(
-        sweeps > 0 && refused > 0,
-        "the sweep ran and refused some ({sweeps}, {refused})"
+        sweeps >= 200 && refused > 0,
+        "the sweep ran alongside and refused some ({sweeps} sweeps, {refused} refused)"
     );
     assert!(reused > ROUNDS, "connections were reused ({reused})");
 

@@ -60,78 +60,69 @@ async fn idle_upstream_connections_are_closed_after_idle_timeout() {
 async fn a_pooled_connection_the_app_closed_is_closed_and_not_reused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     trace_init();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     // (connection number, how long the proxy took to close its end after the app's FIN, or
     // what went wrong).
     let (closed_tx, mut closed_rx) =
         tokio::sync::mpsc::unbounded_channel::<(u32, Result<Duration, &'static str>)>();
-    let server = tokio::spawn(async move {
-        let mut n = 0u32;
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            n += 1;
-            let (id, closed_tx) = (n, closed_tx.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(head) = read_request_head(&mut s, &mut buf).await else {
-                        return;
-                    };
-                    if head.starts_with("GET /actuator/health ") {
-                        let body = r#"{"status":"UP"}"#;
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if s.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    // A keep-alive answer; after its own keep-alive timeout (300 ms: the
-                    // connection idles in the proxy's pool by then) the app closes its end,
-                    // and waits for the proxy to close the other.
-                    let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{id:05}", 5);
+    let (addr, server) = raw_app(move |id, mut s| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let Some(head) = read_request_head(&mut s, &mut buf).await else {
+                    return;
+                };
+                if head.starts_with("GET /actuator/health ") {
+                    let body = r#"{"status":"UP"}"#;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                     if s.write_all(resp.as_bytes()).await.is_err() {
                         return;
                     }
-                    // The proxy keeps the connection (pooled) until then.
-                    match tokio::time::timeout(Duration::from_millis(300), s.read(&mut chunk)).await
-                    {
-                        Err(_) => {}
-                        Ok(_) => {
-                            let _ = closed_tx.send((id, Err("the proxy did not keep it alive")));
-                            return;
-                        }
-                    }
-                    if s.shutdown().await.is_err() {
-                        return;
-                    }
-                    let fin = std::time::Instant::now();
-                    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-                        loop {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(_) => {}
-                            }
-                        }
-                    })
-                    .await;
-                    let _ = closed_tx.send((
-                        id,
-                        closed
-                            .map(|_| fin.elapsed())
-                            .map_err(|_| "the proxy kept its end open for 10 s"),
-                    ));
+                    continue;
+                }
+                // A keep-alive answer; after its own keep-alive timeout (300 ms: the
+                // connection idles in the proxy's pool by then) the app closes its end,
+                // and waits for the proxy to close the other.
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{id:05}", 5);
+                if s.write_all(resp.as_bytes()).await.is_err() {
                     return;
                 }
-            });
+                // The proxy keeps the connection (pooled) until then.
+                match tokio::time::timeout(Duration::from_millis(300), s.read(&mut chunk)).await {
+                    Err(_) => {}
+                    Ok(_) => {
+                        let _ = closed_tx.send((id, Err("the proxy did not keep it alive")));
+                        return;
+                    }
+                }
+                if s.shutdown().await.is_err() {
+                    return;
+                }
+                let fin = std::time::Instant::now();
+                let closed = tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                    }
+                })
+                .await;
+                let _ = closed_tx.send((
+                    id,
+                    closed
+                        .map(|_| fin.elapsed())
+                        .map_err(|_| "the proxy kept its end open for 10 s"),
+                ));
+                return;
+            }
         }
-    });
+    })
+    .await;
     let px = TestProxy::start(&app_yaml(
         &[("blue", &[addr])],
         "blue",

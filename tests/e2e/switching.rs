@@ -214,6 +214,13 @@ async fn inflight_returns_to_zero_on_every_exit_path() {
         // the request and the proxy's close can reach the app 0.3 ms apart, and the fake app
         // (hyper) may drop the request before its handler runs: `hits` stays 0 (seen in CI).
         eventually(|| px.inflight("blue") == 1 && up.hits() == 1).await;
+        // ... and is still working on it: nothing has come back yet (else this would not be
+        // a client abort at all).
+        let mut b = [0u8; 64];
+        assert!(
+            matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the answer came before the client left: the poll was too late"
+        );
         drop(s);
     }
     eventually(|| px.inflight("blue") == 0).await;

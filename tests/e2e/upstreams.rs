@@ -346,22 +346,27 @@ async fn the_request_head_on_the_wire_to_the_app() {
 }
 
 /// The answers of [`the_apps_answer_decides_whether_its_connection_is_reused`]: method, the
-/// app's answer up to its body (`{id}` is the connection's number), its body, whether the proxy
-/// may keep the connection, and the status the client gets.
-const KEEPALIVE_CASES: [(&str, &str, &str, bool, u16); 11] = [
-    ("GET", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
-    ("GET", "HTTP/1.1 200 OK\r\nConnection: close\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", false, 200),
-    ("GET", "HTTP/1.0 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", false, 200),
-    ("GET", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
-    ("GET", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Conn: {id}\r\nTransfer-Encoding: chunked\r\n\r\n", "2\r\nok\r\n0\r\n\r\n", false, 200),
-    ("GET", "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=30, max=100\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
-    ("GET", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nTransfer-Encoding: chunked\r\n\r\n", "2\r\nok\r\n0\r\n\r\n", true, 200),
+/// app's answer up to its body, its body, whether the proxy may keep the connection, and the
+/// status the client gets. `{id}` is the connection's number, `{seq}` the answer's number on
+/// it (two digits), in the body too where there is one.
+const KEEPALIVE_CASES: [(&str, &str, &str, bool, u16); 13] = [
+    ("GET", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", true, 200),
+    ("GET", "HTTP/1.1 200 OK\r\nConnection: close\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", false, 200),
+    ("GET", "HTTP/1.0 200 OK\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", false, 200),
+    ("GET", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", true, 200),
+    ("GET", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nTransfer-Encoding: chunked\r\n\r\n", "2\r\n{seq}\r\n0\r\n\r\n", false, 200),
+    // (Reused either way: the pool's idle timeout is the proxy's own. The case shows that a
+    // `Keep-Alive` header does not stop reuse.)
+    ("GET", "HTTP/1.1 200 OK\r\nKeep-Alive: timeout=30, max=100\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", true, 200),
+    ("GET", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nTransfer-Encoding: chunked\r\n\r\n", "2\r\n{seq}\r\n0\r\n\r\n", true, 200),
     // No body by the request (HEAD) or by the status (204, 304), whatever the headers say.
-    ("HEAD", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "", true, 200),
-    ("GET", "HTTP/1.1 204 No Content\r\nX-Conn: {id}\r\n\r\n", "", true, 204),
-    ("GET", "HTTP/1.1 304 Not Modified\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "", true, 304),
-    // An informational answer first: the final one decides.
-    ("GET", "HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nX-Conn: {id}\r\nContent-Length: 2\r\n\r\n", "ok", true, 200),
+    ("HEAD", "HTTP/1.1 200 OK\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "", true, 200),
+    ("GET", "HTTP/1.1 204 No Content\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\n\r\n", "", true, 204),
+    ("GET", "HTTP/1.1 304 Not Modified\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "", true, 304),
+    // An informational answer first: the final one decides, either way.
+    ("GET", "HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", true, 200),
+    ("GET", "HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nConnection: close\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", false, 200),
+    ("GET", "HTTP/1.1 103 Early Hints\r\nConnection: close\r\n\r\nHTTP/1.1 200 OK\r\nX-Conn: {id}\r\nX-Seq: {seq}\r\nContent-Length: 2\r\n\r\n", "{seq}", true, 200),
 ];
 
 /// Whether the proxy keeps an upstream connection for the next request is the app's answer's
@@ -376,40 +381,34 @@ const KEEPALIVE_CASES: [(&str, &str, &str, bool, u16); 11] = [
 async fn the_apps_answer_decides_whether_its_connection_is_reused() {
     use tokio::io::AsyncWriteExt;
     trace_init();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let mut n = 0u32;
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            n += 1;
-            let id = n;
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                while let Some(req) = read_request_head(&mut s, &mut buf).await {
-                    // "GET /case/N HTTP/1.1..."
-                    let case = req
-                        .split(' ')
-                        .nth(1)
-                        .and_then(|p| p.strip_prefix("/case/"))
-                        .and_then(|n| n.parse::<usize>().ok())
-                        .and_then(|n| KEEPALIVE_CASES.get(n));
-                    let resp = match case {
-                        Some((_, head, body, _, _)) => {
-                            format!("{}{body}", head.replace("{id}", &id.to_string()))
-                        }
-                        // Health checks.
-                        None => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_string(),
-                    };
-                    if s.write_all(resp.as_bytes()).await.is_err() {
-                        return;
-                    }
+    let (addr, server) = raw_app(|id, mut s| async move {
+        let mut buf = Vec::new();
+        let mut seq = 0u32;
+        while let Some(req) = read_request_head(&mut s, &mut buf).await {
+            seq += 1;
+            // "GET /case/N HTTP/1.1..."
+            let case = req
+                .split(' ')
+                .nth(1)
+                .and_then(|p| p.strip_prefix("/case/"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|n| KEEPALIVE_CASES.get(n));
+            let resp = match case {
+                Some((_, head, body, _, _)) => {
+                    let seq = format!("{:02}", seq % 100);
+                    format!("{head}{body}")
+                        .replace("{id}", &id.to_string())
+                        .replace("{seq}", &seq)
                 }
-            });
+                // Health checks.
+                None => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".to_string(),
+            };
+            if s.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
         }
-    });
+    })
+    .await;
     let px = TestProxy::start(&app_yaml(&[("blue", &[addr])], "blue", "")).await;
     // Each request on a client connection of its own (read to its end), so only the
     // upstream side can connect the two.
@@ -443,11 +442,21 @@ async fn the_apps_answer_decides_whether_its_connection_is_reused() {
             // answer as HTTP/1.0.)
             assert!(
                 resp_head.starts_with("HTTP/1.")
-                    && resp_head[8..].starts_with(&format!(" {status} ")),
+                    && resp_head
+                        .get(8..)
+                        .is_some_and(|r| r.starts_with(&format!(" {status} "))),
                 "{head:?}: {answer:?}"
             );
+            // Each answer's own body: a misread length would shift them.
+            let seq = resp_head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-seq: ").or(l.strip_prefix("X-Seq: ")));
+            assert!(seq.is_some(), "{head:?}: no X-Seq in {answer:?}");
             if *method == "GET" && *status == 200 {
-                assert!(body.contains("ok"), "{head:?}: {answer:?}");
+                assert!(
+                    seq.is_some_and(|seq| body.contains(seq)),
+                    "{head:?}: {answer:?}"
+                );
             }
             let conn = resp_head
                 .lines()

@@ -519,6 +519,29 @@ pub enum Fault {
     CloseAtOnce,
 }
 
+/// An app on raw sockets, for answers no well-behaved server gives: binds a free loopback
+/// port and hands each accepted connection, numbered from 1, to `serve` in a task of its own.
+/// Returns the address and the accept loop (abort it to stop accepting).
+pub async fn raw_app<F, Fut>(serve: F) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(u32, tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            tokio::spawn(serve(n, s));
+        }
+    });
+    (addr, task)
+}
+
 /// The next request head on a raw keep-alive connection, taken out of `buf` (what was read
 /// beyond it stays there); `None` when the peer closed first.
 pub async fn read_request_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
