@@ -386,6 +386,14 @@ impl<S> ConnectionPool<S> {
             connection,
         };
         self.insert_pool_connection(meta.key, meta.id, connection);
+        // Evicted from the LRU between `add_unwatched` and the insert (another put's eviction
+        // found nothing in the pool to drop): take it back out and drop it, or it would stay
+        // pooled but untracked, the pool over its size. (`put` has the same window; there the
+        // connection's watcher task closes it at its idle timeout.)
+        if !self.lru.contains(&meta.id) {
+            let node = self.pools.get(&meta.key).map(|e| e.value().clone());
+            drop(node.and_then(|n| n.remove(meta.id)));
+        }
     }
 
     /// Release a connection to this pool for reuse
