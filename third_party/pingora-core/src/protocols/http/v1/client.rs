@@ -53,9 +53,10 @@ pub struct HttpSession {
     keepalive_timeout: KeepaliveStatus,
     pub(crate) digest: Box<Digest>,
     response_header: Option<Box<ResponseHeader>>,
-    /// What the session still needs of a response header [`Self::read_response_task`] handed
-    /// out by move (switchyard patch 3).
-    moved_response: Option<MovedResponse>,
+    /// What the session needs of the response header after reading it, kept apart from the
+    /// header so [`Self::read_response_task`] can hand the header out by move (switchyard
+    /// patch 3).
+    response_facts: Option<ResponseFacts>,
     request_written: Option<Box<RequestHeader>>,
     bytes_sent: usize,
     /// Total response body payload bytes received from upstream
@@ -72,12 +73,12 @@ pub struct HttpSession {
     allow_h1_response_invalid_content_length: bool,
 }
 
-/// The facts about a response header that the session uses after handing the header out:
-/// the status and version, and the connection-management headers `respect_keepalive` reads
-/// (switchyard patch 3, third_party/PATCHES.md). Copying them is cheaper than cloning the
-/// whole header map (five allocations for a small response, costbench).
+/// The facts about a response header that the session uses after reading it: the status and
+/// version, and the connection-management headers `respect_keepalive` reads (switchyard
+/// patch 3, third_party/PATCHES.md). Taken when the header is parsed; copying them is cheaper
+/// than cloning the whole header map (five allocations for a small response, costbench).
 #[derive(Debug, Clone, Copy)]
-struct MovedResponse {
+struct ResponseFacts {
     status: StatusCode,
     version: Version,
     /// `Connection`: keep-alive (`Some(true)`), close (`Some(false)`), or neither.
@@ -85,6 +86,19 @@ struct MovedResponse {
     /// `Keep-Alive: timeout=…, max=…`
     keepalive_values: (Option<u64>, Option<usize>),
     transfer_encoding: bool,
+}
+
+impl ResponseFacts {
+    fn of(header: &ResponseHeader) -> Self {
+        let headers = &header.headers;
+        ResponseFacts {
+            status: header.status,
+            version: header.version,
+            connection_keepalive: is_buf_keepalive(headers.get(header::CONNECTION)),
+            keepalive_values: keepalive_values(headers.get("Keep-Alive")),
+            transfer_encoding: headers.get(header::TRANSFER_ENCODING).is_some(),
+        }
+    }
 }
 
 /// Parse `Keep-Alive: timeout=…, max=…`.
@@ -133,7 +147,7 @@ impl HttpSession {
             body_writer: BodyWriter::new(),
             keepalive_timeout: KeepaliveStatus::Off,
             response_header: None,
-            moved_response: None,
+            response_facts: None,
             request_written: None,
             read_timeout: None,
             write_timeout: None,
@@ -380,8 +394,8 @@ impl HttpSession {
                         self.raw_header = Some(BufRef(0, s));
                         self.preread_body = Some(BufRef(s, total_read));
                         self.buf = buf;
+                        self.response_facts = Some(ResponseFacts::of(&response_header));
                         self.response_header = Some(response_header);
-                        self.moved_response = None;
                         if let Err(e) = self.validate_response() {
                             return self.fail_response_header_read(e);
                         }
@@ -486,30 +500,12 @@ impl HttpSession {
         Ok(Box::new(self.resp_header().unwrap().clone()))
     }
 
-    /// Move the response header just read out of the session, keeping what the session still
-    /// needs of it ([`MovedResponse`]). switchyard patch 3.
+    /// Move the response header just read out of the session; [`ResponseFacts`] keep what
+    /// the session still needs of it. switchyard patch 3.
     fn take_resp_header(&mut self) -> Box<ResponseHeader> {
-        let header = self
-            .response_header
+        self.response_header
             .take()
-            .expect("the response header was just read");
-        let headers = &header.headers;
-        self.moved_response = Some(MovedResponse {
-            status: header.status,
-            version: header.version,
-            connection_keepalive: is_buf_keepalive(headers.get(header::CONNECTION)),
-            keepalive_values: keepalive_values(headers.get("Keep-Alive")),
-            transfer_encoding: headers.get(header::TRANSFER_ENCODING).is_some(),
-        });
-        header
-    }
-
-    /// The version of the response, if read (also after the header was handed out).
-    fn resp_version(&self) -> Option<Version> {
-        match &self.response_header {
-            Some(h) => Some(h.version),
-            None => self.moved_response.map(|m| m.version),
-        }
+            .expect("the response header was just read")
     }
 
     /// Return a reference of the [`ResponseHeader`] if the response is read
@@ -539,10 +535,7 @@ impl HttpSession {
     /// Return the status code of the response if read (also after
     /// [`Self::read_response_task`] handed the header out)
     pub fn get_status(&self) -> Option<StatusCode> {
-        match &self.response_header {
-            Some(h) => Some(h.status),
-            None => self.moved_response.map(|m| m.status),
-        }
+        self.response_facts.map(|f| f.status)
     }
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
@@ -652,11 +645,8 @@ impl HttpSession {
 
         // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
         // if Transfer-Encoding is received in HTTP/1.0 response, connection MUST be closed after processing.
-        let transfer_encoding = match &self.response_header {
-            Some(h) => h.headers.get(header::TRANSFER_ENCODING).is_some(),
-            None => self.moved_response.is_some_and(|m| m.transfer_encoding),
-        };
-        if self.resp_version() == Some(Version::HTTP_10) && transfer_encoding {
+        let facts = self.response_facts;
+        if facts.is_some_and(|f| f.version == Version::HTTP_10 && f.transfer_encoding) {
             self.set_keepalive(None);
             return;
         }
@@ -671,7 +661,7 @@ impl HttpSession {
             } else {
                 self.set_keepalive(None);
             }
-        } else if self.resp_version() == Some(Version::HTTP_11) {
+        } else if facts.is_some_and(|f| f.version == Version::HTTP_11) {
             self.set_keepalive(Some(0)); // on by default for http 1.1
         } else {
             self.set_keepalive(None); // off by default for http 1.0
@@ -692,10 +682,7 @@ impl HttpSession {
         match request_keepalive {
             // ignore what the server sends if request disables keepalive explicitly
             Some(false) => Some(false),
-            _ => match &self.response_header {
-                Some(h) => is_buf_keepalive(h.headers.get(header::CONNECTION)),
-                None => self.moved_response.and_then(|m| m.connection_keepalive),
-            },
+            _ => self.response_facts.and_then(|f| f.connection_keepalive),
         }
     }
 
@@ -704,12 +691,8 @@ impl HttpSession {
     /// it's behavior is different on different platforms.
     /// https://developer.mozilla.org/en-US/docs/Web/HTTP/Headers/Keep-Alive
     fn get_keepalive_values(&self) -> (Option<u64>, Option<usize>) {
-        match &self.response_header {
-            Some(h) => keepalive_values(h.headers.get("Keep-Alive")),
-            None => self
-                .moved_response
-                .map_or((None, None), |m| m.keepalive_values),
-        }
+        self.response_facts
+            .map_or((None, None), |f| f.keepalive_values)
     }
 
     /// Close the connection abruptly. This allows to signal the server that the connection is closed
