@@ -9,18 +9,20 @@ mkdir -p "$work/a" "$work/b"
 # The published crates' checksums (as crates.io's index and Cargo.lock had them).
 sum_pingora_core=a535f47f65fdcb003f9e1df04cd18e614c128dfe9388acce3f211ae38ac14d68
 sum_pingora_pool=ecda093a10bad5e887d73286f052dd0fc78ad0d6c7654235e507ed0f85b64af1
+sum_pingora_proxy=8e3d5670490740405ecc8c6f75c3fcbce4d24f7adaffb355ca44550e7918e358
 # The patch only counts while Cargo.lock takes these crates from here, not from crates.io.
-for c in pingora-core pingora-pool; do
+for c in pingora-core pingora-pool pingora-proxy; do
     if grep -A3 "^name = \"$c\"\$" "$here/../Cargo.lock" | grep -q '^source = '; then
         echo "third_party: Cargo.lock takes $c from a registry: the [patch.crates-io] no longer applies" >&2
         exit 1
     fi
 done
-for c in pingora-core pingora-pool; do
+for c in pingora-core pingora-pool pingora-proxy; do
     curl -sSfL -o "$work/$c.crate" "https://static.crates.io/crates/$c/$c-0.9.1.crate"
     case $c in
     pingora-core) sum=$sum_pingora_core ;;
-    *) sum=$sum_pingora_pool ;;
+    pingora-pool) sum=$sum_pingora_pool ;;
+    *) sum=$sum_pingora_proxy ;;
     esac
     echo "$sum  $work/$c.crate" | sha256sum -c --quiet -
     tar -xzf "$work/$c.crate" -C "$work"
@@ -45,4 +47,4 @@ if ! diff -r "$work/a" "$work/b" >"$work/diff"; then
     echo "third_party: the vendored Pingora differs from 0.9.1 + pingora.patch (regenerate: $0 --write)" >&2
     exit 1
 fi
-echo "third_party: pingora-core and pingora-pool are 0.9.1 + pingora.patch"
+echo "third_party: pingora-core, pingora-pool and pingora-proxy are 0.9.1 + pingora.patch"

@@ -317,7 +317,8 @@ impl App {
             if let Some(s) = settings.take() {
                 HttpPersistentSettings::apply_to_session(s, &mut session);
             }
-            let served = Box::pin(self.proxy.process_new_http(session, shutdown)).await;
+            // Already boxed (in place: third_party/PATCHES.md 4).
+            let served = self.proxy.process_new_http(session, shutdown).await;
             drop(reading);
             let Some(reused) = served else {
                 return;
@@ -700,11 +701,23 @@ async fn accept_loop(
             let _slot = slot;
             // Each kind of connection in a box of its own size: an idle plain connection must
             // not carry the ~5 KiB of a TLS stream's state (10k idle clients: 66 vs 190 MiB).
+            // Written into a box allocated first, the future is built in place; `Box::pin(f)`
+            // would build it on the stack and copy it (third_party/PATCHES.md 4).
             match tls {
                 None => {
-                    Box::pin(app.serve_connection(Conn::new(stream), at, &shutdown, redirect)).await
+                    let serve: Box<_> = Box::write(
+                        Box::new_uninit(),
+                        app.serve_connection(Conn::new(stream), at, &shutdown, redirect),
+                    );
+                    Box::into_pin(serve).await
                 }
-                Some(acceptor) => Box::pin(app.serve_tls(&acceptor, stream, at, &shutdown)).await,
+                Some(acceptor) => {
+                    let serve: Box<_> = Box::write(
+                        Box::new_uninit(),
+                        app.serve_tls(&acceptor, stream, at, &shutdown),
+                    );
+                    Box::into_pin(serve).await
+                }
             }
         });
     }
