@@ -22,13 +22,17 @@ for c in pingora-core pingora-pool pingora-proxy; do
     case $c in
     pingora-core) sum=$sum_pingora_core ;;
     pingora-pool) sum=$sum_pingora_pool ;;
-    *) sum=$sum_pingora_proxy ;;
+    pingora-proxy) sum=$sum_pingora_proxy ;;
+    *)
+        echo "third_party: no checksum for $c" >&2
+        exit 1
+        ;;
     esac
     echo "$sum  $work/$c.crate" | sha256sum -c --quiet -
     tar -xzf "$work/$c.crate" -C "$work"
     mkdir -p "$work/a/$c" "$work/b/$c"
-    cp -r "$work/$c-0.9.1/src" "$work/$c-0.9.1/Cargo.toml" "$work/a/$c/"
-    cp -r "$here/$c/src" "$here/$c/Cargo.toml" "$work/b/$c/"
+    cp -r "$work/$c-0.9.1/src" "$work/$c-0.9.1/Cargo.toml" "$work/$c-0.9.1/LICENSE" "$work/a/$c/"
+    cp -r "$here/$c/src" "$here/$c/Cargo.toml" "$here/$c/LICENSE" "$work/b/$c/"
 done
 if [ "${1:-}" = "--write" ]; then
     rc=0

@@ -1618,8 +1618,10 @@ where
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        let request: Box<_> =
-            Box::write(Box::new_uninit(), self.process_new_http_in_place(session, shutdown));
+        let request: Box<_> = Box::write(
+            Box::new_uninit(),
+            self.process_new_http_in_place(session, shutdown),
+        );
         Box::into_pin(request)
     }
 
