@@ -798,13 +798,14 @@ async fn the_demo_canary_walkthrough_rolls_green_back() {
     assert_eq!(fail.json()["fail_percent"], 30);
     let load = Load::start(proxy, 2);
     let started = Instant::now();
-    // The demo's analysis: rolled back once the error rate has been over its limit `for` 10 s;
-    // the steps 10 → 50 → 100 every `step_interval` (20 s) would finish the rollout at 40 s.
-    // So: not before 10 s, and before 40 s — how much before depends on the machine's load
-    // (30.6 s once under CI load), which this test does not judge.
-    let (hold, last_step) = (Duration::from_secs(10), Duration::from_secs(40));
+    // The demo's analysis rolls back once the error rate has been over its limit for `for`
+    // (10 s): not before that. A failing canary is never promoted (each later step waits for
+    // the analysis to pass, and holds), so there is no natural upper bound; how long after
+    // `for` it comes depends on the machine's load (30.6 s once under CI load), which this
+    // test does not judge: it allows four times `for`.
+    let (hold, limit) = (Duration::from_secs(10), Duration::from_secs(40));
     let r = tokio::time::timeout(
-        last_step + Duration::from_secs(20),
+        limit + Duration::from_secs(20),
         demo.proxy.execute(Request::Canary {
             upstream: None,
             pool: "green".into(),
@@ -823,8 +824,8 @@ async fn the_demo_canary_walkthrough_rolls_green_back() {
     assert_eq!(e.code.exit_code(), 5, "{e:?}");
     assert!(e.message.contains("5xx 30.0%"), "{e:?}");
     assert!(
-        took >= hold && took < last_step,
-        "rolled back after {took:?}: must be at least `for` ({hold:?}) and before the last step ({last_step:?})"
+        took >= hold && took < limit,
+        "rolled back after {took:?}: must be at least `for` ({hold:?}), and within {limit:?}"
     );
     assert_eq!(failed, 0);
     eprintln!("demo: rolled back after {took:?}: {}", e.message);
