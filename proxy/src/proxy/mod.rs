@@ -352,6 +352,12 @@ impl ProxyHttp for Switchyard {
         if let Some((name, value)) = &ctx.request_id {
             resp.insert_header(name.clone(), value.clone())?;
         }
+        if resp.version < http::Version::HTTP_11 {
+            // An HTTP/1.0 app's answer: the client talks to this proxy, an HTTP/1.1 server,
+            // so the status line says HTTP/1.1 (RFC 9110 §6.2; as nginx). Pingora forwards the
+            // app's version, which with a chunked body gave HTTP/1.0 framing no client accepts.
+            resp.set_version(http::Version::HTTP_11);
+        }
         if session.is_process_shutting_down() && resp.status.as_u16() != 101 {
             // Draining since the request began: this answer says `Connection: close`, so the
             // client does not send its next request on a connection about to close.
