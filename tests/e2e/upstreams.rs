@@ -473,3 +473,98 @@ async fn the_apps_answer_decides_whether_its_connection_is_reused() {
     px.shutdown().await;
     server.abort();
 }
+
+/// An HTTP/1.0 client gets what HTTP/1.0 can read, as from nginx: a body the app chunks, or
+/// sends without a length, arrives as it is and the end of the connection ends it (chunked is
+/// HTTP/1.1's, RFC 9112 §7); and its connection is kept only when it asks for it
+/// (`Connection: keep-alive`), and only when the answer has a length.
+#[tokio::test]
+async fn an_http10_client_gets_a_body_it_can_read_and_keep_alive_only_when_it_asks() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    trace_init();
+    let (addr, server) = raw_app(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request_head(&mut s, &mut buf).await {
+            let (resp, close) = if req.starts_with("GET /chunked ") {
+                ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", false)
+            } else if req.starts_with("GET /old ") {
+                // HTTP/1.0 without a length: the end of the connection ends the body.
+                ("HTTP/1.0 200 OK\r\n\r\nhello world", true)
+            } else {
+                // `/len`, and the health checks.
+                ("HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world", false)
+            };
+            if s.write_all(resp.as_bytes()).await.is_err() || close {
+                return;
+            }
+        }
+    })
+    .await;
+    let px = TestProxy::start(&app_yaml(&[("blue", &[addr])], "blue", "")).await;
+    let limit = std::time::Duration::from_secs(10);
+    // One HTTP/1.0 request; the client never closes its side (that would be an abort).
+    async fn send(s: &mut tokio::net::TcpStream, path: &str, keep_alive: bool) {
+        let ka = if keep_alive {
+            "Connection: keep-alive\r\n"
+        } else {
+            ""
+        };
+        let req = format!("GET {path} HTTP/1.0\r\nHost: t\r\n{ka}\r\n");
+        s.write_all(req.as_bytes()).await.unwrap()
+    }
+    let check = |answer: &str, what: &str| {
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+        assert!(head.starts_with("HTTP/1.1 200 "), "{what}: {answer:?}");
+        assert!(
+            !head.to_ascii_lowercase().contains("transfer-encoding"),
+            "{what}: chunked to an HTTP/1.0 client: {answer:?}"
+        );
+        assert_eq!(body, "hello world", "{what}: {answer:?}");
+        head.to_ascii_lowercase()
+    };
+    // Without a length, or without asking: the proxy ends the connection after the answer.
+    for (path, keep_alive) in [
+        ("/chunked", false),
+        ("/chunked", true),
+        ("/old", false),
+        ("/old", true),
+        ("/len", false),
+    ] {
+        let what = format!("{path}, keep-alive asked: {keep_alive}");
+        let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+        send(&mut s, path, keep_alive).await;
+        let mut out = Vec::new();
+        tokio::time::timeout(limit, s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the proxy kept the connection open"))
+            .unwrap();
+        let head = check(&String::from_utf8_lossy(&out), &what);
+        assert!(head.contains("connection: close"), "{what}: {head:?}");
+    }
+    // Asked for, with a length: kept, and a second request is answered on it.
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    for round in 0..2 {
+        send(&mut s, "/len", true).await;
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let answer = loop {
+            let text = String::from_utf8_lossy(&out).into_owned();
+            if text
+                .split_once("\r\n\r\n")
+                .is_some_and(|(_, body)| body.len() >= 11)
+            {
+                break text;
+            }
+            let n = tokio::time::timeout(limit, s.read(&mut chunk))
+                .await
+                .expect("the answer within 10 s")
+                .unwrap();
+            assert!(n > 0, "round {round}: closed after {out:?}");
+            out.extend_from_slice(&chunk[..n]);
+        };
+        let head = check(&answer, &format!("/len kept, round {round}"));
+        assert!(head.contains("connection: keep-alive"), "{head:?}");
+    }
+    px.shutdown().await;
+    server.abort();
+}

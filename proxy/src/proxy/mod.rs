@@ -66,17 +66,22 @@ enum Decision {
     },
 }
 
+/// Whether the `Connection` header(s) name `token`.
+fn connection_has(h: &http::HeaderMap, token: &[u8]) -> bool {
+    h.get_all(http::header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
 /// A genuine upgrade request (WebSocket): HTTP/1.1 with `Upgrade`, `Connection: upgrade` and no
 /// body. The connection layer applies the same rule (`listen::head`).
 fn genuine_upgrade(req: &RequestHeader) -> bool {
     let h = &req.headers;
     req.version == http::Version::HTTP_11
         && h.contains_key(http::header::UPGRADE)
-        && h.get_all(http::header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-        })
+        && connection_has(h, b"upgrade")
         && !h.contains_key(http::header::TRANSFER_ENCODING)
         && h.get(http::header::CONTENT_LENGTH)
             .is_none_or(|v| v.as_bytes().iter().all(|b| *b == b'0'))
@@ -158,10 +163,15 @@ impl ProxyHttp for Switchyard {
                 guard,
             }
         });
+        // An HTTP/1.0 client keeps its connection only when it asks (`Connection: keep-alive`),
+        // as in nginx; Pingora's keep-alive override would keep any HTTP/1.0 connection open.
         // While draining (shutdown, or a successor took over) the answer says
         // `Connection: close`, as the accept loop set it: the client reconnects, to whoever
         // is accepting now.
-        if !session.is_process_shutting_down() {
+        let req = session.req_header();
+        if req.version == http::Version::HTTP_10 && !connection_has(&req.headers, b"keep-alive") {
+            session.set_keepalive(None);
+        } else if !session.is_process_shutting_down() {
             let ka = snap.config.keepalive_timeout;
             session.set_keepalive((!ka.is_zero()).then(|| ka.as_secs().max(1)));
         }
@@ -351,6 +361,18 @@ impl ProxyHttp for Switchyard {
     ) -> Result<()> {
         if let Some((name, value)) = &ctx.request_id {
             resp.insert_header(name.clone(), value.clone())?;
+        }
+        if session.req_header().version == http::Version::HTTP_10
+            && resp
+                .headers
+                .get(http::header::TRANSFER_ENCODING)
+                .is_some_and(|te| te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        {
+            // An HTTP/1.0 client cannot read a chunked body (Pingora chunks any answer without
+            // a length, and forwards the app's chunking): it gets the body as it is, ended by
+            // the end of the connection, as from nginx.
+            resp.remove_header(&http::header::TRANSFER_ENCODING);
+            session.set_keepalive(None);
         }
         if resp.version < http::Version::HTTP_11 {
             // An HTTP/1.0 app's answer: the client talks to this proxy, an HTTP/1.1 server,
