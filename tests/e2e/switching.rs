@@ -256,6 +256,60 @@ async fn inflight_returns_to_zero_on_every_exit_path() {
     px.shutdown().await;
 }
 
+/// A client that leaves while its request (without a body) waits for the app ends that
+/// request at once, not when the app answers or `read_timeout` runs out: the proxy watches the
+/// client's connection while it waits (Pingora patch 5 proxies such requests in one loop; the
+/// loop must keep that watch). The request is logged as nginx logs it, 499, not retried, and
+/// not held against the instance.
+#[tokio::test]
+async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
+    trace_init();
+    let up = FakeUpstream::start("blue").await.unwrap();
+    up.set_mode(Mode::Hang);
+    let yaml = app_yaml(
+        &[("blue", &[up.addr()])],
+        "blue",
+        // Far beyond `eventually`'s 10 s: only the client's close can end the request in time.
+        "    read_timeout: 120s\n    retries: 0\n",
+    )
+    .replace(
+        "access_log: \"off\"",
+        "access_log: \"{dir}/access.log\"\naccess_log_format: json",
+    );
+    let px = TestProxy::start(&yaml).await;
+    let log = px.dir.path().join("access.log");
+    for (round, method) in ["GET", "HEAD", "DELETE"].into_iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(format!("{method} /wait HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let hits = round as u64 + 1;
+        eventually(|| px.inflight("blue") == 1 && up.hits() == hits).await;
+        drop(s);
+        eventually(|| px.inflight("blue") == 0).await;
+        eventually(|| log_lines(&log).len() == round + 1).await;
+        let line: serde_json::Value = serde_json::from_str(&log_lines(&log)[round]).unwrap();
+        assert_eq!(line["method"], method, "{line}");
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(up.hits(), hits, "a client abort is not retried");
+    }
+    let st = px.handle().status();
+    assert_eq!(
+        st.upstream("app").unwrap().pool("blue").unwrap().instances[0].passive_failures,
+        0
+    );
+    px.shutdown().await;
+}
+
+fn log_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test]
 async fn a_websocket_counts_in_flight_until_it_closes() {
     trace_init();

@@ -113,7 +113,8 @@ where
             return (false, true, Some(e));
         }
 
-        session.set_upstream_h1_upgrade_request_status(is_h1_upgrade_req(&req));
+        let upstream_upgrade = is_h1_upgrade_req(&req);
+        session.set_upstream_h1_upgrade_request_status(upstream_upgrade);
 
         session.upstream_compression.request_filter(&req);
 
@@ -139,10 +140,23 @@ where
             Err(e) => return (false, false, Some(e)),
         };
 
+        session.as_mut().enable_retry_buffering();
+
+        if !upstream_upgrade
+            && downstream_custom_message_writer.is_none()
+            && downstream_custom_message_reader.is_none()
+            && Self::bodiless_in_one_loop(session)
+        {
+            return match self.proxy_bodiless_1to1(session, client_session, ctx).await {
+                Ok((downstream_can_reuse, upstream_can_reuse)) => {
+                    (downstream_can_reuse, upstream_can_reuse, None)
+                }
+                Err(e) => (false, false, Some(e)),
+            };
+        }
+
         let (tx_upstream, rx_upstream) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
         let (tx_downstream, rx_downstream) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
-
-        session.as_mut().enable_retry_buffering();
 
         // Shared signal so the upstream half can distinguish an expected task-pipe
         // closure (the downstream half finished and dropped rx) from an unexpected one.
@@ -243,6 +257,140 @@ where
         session.set_upstream_write_pending_time(upstream_write_pending);
 
         (server_session_reuse, client_session_reuse, error)
+    }
+
+    /// Whether [`Self::proxy_bodiless_1to1`] may proxy this request: a request without a body
+    /// from an HTTP/1 client, with the cache off and no upgrade (the caller checks the upstream
+    /// request and custom messages).
+    fn bodiless_in_one_loop(session: &mut Session) -> bool {
+        session.downstream_session.as_http1().is_some()
+            && !session.downstream_session.is_upgrade_req()
+            && !session.was_upgraded()
+            && !session.cache.enabled()
+            && !session.cache.bypassing()
+            && session.as_ref().get_retry_buffer().is_none()
+            && session.as_mut().is_body_empty()
+    }
+
+    /// Proxy a request without a body in one loop: the request body filters' end of stream is
+    /// sent upstream first, then the response is read from upstream and written downstream
+    /// batch by batch, while the client connection is watched for a close.
+    ///
+    /// This is what the two halves of [`Self::proxy_1to1`] do for such a request, without the
+    /// two task pipes and the shared pipe state between them (five heap allocations and a
+    /// handoff per task): the downstream half only has the end of the body to send and a close
+    /// to watch for. The same filters run in the same order on the same tasks, and the reuse
+    /// decisions are the halves': the upstream connection is reused only if its response was
+    /// read to its end and nothing failed on it; the downstream one as the downstream half
+    /// decides.
+    async fn proxy_bodiless_1to1(
+        &self,
+        session: &mut Session,
+        client_session: &mut HttpSessionV1,
+        ctx: &mut SV::CTX,
+    ) -> Result<(bool, bool)>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        let mut upstream_can_reuse = true;
+        let mut send_error = None;
+
+        // The downstream half's first step: the body filters see the end of the (empty) body,
+        // and what they return goes upstream as the upstream half would send it.
+        let (body_task, _) = self.request_body_task(session, None, true, ctx).await?;
+        if let Err(e) = send_body_to1(client_session, body_task).await {
+            warn!("send error, draining read buf: {e}");
+            upstream_can_reuse = false;
+            send_error = Some(e);
+        }
+
+        let mut downstream_state = DownstreamStateMachine::new(session.as_mut().is_body_done());
+        let mut response_state = ResponseStateMachine::new();
+        let mut serve_from_cache = proxy_cache::ServeFromCache::new();
+        let mut range_body_filter = proxy_cache::range_filter::RangeBodyFilter::new();
+        let mut upstream_done = false;
+        let mut watch_downstream = true;
+
+        while !response_state.is_done() {
+            tokio::select! {
+                res = client_session.read_response_task(), if !upstream_done => {
+                    // A batch: the first task and those ready right after it, as the downstream
+                    // half pulls them from its pipe, so a small response is one write.
+                    let mut tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
+                    let mut next = Some(res);
+                    while let Some(res) = next.take() {
+                        let task = match res {
+                            Ok(task) => task,
+                            Err(e) => {
+                                // A response read error means the HTTP/1 message boundary was
+                                // not established, so the connection cannot be reused.
+                                upstream_can_reuse = false;
+                                HttpTask::Failed(send_error.take().unwrap_or(e).into_up())
+                            }
+                        };
+                        upstream_done = task.is_end();
+                        tasks.push(task);
+                        if !upstream_done && tasks.len() < TASK_BUFFER_SIZE {
+                            next = tokio::task::unconstrained(client_session.read_response_task())
+                                .now_or_never();
+                        }
+                    }
+                    debug!("upstream events: {:?}", tasks);
+                    if upstream_done {
+                        // What the downstream half sees when the upstream half, done, closes
+                        // its pipe.
+                        response_state.maybe_set_upstream_done(true);
+                    }
+                    let Some(response_done) = self
+                        .filter_and_write_response_tasks(
+                            session,
+                            ctx,
+                            tasks,
+                            &mut serve_from_cache,
+                            &mut range_body_filter,
+                            &mut response_state,
+                        )
+                        .await?
+                    else {
+                        continue;
+                    };
+                    response_state.maybe_set_upstream_done(response_done);
+                    downstream_state.maybe_finished(session.is_body_done());
+                },
+
+                body = session.downstream_session.read_body_or_idle(true),
+                    if watch_downstream && downstream_state.can_poll() => {
+                    // No body to read: this ends only with the client's close or extra bytes
+                    // (an error, which cancels the request as the downstream half's does).
+                    if let Err(e) = body {
+                        return Err(e.into_down());
+                    }
+                    debug!("downstream event on a request without body: {:?}", body);
+                    watch_downstream = false;
+                },
+
+                else => {
+                    // Unreachable: the upstream end sets the response done.
+                    break;
+                }
+            }
+        }
+
+        if !upstream_done {
+            // The response ended downstream (by its own framing) before its end was read from
+            // upstream: the connection has unread bytes.
+            upstream_can_reuse = false;
+        }
+
+        let mut reuse_downstream = !downstream_state.is_errored();
+        if reuse_downstream {
+            if let Err(e) = session.as_mut().finish_body().await {
+                error!("Error finish sending body to downstream: {}", e);
+                reuse_downstream = false;
+            }
+        }
+        Ok((reuse_downstream, upstream_can_reuse))
     }
 
     async fn proxy_handle_upstream(
@@ -394,9 +542,41 @@ where
             }
         }
 
+        self.filter_and_write_response_tasks(
+            session,
+            ctx,
+            tasks,
+            serve_from_cache,
+            range_body_filter,
+            response_state,
+        )
+        .await
+    }
+
+    /// Run the response filters on a batch of upstream tasks and write them downstream.
+    ///
+    /// Returns `None` if nothing was sent downstream (e.g. serving from cache), otherwise whether
+    /// the downstream response is done.
+    async fn filter_and_write_response_tasks(
+        &self,
+        session: &mut Session,
+        ctx: &mut SV::CTX,
+        mut tasks: Vec<HttpTask>,
+        serve_from_cache: &mut ServeFromCache,
+        range_body_filter: &mut proxy_cache::range_filter::RangeBodyFilter,
+        response_state: &mut ResponseStateMachine,
+    ) -> Result<Option<bool>>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
         /* run filters before sending to downstream */
-        let mut filtered_tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
-        for mut t in tasks {
+        // Filtered in place: the batch's `Vec` carries the filtered tasks downstream (the first
+        // `filtered` slots; a task is taken out of its slot before any slot up to it is
+        // written), and what follows a `break` is dropped by the truncation.
+        let mut filtered = 0;
+        for i in 0..tasks.len() {
+            let mut t = std::mem::replace(&mut tasks[i], HttpTask::Done);
             if self.revalidate_or_stale(session, &mut t, ctx).await {
                 serve_from_cache.enable();
                 response_state.enable_cached_response();
@@ -425,15 +605,17 @@ where
                     return Err(e);
                 }
             }
-            filtered_tasks.push(task);
+            tasks[filtered] = task;
+            filtered += 1;
         }
+        tasks.truncate(filtered);
 
         if !serve_from_cache.should_send_to_downstream() {
             // TODO: need to derive response_done from filtered_tasks in case downstream failed already
             return Ok(None);
         }
 
-        let response_done = session.write_response_tasks(filtered_tasks).await?;
+        let response_done = session.write_response_tasks(tasks).await?;
 
         Ok(Some(response_done))
     }
@@ -1020,11 +1202,33 @@ where
     async fn send_body_to_pipe(
         &self,
         session: &mut Session,
-        mut data: Option<Bytes>,
+        data: Option<Bytes>,
         end_of_body: bool,
         tx: mpsc::Permit<'_, HttpTask>,
         ctx: &mut SV::CTX,
     ) -> Result<bool>
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        let (task, end_of_body) = self
+            .request_body_task(session, data, end_of_body, ctx)
+            .await?;
+        if let Some(task) = task {
+            tx.send(task);
+        }
+        Ok(end_of_body)
+    }
+
+    /// Run the request body filters on `data` and return the task to send upstream (`None`
+    /// when there is nothing to send) and whether the downstream body is done.
+    async fn request_body_task(
+        &self,
+        session: &mut Session,
+        mut data: Option<Bytes>,
+        end_of_body: bool,
+        ctx: &mut SV::CTX,
+    ) -> Result<(Option<HttpTask>, bool)>
     where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
@@ -1053,7 +1257,7 @@ where
          * Don't write 0 bytes to the network since it will be
          * treated as the terminating chunk */
         if !upstream_end_of_body && data.as_ref().is_some_and(|d| d.is_empty()) {
-            return Ok(false);
+            return Ok((None, false));
         }
 
         debug!(
@@ -1062,13 +1266,13 @@ where
         );
 
         // upgraded body needs to be marked
-        if session.was_upgraded() {
-            tx.send(HttpTask::UpgradedBody(data, upstream_end_of_body));
+        let task = if session.was_upgraded() {
+            HttpTask::UpgradedBody(data, upstream_end_of_body)
         } else {
-            tx.send(HttpTask::Body(data, upstream_end_of_body));
-        }
+            HttpTask::Body(data, upstream_end_of_body)
+        };
 
-        Ok(end_of_body)
+        Ok((Some(task), end_of_body))
     }
 }
 
