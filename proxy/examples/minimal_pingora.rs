@@ -9,7 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use async_trait::async_trait;
 use pingora::prelude::*;
 use std::net::SocketAddr;
 
@@ -20,7 +19,6 @@ struct Minimal {
     upstream: SocketAddr,
 }
 
-#[async_trait]
 impl ProxyHttp for Minimal {
     type CTX = ();
     fn new_ctx(&self) {}

@@ -266,14 +266,6 @@ async fn admin_answers_healthz_status_and_404() {
     px.shutdown().await;
 }
 
-fn log_lines(path: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 #[tokio::test]
 async fn access_log_lines_have_the_documented_fields_and_reopen_works() {
     trace_init();

@@ -259,8 +259,9 @@ async fn inflight_returns_to_zero_on_every_exit_path() {
 /// A client that leaves while its request (without a body) waits for the app ends that
 /// request at once, not when the app answers or `read_timeout` runs out: the proxy watches the
 /// client's connection while it waits (Pingora patch 5 proxies such requests in one loop; the
-/// loop must keep that watch). The request is logged as nginx logs it, 499, not retried, and
-/// not held against the instance.
+/// loop must keep that watch). Before the answer's head: logged as nginx logs it, 499; after
+/// it (the app stalls mid-body): the head's status with the client's error. Neither is
+/// retried nor held against the instance.
 #[tokio::test]
 async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
     trace_init();
@@ -292,6 +293,7 @@ async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
         let line: serde_json::Value = serde_json::from_str(&log_lines(&log)[round]).unwrap();
         assert_eq!(line["method"], method, "{line}");
         assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["error"], "client_error", "{line}");
         assert_eq!(up.hits(), hits, "a client abort is not retried");
     }
     let st = px.handle().status();
@@ -300,14 +302,64 @@ async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
         0
     );
     px.shutdown().await;
-}
 
-fn log_lines(path: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    // Mid-response: the app sends a head promising 100,000 bytes and 4,096 of them, then
+    // nothing. (Fewer than 1,460 bytes would wait in the proxy for more, as in nginx with its
+    // `postpone_output`: the client would not see the head.)
+    let (addr, server) = raw_app(|_, mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        while let Some(req) = read_request_head(&mut s, &mut buf).await {
+            if req.starts_with("GET /stall ") {
+                let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
+                answer.resize(answer.len() + 4096, b'x');
+                let _ = s.write_all(&answer).await;
+                // Until the proxy closes (bounded: the test's own deadlines end it first).
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(300),
+                    s.read(&mut [0u8; 1]),
+                )
+                .await;
+                return;
+            }
+            // The health checks.
+            let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+            if s.write_all(ok.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let px = TestProxy::start(&yaml.replace(&up.addr().to_string(), &addr.to_string())).await;
+    let log = px.dir.path().join("access.log");
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(b"GET /stall HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let head = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        read_request_head(&mut s, &mut buf),
+    )
+    .await
+    .expect("the answer's head within 10 s")
+    .expect("the answer's head before a close");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(px.inflight("blue"), 1, "the body is still to come");
+    drop(s);
+    eventually(|| px.inflight("blue") == 0).await;
+    eventually(|| log_lines(&log).len() == 1).await;
+    let line: serde_json::Value = serde_json::from_str(&log_lines(&log)[0]).unwrap();
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "client_error", "{line}");
+    let st = px.handle().status();
+    assert_eq!(
+        st.upstream("app").unwrap().pool("blue").unwrap().instances[0].passive_failures,
+        0
+    );
+    px.shutdown().await;
+    server.abort();
 }
 
 #[tokio::test]

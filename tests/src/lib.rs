@@ -542,6 +542,15 @@ where
     (addr, task)
 }
 
+/// The lines of a log file written so far (none if it does not exist yet).
+pub fn log_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// The next request head on a raw keep-alive connection, taken out of `buf` (what was read
 /// beyond it stays there); `None` when the peer closed first.
 pub async fn read_request_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {

@@ -34,7 +34,6 @@ use crate::telemetry::events::EventLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::health::now_ms;
 use crate::upstream::{Candidates, UpstreamState};
-use async_trait::async_trait;
 use choose::{choose, Choice};
 use ctx::{ActiveGuard, InstanceGuard, PoolGuard, RequestCtx};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -98,7 +97,6 @@ pub(crate) struct Switchyard {
     pub(crate) access_log: Arc<AccessLog>,
 }
 
-#[async_trait]
 impl ProxyHttp for Switchyard {
     type CTX = RequestCtx;
 

@@ -45,7 +45,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -234,6 +234,24 @@ impl Takeover {
         write_line(&mut self.stream, &ready)
             .map_err(|e| UpgradeError::Handshake(format!("cannot answer: {e}")))?;
         if !ok {
+            // Wait (bounded) for the running process to close the connection, which it does
+            // after it unfroze: when this process exits with its failure, the running one
+            // accepts changes again, and a deploy script's next `proxyctl` is not told `busy`.
+            let deadline = Instant::now() + READY_TIMEOUT;
+            let mut sink = [0u8; 64];
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                if self
+                    .stream
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .is_err()
+                {
+                    break;
+                }
+                match self.stream.read(&mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
             return Ok(());
         }
         let mut r = BufReader::new(

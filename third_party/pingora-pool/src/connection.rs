@@ -148,6 +148,20 @@ impl<T> PoolNode<T> {
         self.hot_queue.is_empty() && self.connections.lock().is_empty()
     }
 
+    /// [`Self::is_empty`], and no [`Self::remove`] is under way (switchyard patch 2).
+    ///
+    /// `remove` takes the hot queue's items out one by one and puts back those it does not
+    /// want: midway, the node can look empty while it still owns them. A node dropped from
+    /// the pool's map then would take them along when `remove` is done, closed, with their
+    /// LRU entries left behind (stale: the LRU counts them, and evicts live connections for
+    /// them). Found by reading, while chasing stale LRU entries (not shown by a test).
+    pub fn is_empty_and_settled(&self) -> bool {
+        match self.hot_queue_remove_lock.try_lock() {
+            Some(_remove_lock) => self.is_empty(),
+            None => false,
+        }
+    }
+
     // This function acquires 2 locks and iterates over the entire hot queue.
     // But it should be fine because remove() rarely happens on a busy PoolNode.
     /// Remove the item associated with the id from the pool. The item is returned
@@ -255,7 +269,8 @@ impl<S> ConnectionPool<S> {
                 // predicate because another thread may repopulate the node in
                 // between dropping this guard and attempting removal.
                 drop(node);
-                self.pools.remove_if(&key, |_, node| node.is_empty());
+                self.pools
+                    .remove_if(&key, |_, node| node.is_empty_and_settled());
             }
         }
     }
@@ -270,7 +285,13 @@ impl<S> ConnectionPool<S> {
             } // nothing to pop, should return error?
         };
 
-        pool_node.remove(meta.id);
+        if let Some(connection) = pool_node.remove(meta.id) {
+            // switchyard patch 2: between the LRU's eviction and this removal the connection
+            // may have been taken and put back, with a new LRU entry; it is dropped here, so
+            // that entry goes too (else it stays, stale, and evicts a live connection later).
+            self.lru.pop(&meta.id);
+            drop(connection);
+        }
         debug!("evict fd: {} from key {}", meta.id, meta.key);
 
         // Clean up the PoolNode entry if it is now empty, to prevent unbounded
@@ -392,7 +413,12 @@ impl<S> ConnectionPool<S> {
         // connection's watcher task closes it at its idle timeout.)
         if !self.lru.contains(&meta.id) {
             let node = self.pools.get(&meta.key).map(|e| e.value().clone());
-            drop(node.and_then(|n| n.remove(meta.id)));
+            if let Some(connection) = node.and_then(|n| n.remove(meta.id)) {
+                // Taken and put back meanwhile, the connection has a new LRU entry: it goes
+                // with the connection (as in `pop_evicted`).
+                self.lru.pop(&meta.id);
+                drop(connection);
+            }
         }
     }
 

@@ -353,6 +353,7 @@ where
                         )
                         .await?
                     else {
+                        // Only when serving from cache, which this path excludes.
                         continue;
                     };
                     response_state.maybe_set_upstream_done(response_done);
@@ -361,11 +362,14 @@ where
 
                 body = session.downstream_session.read_body_or_idle(true),
                     if watch_downstream && downstream_state.can_poll() => {
-                    // No body to read: this ends only with the client's close or extra bytes
-                    // (an error, which cancels the request as the downstream half's does).
+                    // No body to read: for HTTP/1 this is an error (the client's close, or
+                    // bytes while pipelining is off), which cancels the request as the
+                    // downstream half's does, or it stays pending (pipelined bytes are stashed
+                    // for the next request; a close with `abort_on_close` off).
                     if let Err(e) = body {
                         return Err(e.into_down());
                     }
+                    // Not reached for HTTP/1; if it were, stop watching rather than spin.
                     debug!("downstream event on a request without body: {:?}", body);
                     watch_downstream = false;
                 },
@@ -379,7 +383,9 @@ where
 
         if !upstream_done {
             // The response ended downstream (by its own framing) before its end was read from
-            // upstream: the connection has unread bytes.
+            // upstream: the connection has unread bytes. (Only a filter that changes the
+            // framing can cause this. The upstream half would read on until that end or its
+            // read timeout and reuse the connection if the end came at once.)
             upstream_can_reuse = false;
         }
 
@@ -1369,7 +1375,6 @@ mod tests {
 
     struct ResponseFilter101;
 
-    #[async_trait]
     impl ProxyHttp for ResponseFilter101 {
         type CTX = ();
 
