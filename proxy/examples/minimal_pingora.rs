@@ -9,6 +9,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use async_trait::async_trait;
 use pingora::prelude::*;
 use std::net::SocketAddr;
 
@@ -19,6 +20,7 @@ struct Minimal {
     upstream: SocketAddr,
 }
 
+#[async_trait]
 impl ProxyHttp for Minimal {
     type CTX = ();
     fn new_ctx(&self) {}

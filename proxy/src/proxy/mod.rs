@@ -34,6 +34,7 @@ use crate::telemetry::events::EventLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::health::now_ms;
 use crate::upstream::{Candidates, UpstreamState};
+use async_trait::async_trait;
 use choose::{choose, Choice};
 use ctx::{ActiveGuard, InstanceGuard, PoolGuard, RequestCtx};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -97,6 +98,7 @@ pub(crate) struct Switchyard {
     pub(crate) access_log: Arc<AccessLog>,
 }
 
+#[async_trait]
 impl ProxyHttp for Switchyard {
     type CTX = RequestCtx;
 

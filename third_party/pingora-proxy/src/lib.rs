@@ -1992,6 +1992,7 @@ mod tests {
 
     struct DefaultRetryProxy;
 
+    #[async_trait]
     impl ProxyHttp for DefaultRetryProxy {
         type CTX = ();
 
@@ -2599,6 +2600,7 @@ mod tests {
 
     struct NoopProxy;
 
+    #[async_trait]
     impl ProxyHttp for NoopProxy {
         type CTX = ();
         fn new_ctx(&self) -> Self::CTX {}

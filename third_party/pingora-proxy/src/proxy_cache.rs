@@ -2614,6 +2614,7 @@ mod tests {
 
     struct TestProxy;
 
+    #[async_trait]
     impl ProxyHttp for TestProxy {
         type CTX = ();
 

@@ -1195,6 +1195,7 @@ mod tests {
 
     struct TestProxy;
 
+    #[async_trait]
     impl ProxyHttp for TestProxy {
         type CTX = ();
 

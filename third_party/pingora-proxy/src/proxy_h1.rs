@@ -1375,6 +1375,7 @@ mod tests {
 
     struct ResponseFilter101;
 
+    #[async_trait]
     impl ProxyHttp for ResponseFilter101 {
         type CTX = ();
 

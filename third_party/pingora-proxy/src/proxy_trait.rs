@@ -56,11 +56,11 @@ pub trait ProxyHttp {
     ///
     /// The returned [HttpPeer] contains the information regarding where and how this request should
     /// be forwarded to.
-    fn upstream_peer(
+    async fn upstream_peer(
         &self,
         session: &mut Session,
         ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<Box<HttpPeer>>> + Send;
+    ) -> Result<Box<HttpPeer>>;
 
     /// Set up downstream modules.
     ///
@@ -99,15 +99,11 @@ pub trait ProxyHttp {
     /// the proxy would exit. The proxy continues to the next phases when `Ok(false)` is returned.
     ///
     /// By default this filter does nothing and returns `Ok(false)`.
-    fn request_filter(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<bool>> + Send
+    async fn request_filter(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<bool>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(false) }
+        Ok(false)
     }
 
     /// Handle the incoming request before any downstream module is executed.
@@ -119,15 +115,11 @@ pub trait ProxyHttp {
     /// Note that because this function is executed before any module that might provide access
     /// control or rate limiting, logic should stay in request_filter() if it can in order to be
     /// protected by said modules.
-    fn early_request_filter(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<()>> + Send
+    async fn early_request_filter(&self, _session: &mut Session, _ctx: &mut Self::CTX) -> Result<()>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(()) }
+        Ok(())
     }
 
     /// Returns whether this session is allowed to spawn subrequests.
@@ -153,17 +145,17 @@ pub trait ProxyHttp {
     /// The async nature of this function allows to throttle the upload speed and/or executing
     /// heavy computation logic such as WAF rules on offloaded threads without blocking the threads
     /// who process the requests themselves.
-    fn request_body_filter(
+    async fn request_body_filter(
         &self,
         _session: &mut Session,
         _body: &mut Option<Bytes>,
         _end_of_stream: bool,
         _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<()>> + Send
+    ) -> Result<()>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(()) }
+        Ok(())
     }
 
     /// This filter decides if the request is cacheable and what cache backend to use
@@ -237,15 +229,15 @@ pub trait ProxyHttp {
     ///
     /// By default the session will attempt to be reused after returning Ok(false). It is the
     /// caller's responsibility to disable keepalive or drain the request body if needed.
-    fn proxy_upstream_filter(
+    async fn proxy_upstream_filter(
         &self,
         _session: &mut Session,
         _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<bool>> + Send
+    ) -> Result<bool>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(true) }
+        Ok(true)
     }
 
     /// Decide if the response is cacheable
@@ -327,16 +319,16 @@ pub trait ProxyHttp {
     /// For an HTTP/1 upstream, if the downstream request has a non-empty body and this callback
     /// leaves neither `Content-Length` nor `Transfer-Encoding`, Pingora adds
     /// `Transfer-Encoding: chunked`.
-    fn upstream_request_filter(
+    async fn upstream_request_filter(
         &self,
         _session: &mut Session,
         _upstream_request: &mut RequestHeader,
         _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<()>> + Send
+    ) -> Result<()>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(()) }
+        Ok(())
     }
 
     /// Adjust upstream modules before they process the response header.
@@ -379,32 +371,32 @@ pub trait ProxyHttp {
     /// Responses served from cache won't trigger this filter. If the cache needed revalidation,
     /// only the 304 from upstream will trigger the filter (though it will be merged into the
     /// cached header, not served directly to downstream).
-    fn upstream_response_filter(
+    async fn upstream_response_filter(
         &self,
         _session: &mut Session,
         _upstream_response: &mut ResponseHeader,
         _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<()>> + Send
+    ) -> Result<()>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(()) }
+        Ok(())
     }
 
     /// Modify the response header before it is send to the downstream
     ///
     /// The modification is after caching. This filter is called for all responses including
     /// responses served from cache.
-    fn response_filter(
+    async fn response_filter(
         &self,
         _session: &mut Session,
         _upstream_response: &mut ResponseHeader,
         _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<()>> + Send
+    ) -> Result<()>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(()) }
+        Ok(())
     }
 
     // custom_forwarding is called when downstream and upstream connections are successfully established.
@@ -512,16 +504,10 @@ pub trait ProxyHttp {
     ///
     /// An error log is already emitted if there is any error. This phase is used for collecting
     /// metrics and sending access logs.
-    fn logging(
-        &self,
-        _session: &mut Session,
-        _e: Option<&Error>,
-        _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = ()> + Send
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, _ctx: &mut Self::CTX)
     where
         Self::CTX: Send + Sync,
     {
-        async move {}
     }
 
     /// Called after [`Self::logging`] when the downstream connection will be reused for another
@@ -642,45 +628,43 @@ pub trait ProxyHttp {
     /// Additionally, the user can return whether this session may be reused in spite of the error.
     /// Today this reuse status is only respected for errors that occur prior to upstream peer
     /// selection, and the keepalive configured on the `Session` itself still takes precedent.
-    fn fail_to_proxy(
+    async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
         _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = FailToProxy> + Send
+    ) -> FailToProxy
     where
         Self::CTX: Send + Sync,
     {
-        async move {
-            let code = match e.etype() {
-                HTTPStatus(code) => *code,
-                _ => {
-                    match e.esource() {
-                        ErrorSource::Upstream => 502,
-                        ErrorSource::Downstream => {
-                            match e.etype() {
-                                WriteError | ReadError | ConnectionClosed => {
-                                    /* conn already dead */
-                                    0
-                                }
-                                _ => 400,
+        let code = match e.etype() {
+            HTTPStatus(code) => *code,
+            _ => {
+                match e.esource() {
+                    ErrorSource::Upstream => 502,
+                    ErrorSource::Downstream => {
+                        match e.etype() {
+                            WriteError | ReadError | ConnectionClosed => {
+                                /* conn already dead */
+                                0
                             }
+                            _ => 400,
                         }
-                        ErrorSource::Internal | ErrorSource::Unset => 500,
                     }
+                    ErrorSource::Internal | ErrorSource::Unset => 500,
                 }
-            };
-            if code > 0 {
-                session.respond_error(code).await.unwrap_or_else(|e| {
-                    error!("failed to send error response to downstream: {e}");
-                });
             }
+        };
+        if code > 0 {
+            session.respond_error(code).await.unwrap_or_else(|e| {
+                error!("failed to send error response to downstream: {e}");
+            });
+        }
 
-            FailToProxy {
-                error_code: code,
-                // default to no reuse, which is safest
-                can_reuse_downstream: false,
-            }
+        FailToProxy {
+            error_code: code,
+            // default to no reuse, which is safest
+            can_reuse_downstream: false,
         }
     }
 
@@ -708,7 +692,7 @@ pub trait ProxyHttp {
     /// This filter is called when the request just established or reused a connection to the upstream
     ///
     /// This filter allows user to log timing and connection related info.
-    fn connected_to_upstream(
+    async fn connected_to_upstream(
         &self,
         _session: &mut Session,
         _reused: bool,
@@ -717,11 +701,11 @@ pub trait ProxyHttp {
         #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
         _digest: Option<&Digest>,
         _ctx: &mut Self::CTX,
-    ) -> impl Future<Output = Result<()>> + Send
+    ) -> Result<()>
     where
         Self::CTX: Send + Sync,
     {
-        async move { Ok(()) }
+        Ok(())
     }
 
     /// This callback is invoked every time request related error log needs to be generated
