@@ -335,6 +335,18 @@ async fn passive_ejection_bounds_the_errors_of_an_instance_whose_checks_still_pa
     // B when the 5th failure arrived (at most one per other client).
     b.set_mode(Mode::Status(503));
     eventually(|| px.health("blue", b.addr()) == HealthState::Ejected).await;
+    // Requests already on their way to B when the 5th failure ejected it end with its 503 too:
+    // let them finish (no new one goes to B) and reach their clients.
+    let b_inflight = || {
+        let st = px.handle().status();
+        let pool = st.upstream("app").unwrap().pool("blue").unwrap().clone();
+        pool.instances
+            .iter()
+            .find(|i| i.addr == b.addr().to_string())
+            .map_or(0, |i| i.inflight)
+    };
+    eventually(|| b_inflight() == 0).await;
+    load.wait_more(100).await;
     let at_ejection = load.failures().len();
     load.wait_more(500).await;
     let (_, failures) = load.stop().await;

@@ -48,5 +48,7 @@ async fn two_hundred_keepalive_clients_fifty_requests_each_no_errors() {
     );
     assert_eq!(a.hits() + b.hits(), 10_000);
     assert!(a.hits() > 0 && b.hits() > 0);
+    // Plain GETs: every one went through switchyard's own forwarder (`proxy::fast`).
+    assert_eq!(px.handle().fast_path_requests(), 10_000);
     px.shutdown().await;
 }

@@ -280,6 +280,7 @@ async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
     let px = TestProxy::start(&yaml).await;
     let log = px.dir.path().join("access.log");
     for (round, method) in ["GET", "HEAD", "DELETE"].into_iter().enumerate() {
+        let fast_before = px.handle().fast_path_requests();
         let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
         use tokio::io::AsyncWriteExt;
         s.write_all(format!("{method} /wait HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
@@ -295,6 +296,12 @@ async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
         assert_eq!(line["status"], 499, "{line}");
         assert_eq!(line["error"], "client_error", "{line}");
         assert_eq!(up.hits(), hits, "a client abort is not retried");
+        // GET and HEAD: switchyard's own forwarder; DELETE: Pingora's path. Both watch.
+        assert_eq!(
+            px.handle().fast_path_requests() - fast_before,
+            u64::from(method != "DELETE"),
+            "{method}: which path"
+        );
     }
     let st = px.handle().status();
     assert_eq!(
@@ -304,13 +311,14 @@ async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
     px.shutdown().await;
 
     // Mid-response: the app sends a head promising 100,000 bytes and 4,096 of them, then
-    // nothing. (Fewer than 1,460 bytes would wait in the proxy for more, as in nginx with its
-    // `postpone_output`: the client would not see the head.)
+    // nothing. (On Pingora's path fewer than 1,460 bytes would wait in the proxy for more, as in
+    // nginx with its `postpone_output`: the client would not see the head. The fast path passes
+    // each read on.)
     let (addr, server) = raw_app(|_, mut s| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = Vec::new();
         while let Some(req) = read_request_head(&mut s, &mut buf).await {
-            if req.starts_with("GET /stall ") {
+            if req.contains(" /stall ") {
                 let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
                 answer.resize(answer.len() + 4096, b'x');
                 let _ = s.write_all(&answer).await;
@@ -332,27 +340,40 @@ async fn a_client_leaving_a_request_without_body_ends_it_at_once() {
     .await;
     let px = TestProxy::start(&yaml.replace(&up.addr().to_string(), &addr.to_string())).await;
     let log = px.dir.path().join("access.log");
-    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
-    use tokio::io::AsyncWriteExt;
-    s.write_all(b"GET /stall HTTP/1.1\r\nHost: t\r\n\r\n")
+    // GET: the fast path; DELETE: Pingora's.
+    for (round, method) in ["GET", "DELETE"].into_iter().enumerate() {
+        let fast_before = px.handle().fast_path_requests();
+        let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(format!("{method} /stall HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let head = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            read_request_head(&mut s, &mut buf),
+        )
         .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let head = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        read_request_head(&mut s, &mut buf),
-    )
-    .await
-    .expect("the answer's head within 10 s")
-    .expect("the answer's head before a close");
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert_eq!(px.inflight("blue"), 1, "the body is still to come");
-    drop(s);
-    eventually(|| px.inflight("blue") == 0).await;
-    eventually(|| log_lines(&log).len() == 1).await;
-    let line: serde_json::Value = serde_json::from_str(&log_lines(&log)[0]).unwrap();
-    assert_eq!(line["status"], 200, "{line}");
-    assert_eq!(line["error"], "client_error", "{line}");
+        .expect("the answer's head within 10 s")
+        .expect("the answer's head before a close");
+        assert!(head.starts_with("HTTP/1.1 200 "), "{method}: {head}");
+        assert_eq!(
+            px.inflight("blue"),
+            1,
+            "{method}: the body is still to come"
+        );
+        drop(s);
+        eventually(|| px.inflight("blue") == 0).await;
+        eventually(|| log_lines(&log).len() == round + 1).await;
+        let line: serde_json::Value = serde_json::from_str(&log_lines(&log)[round]).unwrap();
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["error"], "client_error", "{line}");
+        assert_eq!(
+            px.handle().fast_path_requests() - fast_before,
+            u64::from(method == "GET"),
+            "{method}: which path"
+        );
+    }
     let st = px.handle().status();
     assert_eq!(
         st.upstream("app").unwrap().pool("blue").unwrap().instances[0].passive_failures,

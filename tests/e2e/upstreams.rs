@@ -342,6 +342,49 @@ async fn the_request_head_on_the_wire_to_the_app() {
         9,
         "exactly 7 headers:\n{head}"
     );
+    // The same request without the underscored header is one switchyard forwards itself (the
+    // fast path, `proxy::fast`); the underscored one went through Pingora. The app sees the
+    // same head either way, line for line (the order may differ).
+    let before = px.handle().fast_path_requests();
+    s.write_all(
+        b"GET /x?q=1 HTTP/1.1\r\nHost: Shop.Example:8080\r\nX-Custom-Tenant: Acme\r\nX-Correlation-Id: abc-123\r\nX-Forwarded-For: 10.9.8.7\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut again = Vec::new();
+    let read = async {
+        while !again.ends_with(b"hello") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => again.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("an answer");
+    let again = String::from_utf8_lossy(&again);
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    assert!(
+        again.contains("\r\nX-Correlation-Id: abc-123\r\n"),
+        "{again}"
+    );
+    assert_eq!(
+        px.handle().fast_path_requests(),
+        before + 1,
+        "not the fast path"
+    );
+    let fast_head = up.last_head();
+    let lines = |h: &str| {
+        let mut v: Vec<String> = h.split("\r\n").map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        lines(&fast_head),
+        lines(&head),
+        "fast path:\n{fast_head}\nPingora:\n{head}"
+    );
     px.shutdown().await;
 }
 
@@ -409,7 +452,12 @@ async fn the_apps_answer_decides_whether_its_connection_is_reused() {
         }
     })
     .await;
-    let px = TestProxy::start(&app_yaml(&[("blue", &[addr])], "blue", "")).await;
+    // One worker: idle upstream connections are kept per worker (as nginx's are), and two
+    // client connections could be accepted by two.
+    let px = TestProxy::start(
+        &app_yaml(&[("blue", &[addr])], "blue", "").replace("threads: 2", "threads: 1"),
+    )
+    .await;
     // Each request on a client connection of its own (read to its end), so only the
     // upstream side can connect the two.
     let ask = |method: &'static str, path: String| async move {
@@ -470,6 +518,111 @@ async fn the_apps_answer_decides_whether_its_connection_is_reused() {
             "{head:?}: upstream connections {conns:?}"
         );
     }
+    px.shutdown().await;
+    server.abort();
+}
+
+/// An HTTP/1.1 client on one keep-alive connection, through the fast path: a body the app sends
+/// without a length (HTTP/1.0, ended by its close) arrives chunked, a chunked one as it was
+/// sent, one with a length as it is — and the connection carries all of them, in any order.
+#[tokio::test]
+async fn bodies_by_length_chunked_and_by_close_reach_an_http11_client_on_one_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    trace_init();
+    let (addr, server) = raw_app(|_, mut s| async move {
+        let mut buf = Vec::new();
+        while let Some(req) = read_request_head(&mut s, &mut buf).await {
+            let (resp, close) = if req.starts_with("GET /chunked ") {
+                ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", false)
+            } else if req.starts_with("GET /old ") {
+                ("HTTP/1.0 200 OK\r\n\r\nhello world", true)
+            } else {
+                ("HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world", false)
+            };
+            if s.write_all(resp.as_bytes()).await.is_err() || close {
+                return;
+            }
+        }
+    })
+    .await;
+    let px = TestProxy::start(&app_yaml(&[("blue", &[addr])], "blue", "")).await;
+    let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
+    let mut pending: Vec<u8> = Vec::new();
+    let before = px.handle().fast_path_requests();
+    let paths = [
+        "/old", "/chunked", "/len", "/old", "/len", "/chunked", "/old",
+    ];
+    for path in paths {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        // Read until this answer is complete: its head, then its body by its framing.
+        let mut chunk = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (head, body) = loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                let rest = &pending[end + 4..];
+                if head.contains("transfer-encoding: chunked") {
+                    // Decode; complete when the last chunk and the final CRLF are here.
+                    let mut body = Vec::new();
+                    let mut at = 0;
+                    let mut done = None;
+                    while let Some(eol) = rest[at..].windows(2).position(|w| w == b"\r\n") {
+                        let size = usize::from_str_radix(
+                            std::str::from_utf8(&rest[at..at + eol]).unwrap(),
+                            16,
+                        )
+                        .unwrap();
+                        let data = at + eol + 2;
+                        if rest.len() < data + size + 2 {
+                            break;
+                        }
+                        body.extend_from_slice(&rest[data..data + size]);
+                        at = data + size + 2;
+                        if size == 0 {
+                            done = Some(end + 4 + at);
+                            break;
+                        }
+                    }
+                    if let Some(used) = done {
+                        pending.drain(..used);
+                        break (head, body);
+                    }
+                } else if let Some(len) = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                {
+                    if rest.len() >= len {
+                        let body = rest[..len].to_vec();
+                        pending.drain(..end + 4 + len);
+                        break (head, body);
+                    }
+                } else {
+                    panic!("{path}: an answer framed by the end of the connection: {head}");
+                }
+            }
+            let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("{path}: no complete answer within 10 s: {pending:?}"))
+                .unwrap();
+            assert!(n > 0, "{path}: the proxy closed the connection");
+            pending.extend_from_slice(&chunk[..n]);
+        };
+        assert!(head.starts_with("http/1.1 200 "), "{path}: {head}");
+        assert!(head.contains("connection: keep-alive"), "{path}: {head}");
+        assert_eq!(body, b"hello world", "{path}: {head}");
+        if path == "/old" {
+            assert!(
+                head.contains("transfer-encoding: chunked"),
+                "{path}: {head}"
+            );
+        }
+    }
+    assert_eq!(
+        px.handle().fast_path_requests() - before,
+        paths.len() as u64
+    );
     px.shutdown().await;
     server.abort();
 }

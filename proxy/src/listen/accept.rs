@@ -18,13 +18,13 @@
 use super::conn::{Conn, Fill, Prebuffered, HEAD_LIMIT};
 use super::head;
 use super::WorkerSocket;
-use crate::proxy::Switchyard;
+use crate::proxy::{fast, Switchyard};
 use crate::runtime::upgrade::HANDOVER_LINGER;
 use crate::state::Shared;
 use crate::upstream::stats::PoolStats;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Ssl, Stream, ALPN, IO};
+use pingora::protocols::{GetSocketDigest, Ssl, Stream, ALPN, IO};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use std::net::SocketAddr;
@@ -147,6 +147,9 @@ const LINGER: Duration = Duration::from_secs(2);
 /// The connection handler shared by a worker's accept loops.
 pub(crate) struct App {
     proxy: Arc<HttpProxy<Switchyard>>,
+    /// The same proxy logic, for the fast path (`proxy::fast`); `None` when it is turned off
+    /// (`SWITCHYARD_FAST_PATH=off`: every request through Pingora).
+    fast: Option<Switchyard>,
     shared: Arc<Shared>,
     /// Where requests the proxy refuses before parsing (431, 408) are counted.
     unrouted: Arc<PoolStats>,
@@ -181,6 +184,7 @@ impl Drop for Counted<'_> {
 impl App {
     pub(crate) fn new(
         proxy: HttpProxy<Switchyard>,
+        fast: Option<Switchyard>,
         shared: Arc<Shared>,
         unrouted: Arc<PoolStats>,
         connections: Arc<Connections>,
@@ -188,6 +192,7 @@ impl App {
     ) -> Self {
         App {
             proxy: Arc::new(proxy),
+            fast,
             shared,
             unrouted,
             lingering,
@@ -207,6 +212,7 @@ impl App {
     ) {
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut first = true;
+        let mut peer: Option<fast::Peer> = None;
         loop {
             let cfg = self.shared.load().config.clone();
             if !first && cfg.keepalive_timeout.is_zero() {
@@ -308,6 +314,40 @@ impl App {
                 );
                 self.refuse(&mut stream, 413, &why, accepted).await;
                 return;
+            }
+            if let Some(fast_path) = self
+                .fast
+                .as_ref()
+                .filter(|_| h.body == head::Body::None && !h.upgrade && !h.expect_continue)
+            {
+                // Most requests: forwarded by switchyard itself (`proxy::fast`), in a box of
+                // its own written in place, so the idle connection's future stays small.
+                let peer = *peer.get_or_insert_with(|| fast::Peer {
+                    client: stream
+                        .get_socket_digest()
+                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip())),
+                    tls: stream.get_ssl_digest().is_some(),
+                });
+                let serve: Box<_> = Box::write(
+                    Box::new_uninit(),
+                    fast::serve(fast_path, &mut stream, &h, peer, shutdown),
+                );
+                match Box::into_pin(serve).await {
+                    fast::Served::Declined => {}
+                    fast::Served::KeepAlive => {
+                        first = false;
+                        if !stream.request_complete() {
+                            return;
+                        }
+                        continue;
+                    }
+                    fast::Served::Close => {
+                        // As Pingora does before it closes: the end of the stream (TLS:
+                        // `close_notify`), so a body ended by the close reads as complete.
+                        let _ = tokio::time::timeout(LINGER, stream.shutdown()).await;
+                        return;
+                    }
+                }
             }
             stream.begin(&h, limit);
             first = false;

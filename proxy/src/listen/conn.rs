@@ -169,6 +169,35 @@ impl<S> Conn<S> {
         self.phase = Phase::Head { left: h.len, next };
     }
 
+    /// Take the request head `h` (and the empty lines before it) out of the buffer for the fast
+    /// path (`proxy::fast`), which forwards a request without a body itself: the request is then
+    /// complete here, and what follows it stays buffered as the next one. Without pipelined
+    /// bytes after it (the usual case) the buffer itself is taken, not copied.
+    pub(crate) fn take_head(&mut self, h: &head::Head) -> Vec<u8> {
+        let n = h.skip + h.len;
+        let head = if self.rpos == 0 && n == self.rbuf.len() {
+            self.scanned = 0;
+            std::mem::take(&mut self.rbuf)
+        } else {
+            let v = self.rbuf[self.rpos..self.rpos + n].to_vec();
+            self.consume(n);
+            v
+        };
+        self.phase = Phase::Complete;
+        head
+    }
+
+    /// Undo [`Self::take_head`]: the fast path declined the request, Pingora reads it.
+    pub(crate) fn put_back(&mut self, mut head: Vec<u8>) {
+        if self.buffered() > 0 {
+            head.extend_from_slice(&self.rbuf[self.rpos..]);
+        }
+        self.rbuf = head;
+        self.rpos = 0;
+        self.scanned = 0;
+        self.phase = Phase::Between;
+    }
+
     /// Whether Pingora read the whole current request (so the buffered bytes, if any, are the
     /// next one), and the connection can serve another.
     pub(crate) fn request_complete(&mut self) -> bool {
@@ -368,6 +397,16 @@ impl<S: AsyncRead + Unpin> Conn<S> {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+
+    /// For the fast path while a request is in flight: ready when the client has closed (or
+    /// broken) its connection with no further request queued — gone, nginx's 499 — as Pingora
+    /// sees it through [`Self::poll_queue`]. Pipelined requests are kept meanwhile.
+    pub(crate) fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.poll_queue(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(()),
         }
     }
 

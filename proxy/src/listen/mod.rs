@@ -26,7 +26,7 @@ mod tls;
 
 pub use accept::DrainReport;
 pub(crate) use accept::{human_size, serve, App, Connections};
-pub(crate) use conn::BodyTooLarge;
+pub(crate) use conn::{BodyTooLarge, Conn};
 pub use tls::preflight;
 pub(crate) use tls::CertResolver;
 

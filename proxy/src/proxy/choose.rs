@@ -6,8 +6,41 @@
 use crate::routing::decide::{Facts, Rule};
 use crate::routing::sticky::{header_bucket, StickyBy, StickyKey};
 use crate::upstream::UpstreamState;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use std::net::IpAddr;
+
+/// A request's headers as the decision reads them: Pingora's header map, or the fast path's
+/// parsed head (`fast`), which has no map (building one costs allocations per header).
+pub(crate) trait ReqHeaders {
+    /// The first value of `name`.
+    fn value(&self, name: &HeaderName) -> Option<&[u8]>;
+    /// Every value of `name`, in order.
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl ReqHeaders for HeaderMap {
+    fn value(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).iter().map(|v| v.as_bytes())
+    }
+}
+
+impl ReqHeaders for [httparse::Header<'_>] {
+    fn value(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+            .map(|h| h.value)
+    }
+
+    fn values<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name.as_str()))
+            .map(|h| h.value)
+    }
+}
 
 /// The pool a request goes to, and what else the decision implies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,23 +56,23 @@ pub(crate) struct Choice {
 }
 
 /// Decide the pool of a request to `up` from its headers and the client's address.
-pub(crate) fn choose(
+pub(crate) fn choose<H: ReqHeaders + ?Sized>(
     up: &UpstreamState,
     key: &StickyKey,
-    headers: &HeaderMap,
+    headers: &H,
     client: Option<IpAddr>,
 ) -> Choice {
     let names = up.header_names();
     let mut facts = Facts::default();
     let mut preview_refused = false;
-    if let Some(v) = names.preview.as_ref().and_then(|n| headers.get(n)) {
+    if let Some(v) = names.preview.as_ref().and_then(|n| headers.value(n)) {
         let allowed = client.is_some_and(|ip| {
             let ip = canonical(ip);
             up.config.preview.allow_from.iter().any(|n| n.contains(&ip))
         });
         if allowed {
             // A name that is no pool of this upstream is ignored like an absent header.
-            facts.preview = up.pool_named(v.as_bytes().trim_ascii());
+            facts.preview = up.pool_named(v.trim_ascii());
         } else {
             preview_refused = true;
         }
@@ -47,8 +80,8 @@ pub(crate) fn choose(
     let mut set_cookie = None;
     // Without a canary every rule below leads to the main pool: skip the work.
     if up.canary_active() {
-        if let Some(v) = names.force.as_ref().and_then(|n| headers.get(n)) {
-            let v = v.as_bytes().trim_ascii();
+        if let Some(v) = names.force.as_ref().and_then(|n| headers.value(n)) {
+            let v = v.trim_ascii();
             if v.eq_ignore_ascii_case(b"true") {
                 facts.force = Some(true);
             } else if v.eq_ignore_ascii_case(b"false") {
@@ -58,13 +91,10 @@ pub(crate) fn choose(
         match &names.sticky {
             StickyBy::None => {}
             StickyBy::Header(n) => {
-                facts.bucket = headers.get(n).map(|v| header_bucket(v.as_bytes()));
+                facts.bucket = headers.value(n).map(header_bucket);
             }
             StickyBy::Cookie => {
-                let cookies = headers
-                    .get_all(http::header::COOKIE)
-                    .iter()
-                    .map(|v| v.as_bytes());
+                let cookies = headers.values(&http::header::COOKIE);
                 facts.bucket = key.bucket_in_cookies(&up.config.canary.cookie, cookies);
                 if facts.bucket.is_none() {
                     let b = up.first_sight(fastrand::u32(..));

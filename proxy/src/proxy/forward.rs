@@ -23,12 +23,12 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The longest IPv4 address in dotted decimal (`255.255.255.255`).
-const IPV4_TEXT_MAX: usize = 15;
+pub(super) const IPV4_TEXT_MAX: usize = 15;
 
 /// `ip` in dotted decimal, as its `Display` writes it, into `buf`. Written out because the
 /// formatting machinery cost ~1,300 instructions and a `String` per request (costbench,
 /// docs/PERFORMANCE.md), a tenth of this module's work.
-fn ipv4_text(ip: Ipv4Addr, buf: &mut [u8; IPV4_TEXT_MAX]) -> &[u8] {
+pub(super) fn ipv4_text(ip: Ipv4Addr, buf: &mut [u8; IPV4_TEXT_MAX]) -> &[u8] {
     let mut n = 0;
     for (i, octet) in ip.octets().into_iter().enumerate() {
         if i > 0 {

@@ -10,10 +10,93 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::ErrorSource;
 
+/// What the end of a request records, however it was proxied (Pingora's session, or the fast
+/// path's own).
+pub(crate) struct Finished<'a> {
+    /// The status sent, 499 when nothing was.
+    pub(crate) status: u16,
+    /// Response body bytes sent.
+    pub(crate) bytes: usize,
+    /// How it failed, as the access log's `error` field (`client_error`, or the cause with
+    /// underscores); `None` when it did not.
+    pub(crate) error: Option<&'a str>,
+    /// The app had the whole request (or failed it): a missing response head counts in full.
+    pub(crate) app_had_it: bool,
+    pub(crate) client: Option<std::net::IpAddr>,
+    pub(crate) method: &'a str,
+    pub(crate) target: &'a str,
+    pub(crate) version: &'a str,
+    pub(crate) referer: Option<&'a str>,
+    pub(crate) user_agent: Option<&'a str>,
+    pub(crate) host: Option<&'a str>,
+}
+
 /// Account for a finished request. `unrouted` counts requests no pool took.
 pub(crate) fn finish(
     session: &Session,
     e: Option<&Error>,
+    ctx: &mut RequestCtx,
+    unrouted: &PoolStats,
+    access_log: &AccessLog,
+) {
+    // Nothing sent: the client went away first (nginx's 499).
+    let status = session
+        .response_written()
+        .map(|r| r.status.as_u16())
+        .filter(|s| *s > 0)
+        .unwrap_or(499);
+    let app_had_it = e.is_some_and(|e| *e.esource() == ErrorSource::Upstream) || ctx.request_sent;
+    if !access_log.enabled() {
+        let f = Finished {
+            status,
+            bytes: 0,
+            error: None,
+            app_had_it,
+            client: None,
+            method: "",
+            target: "",
+            version: "",
+            referer: None,
+            user_agent: None,
+            host: None,
+        };
+        record(&f, ctx, unrouted, access_log);
+        return;
+    }
+    let req = session.req_header();
+    let header =
+        |name: http::header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+    let error = e.map(|e| match e.esource() {
+        ErrorSource::Downstream => "client_error".to_string(),
+        _ => ctx.cause.unwrap_or_else(|| describe(e)).replace(' ', "_"),
+    });
+    let f = Finished {
+        status,
+        bytes: session.as_ref().body_bytes_sent(),
+        error: error.as_deref(),
+        app_had_it,
+        client: session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip()),
+        method: req.method.as_str(),
+        target: std::str::from_utf8(req.raw_path()).unwrap_or("-"),
+        version: match req.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            _ => "HTTP/1.1",
+        },
+        referer: header(header::REFERER),
+        user_agent: header(header::USER_AGENT),
+        host: header(header::HOST),
+    };
+    record(&f, ctx, unrouted, access_log);
+}
+
+/// Account for a finished request described by `f`: stop counting it in flight, count it in
+/// its pool's stats (or `unrouted`), write its access-log line.
+pub(crate) fn record(
+    f: &Finished,
     ctx: &mut RequestCtx,
     unrouted: &PoolStats,
     access_log: &AccessLog,
@@ -24,12 +107,7 @@ pub(crate) fn finish(
     // (The context's drop still releases it on the paths that skip this hook.)
     drop(ctx.guard.take());
     drop(ctx.pool_guard.take());
-    // Nothing sent: the client went away first (nginx's 499).
-    let status = session
-        .response_written()
-        .map(|r| r.status.as_u16())
-        .filter(|s| *s > 0)
-        .unwrap_or(499);
+    let status = f.status;
     let elapsed = ctx.started.map(|t| t.elapsed()).unwrap_or_default();
     let pool = ctx
         .upstream
@@ -42,10 +120,9 @@ pub(crate) fn finish(
     // finish sending (a stalled upload, a malformed body) says nothing about the app and is
     // left out, or anyone could send `X-Canary: true` with a body that never comes and roll
     // a healthy canary back for latency.
-    let app_had_it = e.is_some_and(|e| *e.esource() == ErrorSource::Upstream) || ctx.request_sent;
     let ttfb = match (ctx.started, ctx.response_at) {
         (Some(s), Some(r)) => Some(r.saturating_duration_since(s)),
-        _ if pool.is_some() && app_had_it => Some(elapsed),
+        _ if pool.is_some() && f.app_had_it => Some(elapsed),
         _ => None,
     };
     match pool {
@@ -56,38 +133,23 @@ pub(crate) fn finish(
     if !access_log.enabled() {
         return;
     }
-    let req = session.req_header();
-    let header =
-        |name: http::header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
-    let target = std::str::from_utf8(req.raw_path()).unwrap_or("-");
-    let error = e.map(|e| match e.esource() {
-        ErrorSource::Downstream => "client_error".to_string(),
-        _ => ctx.cause.unwrap_or_else(|| describe(e)).replace(' ', "_"),
-    });
     let instance = ctx.instance.as_ref().map(|i| i.label.as_str());
     access_log.log(&Entry {
         time: std::time::SystemTime::now(),
-        client: session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip()),
-        method: req.method.as_str(),
-        target,
-        version: match req.version {
-            http::Version::HTTP_10 => "HTTP/1.0",
-            http::Version::HTTP_2 => "HTTP/2.0",
-            _ => "HTTP/1.1",
-        },
+        client: f.client,
+        method: f.method,
+        target: f.target,
+        version: f.version,
         status,
-        bytes: session.as_ref().body_bytes_sent(),
-        referer: header(header::REFERER),
-        user_agent: header(header::USER_AGENT),
-        host: header(header::HOST),
+        bytes: f.bytes,
+        referer: f.referer,
+        user_agent: f.user_agent,
+        host: f.host,
         duration: elapsed,
         upstream: ctx.upstream.as_ref().map(|u| u.name()),
         pool: pool.map(|p| p.pool.name.as_str()),
         instance,
-        error: error.as_deref(),
+        error: f.error,
         request_id: ctx.request_id.as_ref().and_then(|(_, v)| v.to_str().ok()),
     });
 }

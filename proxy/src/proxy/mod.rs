@@ -19,6 +19,7 @@
 
 pub(crate) mod choose;
 mod ctx;
+pub(crate) mod fast;
 mod forward;
 mod log;
 mod passive;
@@ -28,14 +29,14 @@ mod retry;
 
 use crate::routing::normalize::normalize;
 use crate::routing::sticky;
-use crate::state::Shared;
+use crate::state::{Shared, Snapshot};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::events::EventLog;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::health::now_ms;
 use crate::upstream::{Candidates, UpstreamState};
 use async_trait::async_trait;
-use choose::{choose, Choice};
+use choose::{choose, Choice, ReqHeaders};
 use ctx::{ActiveGuard, InstanceGuard, PoolGuard, RequestCtx};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -43,6 +44,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 use reply::{describe, err_status};
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
@@ -88,14 +90,54 @@ fn genuine_upgrade(req: &RequestHeader) -> bool {
 }
 
 /// The proxy logic, shared by every worker thread.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Switchyard {
     /// Requests being processed (the shutdown drain waits for 0).
     pub(crate) active: Arc<AtomicUsize>,
+    /// Requests the fast path answered (tests look: `Handle::fast_path_requests`).
+    pub(crate) fast_served: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) events: Arc<EventLog>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) access_log: Arc<AccessLog>,
+}
+
+impl Switchyard {
+    /// The routing decision for a request (`request_filter`'s, and the fast path's): on the
+    /// snapshot loaded once, the deny list, then the route (by `authority` when some route names
+    /// a host), then the pool, counted in flight on it from this moment (`Shared::bind`).
+    fn route<H: ReqHeaders + ?Sized>(
+        &self,
+        path: &str,
+        authority: Option<&[u8]>,
+        headers: &H,
+        client: Option<IpAddr>,
+    ) -> (Arc<Snapshot>, Decision) {
+        let mut host_buf = [0u8; 253];
+        self.shared.bind(|snap| {
+            if snap.deny.denies(path) {
+                return Decision::Deny(snap.deny.status);
+            }
+            let host = match authority {
+                Some(a) if snap.routes.by_host() => {
+                    crate::routing::routes::request_host(a, &mut host_buf)
+                }
+                _ => None,
+            };
+            let Some((route, r)) = snap.routes.find(host, path.as_bytes()) else {
+                return Decision::NoRoute;
+            };
+            let upstream = snap.upstreams[r.upstream].clone();
+            let choice = choose(&upstream, &snap.sticky, headers, client);
+            let guard = PoolGuard::new(upstream.pools[choice.pool].pool.clone());
+            Decision::Pool {
+                route,
+                upstream,
+                choice,
+                guard,
+            }
+        })
+    }
 }
 
 #[async_trait]
@@ -132,37 +174,14 @@ impl ProxyHttp for Switchyard {
             .map(|a| a.ip());
         let headers = &session.req_header().headers;
         // The host, for routes that name one: the target's authority (absolute-form, h2's
-        // :authority), else the Host header. Only looked at when some route names a host.
-        let mut host_buf = [0u8; 253];
+        // :authority), else the Host header.
         let authority = session
             .req_header()
             .uri
             .authority()
             .map(|a| a.host().as_bytes())
             .or_else(|| headers.get(http::header::HOST).map(|h| h.as_bytes()));
-        let (snap, decision) = self.shared.bind(|snap| {
-            if snap.deny.denies(path) {
-                return Decision::Deny(snap.deny.status);
-            }
-            let host = match authority {
-                Some(a) if snap.routes.by_host() => {
-                    crate::routing::routes::request_host(a, &mut host_buf)
-                }
-                _ => None,
-            };
-            let Some((route, r)) = snap.routes.find(host, path.as_bytes()) else {
-                return Decision::NoRoute;
-            };
-            let upstream = snap.upstreams[r.upstream].clone();
-            let choice = choose(&upstream, &snap.sticky, headers, client);
-            let guard = PoolGuard::new(upstream.pools[choice.pool].pool.clone());
-            Decision::Pool {
-                route,
-                upstream,
-                choice,
-                guard,
-            }
-        });
+        let (snap, decision) = self.route(path, authority, headers, client);
         // An HTTP/1.0 client keeps its connection only when it asks (`Connection: keep-alive`),
         // as in nginx; Pingora's keep-alive override would keep any HTTP/1.0 connection open.
         // While draining (shutdown, or a successor took over) the answer says

@@ -39,6 +39,14 @@ pub(crate) fn of(sent: Option<&HeaderValue>) -> HeaderValue {
     }
 }
 
+/// [`of`] for a value not yet in a `HeaderValue` (the fast path's parsed head).
+pub(crate) fn of_bytes(sent: Option<&[u8]>) -> HeaderValue {
+    match sent {
+        Some(v) if well_formed(v) => HeaderValue::from_bytes(v).unwrap_or_else(|_| generate()),
+        _ => generate(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

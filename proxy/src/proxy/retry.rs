@@ -15,7 +15,7 @@ use pingora::RetryType;
 /// every idle connection to it is dead, and each retry may draw another one.
 const MAX_STALE_RETRIES: u32 = 3;
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -52,6 +52,18 @@ pub(crate) fn after_proxy_error(
     let broke = broke_before_response(session, e);
     let safe =
         is_idempotent(&session.req_header().method) && !session.as_ref().retry_buffer_truncated();
+    after_upstream_error(broke, safe, ctx, client_reused)
+}
+
+/// [`after_proxy_error`] with the request's side worked out: `broke`, the upstream connection
+/// broke before any response byte; `safe`, the request may be sent again (idempotent, its
+/// body still buffered). The fast path (`fast`) calls it directly.
+pub(crate) fn after_upstream_error(
+    broke: bool,
+    safe: bool,
+    ctx: &mut RequestCtx,
+    client_reused: bool,
+) -> bool {
     if !(broke && safe) {
         false
     } else if client_reused && ctx.stale_retries < MAX_STALE_RETRIES {

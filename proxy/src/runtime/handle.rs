@@ -31,6 +31,8 @@ pub struct Handle {
     pub(super) upgrade_placement: Option<Arc<super::upgrade::Placement>>,
     /// Whether dropping the control server removes the control socket's file.
     pub(super) control_owns_path: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests the fast path answered (`proxy::fast`).
+    pub(super) fast_served: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Handle {
@@ -193,6 +195,14 @@ impl Handle {
         if let Some(f) = &self.controller.fleet {
             *f.cas_delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
         }
+    }
+
+    /// Tests: how many requests switchyard's own forwarder (`proxy::fast`) took, rather than
+    /// Pingora's request path (counted when taken, before anything reaches the client).
+    #[cfg(feature = "test-util")]
+    #[doc(hidden)]
+    pub fn fast_path_requests(&self) -> u64 {
+        self.fast_served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The control socket path.

@@ -523,6 +523,18 @@ fn start_on(
 
     // Data plane.
     let (done_tx, done_rx) = oneshot::channel();
+    // The fast path can be turned off (every request through Pingora's path), for a
+    // comparison or should it misbehave: SWITCHYARD_FAST_PATH=off (or 0, false, no).
+    let fast_path = !std::env::var("SWITCHYARD_FAST_PATH").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "off" | "0" | "false" | "no"
+        )
+    });
+    if !fast_path {
+        tracing::info!("fast path off (SWITCHYARD_FAST_PATH): every request through Pingora");
+    }
+    let fast_served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let budget = fd_budget(config.max_connections);
     {
         let conf = ServerConf {
@@ -532,20 +544,28 @@ fn start_on(
             // Idle upstream connections kept. Pingora's default (128) makes every request
             // beyond 128 concurrent ones open and close its own upstream connection: at 1k
             // clients that tripled the CPU per request (BENCHMARKS.md).
-            upstream_keepalive_pool_size: budget.upstream_pool,
+            // Half the budget when the fast path keeps the other half (in lists of its own,
+            // one per worker), all of it when the fast path is off.
+            upstream_keepalive_pool_size: if fast_path {
+                (budget.upstream_pool / 2).max(1)
+            } else {
+                budget.upstream_pool
+            },
             ..Default::default()
         };
         let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut app = pingora::proxy::http_proxy(
-            &Arc::new(conf),
-            Switchyard {
-                active: active.clone(),
-                shared: shared.clone(),
-                events: events.clone(),
-                metrics: metrics.clone(),
-                access_log: access_log.clone(),
-            },
-        );
+        let logic = Switchyard {
+            active: active.clone(),
+            fast_served: fast_served.clone(),
+            shared: shared.clone(),
+            events: events.clone(),
+            metrics: metrics.clone(),
+            access_log: access_log.clone(),
+        };
+        // The fast path keeps its idle upstream connections in lists of its own, one per
+        // worker: the other half of the budget, shared out.
+        crate::proxy::fast::set_capacity(budget.upstream_pool / 2 / config.threads.max(1));
+        let mut app = pingora::proxy::http_proxy(&Arc::new(conf), logic.clone());
         // One current-thread runtime per worker thread, each accepting on every listener and
         // serving what it accepted (nginx's model; Pingora's "no steal" flavour): measured
         // cheaper per request than tokio's work-stealing scheduler (docs/BENCHMARKS.md).
@@ -556,6 +576,7 @@ fn start_on(
         app.server_options = Some(h2);
         let app = Arc::new(listen::App::new(
             app,
+            fast_path.then_some(logic),
             shared.clone(),
             metrics.unrouted.clone(),
             Arc::new(listen::Connections::new(budget.clients)),
@@ -611,6 +632,7 @@ fn start_on(
         predecessor: None,
         upgrade_placement,
         control_owns_path,
+        fast_served,
     })
 }
 
