@@ -325,6 +325,16 @@ pub(crate) async fn serve<S: IO>(
         host: utf8(host),
     };
     record(&f, &mut ctx, &sy.metrics.unrouted, &sy.access_log);
+    tracing::trace!(
+        method = t.method,
+        target = t.target,
+        status = out.status,
+        bytes = out.bytes,
+        instance = ctx.instance.as_ref().map(|i| i.label.as_str()),
+        error = f.error,
+        keep,
+        "fast path: request done"
+    );
     if keep {
         Served::KeepAlive
     } else {
