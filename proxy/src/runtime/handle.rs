@@ -31,7 +31,8 @@ pub struct Handle {
     pub(super) upgrade_placement: Option<Arc<super::upgrade::Placement>>,
     /// Whether dropping the control server removes the control socket's file.
     pub(super) control_owns_path: Arc<std::sync::atomic::AtomicBool>,
-    /// Requests the fast path answered (`proxy::fast`).
+    /// Requests the fast path took (`proxy::fast`); read by tests (`fast_path_requests`).
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
     pub(super) fast_served: Arc<std::sync::atomic::AtomicU64>,
 }
 
