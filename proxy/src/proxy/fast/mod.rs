@@ -661,6 +661,9 @@ async fn exchange<S: IO>(
         }
     }
     ctx.request_sent = true;
+    // Bytes of `buf` known to hold no end of a head: a head trickled in small reads is parsed
+    // once it can be complete, not after every read (that would be quadratic in its size).
+    let mut scanned = 0;
     loop {
         // A close or a broken connection before the client has anything counts as broken
         // before the response (a retry may help), also after part of a head (as Pingora's
@@ -670,6 +673,16 @@ async fn exchange<S: IO>(
                 fail: UpFail::Closed,
                 broke: true,
             });
+        }
+        if !may_end_a_head(buf, scanned) {
+            scanned = buf.len();
+            if buf.len() >= MAX_RESP_HEAD {
+                return Err(Exchange::Upstream {
+                    fail: UpFail::Invalid,
+                    broke: false,
+                });
+            }
+            continue;
         }
         loop {
             match parse_response(buf, head_request) {
@@ -690,11 +703,21 @@ async fn exchange<S: IO>(
                         broke: false,
                     })
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    scanned = buf.len();
+                    break;
+                }
                 Err(fail) => return Err(Exchange::Upstream { fail, broke: false }),
             }
         }
     }
+}
+
+/// Whether `buf` may hold the end of a head (an empty line: `\n\n` or `\n\r\n`) that was not
+/// in its first `scanned` bytes.
+fn may_end_a_head(buf: &[u8], scanned: usize) -> bool {
+    let tail = &buf[scanned.saturating_sub(2).min(buf.len())..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// The client's response head: the app's status line and headers but for `Connection`,
@@ -1256,6 +1279,23 @@ mod tests {
         let head = String::from_utf8(head).unwrap();
         assert!(head.contains("\r\nContent-Length: 3\r\n"), "{head}");
         assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
+    }
+
+    #[test]
+    fn a_head_end_is_found_across_reads() {
+        let head = b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n";
+        assert!(may_end_a_head(head, 0));
+        // Split anywhere: the check of the second part (from where the first ended) finds it
+        // exactly when the whole head is there.
+        for cut in 0..head.len() {
+            assert!(
+                !may_end_a_head(&head[..cut], 0) || cut == head.len(),
+                "{cut}"
+            );
+            assert!(may_end_a_head(head, cut), "cut at {cut}");
+        }
+        assert!(may_end_a_head(b"HTTP/1.1 200 OK\n\n", 0));
+        assert!(!may_end_a_head(b"HTTP/1.1 200 OK\r\nA: b\r\n", 0));
     }
 
     #[test]
