@@ -1,7 +1,9 @@
 //! The accept loop, the per-connection keep-alive loop, and the graceful drain of a worker.
 //!
-//! Each request is processed by Pingora's own `HttpServerApp::process_new_http`, so HTTP/1.1
-//! keep-alive, h2 over TLS ALPN, upgrades and body streaming are Pingora's. Around it:
+//! A plain HTTP/1.1 request without a body is offered first to switchyard's own forwarder
+//! (`proxy::fast`); every other request, and one it declines, is processed by Pingora's own
+//! `HttpServerApp::process_new_http`, so h2 over TLS ALPN, upgrades and body streaming are
+//! Pingora's. Around both:
 //! - connections are capped at `max_connections` per process: at the cap the accept loops stop
 //!   accepting and new connections wait in the listen backlog;
 //! - each request head must arrive whole within `client_header_timeout` (one deadline, not per

@@ -16,6 +16,9 @@
 //! - `passive`: passive ejection and fail-open notices.
 //! - `reply`: answers the proxy writes itself, and failure statuses.
 //! - `log`: the end of a request (stats, access log).
+//! - `fast`: switchyard's own forwarder for plain requests without a body, which calls the same
+//!   pieces (`Switchyard::route`, `retry`, `passive`, `reply`, `log::record`) without Pingora's
+//!   session.
 
 pub(crate) mod choose;
 mod ctx;
