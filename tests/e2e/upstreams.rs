@@ -522,14 +522,12 @@ async fn the_apps_answer_decides_whether_its_connection_is_reused() {
     server.abort();
 }
 
-/// An HTTP/1.1 client on one keep-alive connection, through the fast path: a body the app sends
-/// without a length (HTTP/1.0, ended by its close) arrives chunked, a chunked one as it was
-/// sent, one with a length as it is — and the connection carries all of them, in any order.
-#[tokio::test]
-async fn bodies_by_length_chunked_and_by_close_reach_an_http11_client_on_one_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    trace_init();
-    let (addr, server) = raw_app(|_, mut s| async move {
+/// An app answering `hello world` three ways: `/chunked` chunked, `/old` as HTTP/1.0 without a
+/// length (the end of the connection ends the body), anything else (`/len`, the health checks)
+/// with a `Content-Length`.
+async fn hello_world_app() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    raw_app(|_, mut s| async move {
         let mut buf = Vec::new();
         while let Some(req) = read_request_head(&mut s, &mut buf).await {
             let (resp, close) = if req.starts_with("GET /chunked ") {
@@ -544,7 +542,17 @@ async fn bodies_by_length_chunked_and_by_close_reach_an_http11_client_on_one_con
             }
         }
     })
-    .await;
+    .await
+}
+
+/// An HTTP/1.1 client on one keep-alive connection, through the fast path: a body the app sends
+/// without a length (HTTP/1.0, ended by its close) arrives chunked, a chunked one as it was
+/// sent, one with a length as it is — and the connection carries all of them, in any order.
+#[tokio::test]
+async fn bodies_by_length_chunked_and_by_close_reach_an_http11_client_on_one_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    trace_init();
+    let (addr, server) = hello_world_app().await;
     let px = TestProxy::start(&app_yaml(&[("blue", &[addr])], "blue", "")).await;
     let mut s = tokio::net::TcpStream::connect(px.addr).await.unwrap();
     let mut pending: Vec<u8> = Vec::new();
@@ -635,24 +643,7 @@ async fn bodies_by_length_chunked_and_by_close_reach_an_http11_client_on_one_con
 async fn an_http10_client_gets_a_body_it_can_read_and_keep_alive_only_when_it_asks() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     trace_init();
-    let (addr, server) = raw_app(|_, mut s| async move {
-        let mut buf = Vec::new();
-        while let Some(req) = read_request_head(&mut s, &mut buf).await {
-            let (resp, close) = if req.starts_with("GET /chunked ") {
-                ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", false)
-            } else if req.starts_with("GET /old ") {
-                // HTTP/1.0 without a length: the end of the connection ends the body.
-                ("HTTP/1.0 200 OK\r\n\r\nhello world", true)
-            } else {
-                // `/len`, and the health checks.
-                ("HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world", false)
-            };
-            if s.write_all(resp.as_bytes()).await.is_err() || close {
-                return;
-            }
-        }
-    })
-    .await;
+    let (addr, server) = hello_world_app().await;
     let px = TestProxy::start(&app_yaml(&[("blue", &[addr])], "blue", "")).await;
     let limit = std::time::Duration::from_secs(10);
     // One HTTP/1.0 request; the client never closes its side (that would be an abort).

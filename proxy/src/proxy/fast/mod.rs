@@ -229,13 +229,6 @@ fn utf8(v: Option<&[u8]>) -> Option<&str> {
     v.and_then(|v| std::str::from_utf8(v).ok())
 }
 
-fn header<'h>(headers: &'h [httparse::Header<'h>], name: &str) -> Option<&'h [u8]> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value)
-}
-
 /// Offer the request whose head `h` is buffered in `conn` to the fast path.
 pub(crate) async fn serve<S: IO>(
     sy: &Switchyard,
@@ -258,7 +251,7 @@ pub(crate) async fn serve<S: IO>(
         Cow::Owned(p) => Some(p),
         Cow::Borrowed(_) => None,
     };
-    let host = header(t.headers, "host");
+    let host = t.headers.value(&http::header::HOST);
     let (snap, decision) = sy.route(
         normalized.as_deref().unwrap_or(path),
         host,
@@ -320,8 +313,8 @@ pub(crate) async fn serve<S: IO>(
         method: t.method,
         target: t.target,
         version: "HTTP/1.1",
-        referer: utf8(header(t.headers, "referer")),
-        user_agent: utf8(header(t.headers, "user-agent")),
+        referer: utf8(t.headers.value(&http::header::REFERER)),
+        user_agent: utf8(t.headers.value(&http::header::USER_AGENT)),
         host: utf8(host),
     };
     record(&f, &mut ctx, &sy.metrics.unrouted, &sy.access_log);
